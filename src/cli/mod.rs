@@ -1,0 +1,30 @@
+//! The `diffusiond` command line: one file per subcommand, `main.rs` stays thin.
+
+mod env;
+mod schedule;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "diffusiond", version, about = "Text-to-image diffusion inference server")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Report libtorch's devices: CUDA availability, GPU count, cuDNN, CPU threads.
+    Env(env::EnvArgs),
+    /// Print the timesteps a sampler visits and the noise level at each.
+    Schedule(schedule::ScheduleArgs),
+}
+
+impl Cli {
+    pub fn run(self) -> anyhow::Result<()> {
+        match self.command {
+            Command::Env(args) => env::run(args),
+            Command::Schedule(args) => schedule::run(args),
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! `scheduler_config.json` exactly as diffusers writes it, and its resolution into
+//! concrete settings for one of our samplers.
+//!
+//! diffusers' `Scheduler.from_config` semantics: keys present in the file win; keys
+//! absent take the defaults of the *target* scheduler class. A DDPM-trained stage
+//! can thus be sampled with DDIM or DPM-Solver++ from the same file, as diffusers
+//! users do with `DDIMScheduler.from_config(pipe.scheduler.config)`.
+//!
+//! Options diffusers has but we do not implement are accepted only at their neutral
+//! value; anything else is an error naming the field, never silently ignored.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::dpm_solver::SolverType;
+use super::error::{DiffusionError, Result};
+use super::forward::PredictionType;
+use super::sampler::SamplerKind;
+use super::schedule::BetaSchedule;
+use super::spacing::TimestepSpacing;
+use super::threshold::X0Treatment;
+use super::variance::VarianceType;
+
+/// The raw file: every field optional, unknown keys collected for validation.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SchedulerConfig {
+    #[serde(rename = "_class_name", skip_serializing_if = "Option::is_none")]
+    pub class_name: Option<String>,
+    #[serde(rename = "_diffusers_version", skip_serializing_if = "Option::is_none")]
+    pub diffusers_version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub num_train_timesteps: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub beta_start: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub beta_end: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub beta_schedule: Option<BetaSchedule>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trained_betas: Option<Vec<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rescale_betas_zero_snr: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub variance_type: Option<VarianceType>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prediction_type: Option<PredictionType>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clip_sample: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clip_sample_range: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thresholding: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dynamic_thresholding_ratio: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_max_value: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timestep_spacing: Option<TimestepSpacing>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps_offset: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub set_alpha_to_one: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub solver_order: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub solver_type: Option<SolverType>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lower_order_final: Option<bool>,
+    /// Everything else; checked against [`NEUTRAL_OPTIONS`].
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+/// Options of diffusers' DDPM/DDIM/DPM-Solver classes that we accept only at the
+/// value that makes them a no-op.
+const NEUTRAL_OPTIONS: &[(&str, &str)] = &[
+    ("algorithm_type", "\"dpmsolver++\""),
+    ("use_karras_sigmas", "false"),
+    ("use_exponential_sigmas", "false"),
+    ("use_beta_sigmas", "false"),
+    ("use_lu_lambdas", "false"),
+    ("use_flow_sigmas", "false"),
+    ("euler_at_final", "false"),
+    ("final_sigmas_type", "\"zero\""),
+    ("lambda_min_clipped", "\"-inf\""),
+    ("timestep_type", "\"discrete\""),
+];
+
+/// Options whose value does not change what we compute (bookkeeping keys).
+const IGNORED_OPTIONS: &[&str] = &["flow_shift", "skip_prk_steps", "_use_default_values"];
+
+impl SchedulerConfig {
+    /// Parses a diffusers scheduler config. diffusers writes `-inf` as the bare
+    /// token `-Infinity`, which is not JSON; it is read as the string "-inf".
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        let text = text.replace("-Infinity", "\"-inf\"").replace("Infinity", "\"inf\"").replace("NaN", "\"nan\"");
+        let config: Self = serde_json::from_str(&text)?;
+        config.check_other_fields()?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> std::io::Result<Result<Self>> {
+        Ok(Self::from_json_str(&std::fs::read_to_string(path)?))
+    }
+
+    fn check_other_fields(&self) -> Result<()> {
+        for (key, value) in &self.other {
+            if IGNORED_OPTIONS.contains(&key.as_str()) {
+                continue;
+            }
+            match NEUTRAL_OPTIONS.iter().find(|(k, _)| k == key) {
+                None => return Err(DiffusionError::UnknownField { field: key.clone() }),
+                Some((_, neutral)) => {
+                    let neutral: Value = serde_json::from_str(neutral).expect("neutral values are valid JSON");
+                    if *value != neutral {
+                        return Err(DiffusionError::unsupported(key, format!("only {neutral} is supported, got {value}")));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The sampler kind this file was written for, from `_class_name`.
+    pub fn native_kind(&self) -> Option<SamplerKind> {
+        match self.class_name.as_deref()? {
+            "DDPMScheduler" => Some(SamplerKind::Ddpm),
+            "DDIMScheduler" => Some(SamplerKind::Ddim),
+            "DPMSolverMultistepScheduler" => Some(SamplerKind::DpmSolverPlusPlus),
+            _ => None,
+        }
+    }
+
+    /// Fills absent keys with the defaults of `kind`'s diffusers class and checks ranges.
+    pub fn resolve(&self, kind: SamplerKind) -> Result<ResolvedConfig> {
+        let dpm = kind == SamplerKind::DpmSolverPlusPlus;
+        let n = self.num_train_timesteps.unwrap_or(1000);
+        if n < 2 {
+            return Err(DiffusionError::invalid("num_train_timesteps", format!("must be at least 2, got {n}")));
+        }
+        let thresholding = self.thresholding.unwrap_or(false);
+        // diffusers' DPM-Solver has no clip_sample at all; DDPM and DDIM default it on.
+        let clip = if dpm { false } else { self.clip_sample.unwrap_or(true) };
+        let x0 = X0Treatment::new(
+            thresholding,
+            self.dynamic_thresholding_ratio.unwrap_or(0.995),
+            self.sample_max_value.unwrap_or(1.0),
+            clip,
+            self.clip_sample_range.unwrap_or(1.0),
+        )?;
+        let solver_order = self.solver_order.unwrap_or(2);
+        if dpm && !(1..=2).contains(&solver_order) {
+            return Err(DiffusionError::unsupported("solver_order", format!("1 or 2 are supported, got {solver_order}")));
+        }
+        let default_variance = if kind == SamplerKind::Ddpm { Some(VarianceType::FixedSmall) } else { None };
+        Ok(ResolvedConfig {
+            num_train_timesteps: n,
+            beta_start: self.beta_start.unwrap_or(0.0001),
+            beta_end: self.beta_end.unwrap_or(0.02),
+            beta_schedule: self.beta_schedule.unwrap_or(BetaSchedule::Linear),
+            trained_betas: self.trained_betas.clone(),
+            rescale_betas_zero_snr: self.rescale_betas_zero_snr.unwrap_or(false),
+            variance_type: self.variance_type.or(default_variance),
+            prediction_type: self.prediction_type.unwrap_or(PredictionType::Epsilon),
+            x0,
+            timestep_spacing: self
+                .timestep_spacing
+                .unwrap_or(if dpm { TimestepSpacing::Linspace } else { TimestepSpacing::Leading }),
+            steps_offset: self.steps_offset.unwrap_or(0),
+            set_alpha_to_one: self.set_alpha_to_one.unwrap_or(true),
+            solver_order,
+            solver_type: self.solver_type.unwrap_or(SolverType::Midpoint),
+            lower_order_final: self.lower_order_final.unwrap_or(true),
+        })
+    }
+}
+
+/// Concrete settings for one sampler kind; see [`SchedulerConfig::resolve`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedConfig {
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: BetaSchedule,
+    pub trained_betas: Option<Vec<f64>>,
+    pub rescale_betas_zero_snr: bool,
+    /// DDPM's variance; `learned_range` also tells DDIM and DPM-Solver that the
+    /// model's second half of channels is a variance to drop.
+    pub variance_type: Option<VarianceType>,
+    pub prediction_type: PredictionType,
+    pub x0: X0Treatment,
+    pub timestep_spacing: TimestepSpacing,
+    pub steps_offset: i64,
+    pub set_alpha_to_one: bool,
+    pub solver_order: usize,
+    pub solver_type: SolverType,
+    pub lower_order_final: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_a_deepfloyd_if_style_config() {
+        let text = r#"{"_class_name": "DDPMScheduler", "_diffusers_version": "0.16.0",
+            "beta_end": 0.02, "beta_schedule": "squaredcos_cap_v2", "beta_start": 0.0001,
+            "clip_sample": true, "clip_sample_range": 1.0, "dynamic_thresholding_ratio": 0.95,
+            "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.5,
+            "steps_offset": 0, "thresholding": true, "timestep_spacing": "leading",
+            "trained_betas": null, "variance_type": "learned_range"}"#;
+        let config = SchedulerConfig::from_json_str(text).unwrap();
+        assert_eq!(config.native_kind(), Some(SamplerKind::Ddpm));
+        let r = config.resolve(SamplerKind::Ddpm).unwrap();
+        assert_eq!(r.variance_type, Some(VarianceType::LearnedRange));
+        assert_eq!(r.x0, X0Treatment::Dynamic { ratio: 0.95, max: 1.5 });
+        // The same file drives DPM-Solver++, which never clips.
+        let d = config.resolve(SamplerKind::DpmSolverPlusPlus).unwrap();
+        assert_eq!(d.x0, X0Treatment::Dynamic { ratio: 0.95, max: 1.5 });
+        assert_eq!(d.timestep_spacing, TimestepSpacing::Leading);
+    }
+
+    #[test]
+    fn reads_dpm_solver_config_with_infinity() {
+        let text = r#"{"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++",
+            "lambda_min_clipped": -Infinity, "use_karras_sigmas": false, "final_sigmas_type": "zero"}"#;
+        let r = SchedulerConfig::from_json_str(text).unwrap().resolve(SamplerKind::DpmSolverPlusPlus).unwrap();
+        assert_eq!(r.timestep_spacing, TimestepSpacing::Linspace);
+        assert_eq!(r.x0, X0Treatment::None);
+    }
+
+    #[test]
+    fn unsupported_and_unknown_options_name_the_field() {
+        let err = SchedulerConfig::from_json_str(r#"{"use_karras_sigmas": true}"#).unwrap_err();
+        assert!(err.to_string().contains("`use_karras_sigmas`"), "{err}");
+        let err = SchedulerConfig::from_json_str(r#"{"frobnicate": 1}"#).unwrap_err();
+        assert!(matches!(err, DiffusionError::UnknownField { ref field } if field == "frobnicate"));
+        let err = SchedulerConfig::from_json_str(r#"{"beta_schedule": "warmup10"}"#).unwrap_err();
+        assert!(err.to_string().contains("warmup10"), "{err}");
+        let err = SchedulerConfig::from_json_str(r#"{"solver_order": 3}"#)
+            .unwrap()
+            .resolve(SamplerKind::DpmSolverPlusPlus)
+            .unwrap_err();
+        assert!(err.to_string().contains("`solver_order`"), "{err}");
+    }
+
+    #[test]
+    fn defaults_follow_the_target_class() {
+        let c = SchedulerConfig::default();
+        assert_eq!(c.resolve(SamplerKind::Ddim).unwrap().x0, X0Treatment::Clip { range: 1.0 });
+        assert_eq!(c.resolve(SamplerKind::Ddpm).unwrap().variance_type, Some(VarianceType::FixedSmall));
+        assert_eq!(c.resolve(SamplerKind::Ddim).unwrap().variance_type, None);
+    }
+}

@@ -1,0 +1,2 @@
+//! diffusiond: a text-to-image diffusion inference server.
+pub mod diffusion;
