@@ -10,17 +10,15 @@
 //!   and S = T (which reaches t = T in diffusers) is refused instead.
 mod common;
 
-use common::{load_json, load_tensors, run_guided, scaled_error, GuidedRun};
-use diffusiond::diffusion::{
-    BatchNoise, NoiseSource, ReplayNoise, SamplerKind, SamplerOptions, Scheduler, SchedulerConfig,
-};
+use common::{diffusers_cases, load_json, load_tensors, scaled_error, DIFFUSERS_FIXTURE as FIXTURE};
+use diffusiond::diffusion::{BatchNoise, NoiseSource, SamplerKind, SamplerOptions, Scheduler, SchedulerConfig};
 use serde_json::Value;
+use tch::{Device, Kind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tch::Tensor;
 
 const TOL: f64 = 1e-5;
-const FIXTURE: &str = "diffusion/diffusers";
 
 fn config_from(value: &Value) -> SchedulerConfig {
     SchedulerConfig::from_json_str(&value.to_string()).expect("fixture config parses")
@@ -95,49 +93,21 @@ fn timestep_lists_match_diffusers() {
 
 #[test]
 fn sampler_trajectories_match_diffusers() {
-    let meta = load_json(&format!("{FIXTURE}.json"));
-    let tensors = load_tensors(&format!("{FIXTURE}.safetensors"));
-    let conds: Vec<f32> = serde_json::from_value(meta["conds"].clone()).unwrap();
-    let scales: Vec<f32> = serde_json::from_value(meta["scales"].clone()).unwrap();
-    let cases = meta["cases"].as_array().unwrap();
+    // Both images run in one batch, each with its own guidance scale and noise
+    // stream; the reference ran them one at a time.
+    let (conds, scales, cases) = diffusers_cases();
     assert!(cases.len() >= 40);
     let mut worst = (0.0f64, String::new());
-    for case in cases {
-        let name = case["name"].as_str().unwrap();
-        let kind = kind_of(case["sampler"].as_str().unwrap());
-        let scheduler = Scheduler::new(config_from(&case["config"])).unwrap();
-        let mut options = SamplerOptions::new(kind, case["steps"].as_u64().unwrap_or(1000) as usize);
-        options.eta = case["eta"].as_f64().unwrap_or(0.0);
-        options.timesteps = serde_json::from_value(case["timesteps"].clone()).unwrap();
-        let mut sampler = scheduler.sampler(&options).unwrap();
-        let used: Vec<i64> = serde_json::from_value(case["timesteps_used"].clone()).unwrap();
-        assert_eq!(sampler.timesteps(), used.as_slice(), "{name}: timesteps");
-
-        // Both images in one batch, each with its own guidance scale and noise stream:
-        // the reference ran them one at a time.
-        let x_t = Tensor::stack(&[&tensors[&format!("{name}/x_T/0")], &tensors[&format!("{name}/x_T/1")]], 0);
-        let replays: Vec<Box<dyn NoiseSource>> = (0..2)
-            .map(|i| {
-                let n = &tensors[&format!("{name}/noise/{i}")];
-                Box::new(ReplayNoise::new((0..n.size()[0]).map(|k| n.get(k)))) as Box<dyn NoiseSource>
-            })
-            .collect();
-        let mut noise = BatchNoise::new(replays);
-        let run = GuidedRun {
-            conds: &conds,
-            scales: &scales,
-            var_channels: case["var_channels"].as_bool().unwrap_or(false),
-            save_every: case["save_every"].as_u64().unwrap_or(1) as usize,
-        };
-        let ours = run_guided(sampler.as_mut(), &x_t, &run, &mut noise).unwrap();
-        for i in 0..2 {
-            let want = &tensors[&format!("{name}/trajectory/{i}")];
-            assert_eq!(ours.len() as i64, want.size()[0], "{name}: trajectory length");
-            let got = Tensor::stack(&ours.iter().map(|x| x.get(i)).collect::<Vec<_>>(), 0);
-            let err = scaled_error(&got, want);
-            assert!(err <= TOL, "{name} image {i}: max error {err:e}");
+    for case in &cases {
+        let sampler = case.scheduler.sampler(&case.options).unwrap();
+        assert_eq!(sampler.timesteps(), case.timesteps.as_slice(), "{}: timesteps", case.name);
+        let ours = case.run(&conds, &scales, Device::Cpu, Kind::Float).unwrap();
+        for (i, (got, want)) in ours.iter().zip(&case.expected).enumerate() {
+            assert_eq!(got.size(), want.size(), "{}: trajectory length", case.name);
+            let err = scaled_error(got, want);
+            assert!(err <= TOL, "{} image {i}: max error {err:e}", case.name);
             if err > worst.0 {
-                worst = (err, name.to_owned());
+                worst = (err, case.name.clone());
             }
         }
     }
@@ -146,24 +116,19 @@ fn sampler_trajectories_match_diffusers() {
 
 #[test]
 fn noise_is_drawn_exactly_when_diffusers_draws_it() {
-    let meta = load_json(&format!("{FIXTURE}.json"));
-    for case in meta["cases"].as_array().unwrap() {
-        let kind = kind_of(case["sampler"].as_str().unwrap());
-        let scheduler = Scheduler::new(config_from(&case["config"])).unwrap();
-        let mut options = SamplerOptions::new(kind, case["steps"].as_u64().unwrap_or(1000) as usize);
-        options.eta = case["eta"].as_f64().unwrap_or(0.0);
-        options.timesteps = serde_json::from_value(case["timesteps"].clone()).unwrap();
-        let mut sampler = scheduler.sampler(&options).unwrap();
+    let (_, _, cases) = diffusers_cases();
+    for case in &cases {
+        let mut sampler = case.scheduler.sampler(&case.options).unwrap();
         let draws = Arc::new(AtomicU64::new(0));
         let mut noise = BatchNoise::new(vec![Box::new(Counting(Arc::clone(&draws)))]);
-        let x = Tensor::zeros([1, 3, 4, 4], (tch::Kind::Float, tch::Device::Cpu));
-        let channels = if case["var_channels"].as_bool().unwrap_or(false) { 6 } else { 3 };
-        let out = Tensor::zeros([1, channels, 4, 4], (tch::Kind::Float, tch::Device::Cpu));
+        let x = Tensor::zeros([1, 3, 4, 4], (Kind::Float, Device::Cpu));
+        let channels = if case.var_channels { 6 } else { 3 };
+        let out = Tensor::zeros([1, channels, 4, 4], (Kind::Float, Device::Cpu));
         while !sampler.is_done() {
             sampler.step(&out, &x, &mut noise).unwrap();
         }
         assert!(sampler.step(&out, &x, &mut noise).is_err(), "stepping past the end is an error");
-        assert_eq!(draws.load(Ordering::SeqCst), case["noise_drawn"].as_u64().unwrap(), "{}", case["name"]);
+        assert_eq!(draws.load(Ordering::SeqCst), case.noise_drawn, "{}", case.name);
     }
 }
 
@@ -171,8 +136,9 @@ fn noise_is_drawn_exactly_when_diffusers_draws_it() {
 struct Counting(Arc<AtomicU64>);
 
 impl NoiseSource for Counting {
-    fn draw(&mut self, shape: &[i64]) -> diffusiond::diffusion::Result<Tensor> {
+    fn fill(&mut self, _shape: &[i64], out: &mut [f32]) -> diffusiond::diffusion::Result<()> {
         self.0.fetch_add(1, Ordering::SeqCst);
-        Ok(Tensor::zeros(shape, (tch::Kind::Float, tch::Device::Cpu)))
+        out.fill(0.0);
+        Ok(())
     }
 }

@@ -89,7 +89,7 @@ fn batching_never_changes_an_image() {
         let x = BatchNoise::seeded(&[100, 200, 300]).draw(&[3, 3, 8, 8], Kind::Float, Device::Cpu).unwrap();
         let run = |x: &Tensor, seeds: &[u64], conds: &[f32], scales: &[f32]| {
             let mut sampler = s.sampler(&options).unwrap();
-            let run = GuidedRun { conds, scales, var_channels: true, save_every: usize::MAX };
+            let run = GuidedRun { conds, scales, var_channels: true, save_every: usize::MAX, model_kind: None };
             run_guided(sampler.as_mut(), x, &run, &mut BatchNoise::seeded(seeds)).unwrap().pop().unwrap()
         };
         let batched = run(&x, &[1, 2, 3], &[1.0, -1.0, 0.5], &[7.0, 1.0, 3.0]);

@@ -3,51 +3,62 @@
 //! Every image owns a random stream seeded by its own seed (a request's image i
 //! uses seed + i). A batch's noise is the stack of each image's draw, so an image
 //! receives the same noise whatever else shares its batch, and batching can never
-//! change an image. The streams are ChaCha8 on the CPU, so an image is also the
-//! same on every machine and device: only the finished tensor moves to the GPU.
+//! change an image. The streams are xoshiro256++ with ziggurat normals on the
+//! CPU, so an image is also the same on every machine and device: only the
+//! finished tensor moves to the GPU. (xoshiro256++ draws 393k normals in 0.7 ms
+//! here, ChaCha8 in 2.0 ms; stochastic samplers draw every step, so it matters.)
+//! Large batches draw their images on several threads: the streams are
+//! independent, so the result does not depend on the thread count.
 
 use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
+use rand_xoshiro::Xoshiro256PlusPlus;
 use std::collections::VecDeque;
 use tch::{Device, Kind, Tensor};
 
 use super::error::{DiffusionError, Result};
 
-/// A stream of standard-normal tensors for one image.
+/// A stream of standard-normal values for one image.
 pub trait NoiseSource: Send {
-    /// The next draw, of `shape` (one image, no batch dimension), float32 on the CPU.
-    fn draw(&mut self, shape: &[i64]) -> Result<Tensor>;
+    /// Fills `out` (one image of `shape`, no batch dimension) with the next draw.
+    fn fill(&mut self, shape: &[i64], out: &mut [f32]) -> Result<()>;
 }
 
 /// The seeded stream every real request uses.
 pub struct SeededNoise {
-    rng: ChaCha8Rng,
+    rng: Xoshiro256PlusPlus,
 }
 
 impl SeededNoise {
     pub fn new(seed: u64) -> Self {
-        Self { rng: ChaCha8Rng::seed_from_u64(seed) }
+        Self { rng: Xoshiro256PlusPlus::seed_from_u64(seed) }
     }
 }
 
 impl NoiseSource for SeededNoise {
-    fn draw(&mut self, shape: &[i64]) -> Result<Tensor> {
-        let n: i64 = shape.iter().product();
-        let values: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut self.rng)).collect();
-        Ok(Tensor::from_slice(&values).view(shape))
+    fn fill(&mut self, _shape: &[i64], out: &mut [f32]) -> Result<()> {
+        out.iter_mut().for_each(|v| *v = StandardNormal.sample(&mut self.rng));
+        Ok(())
     }
 }
 
 /// Replays recorded tensors in order: lets tests feed a reference implementation's
 /// noise through exactly the code path real requests use.
 pub struct ReplayNoise {
-    queue: VecDeque<Tensor>,
+    queue: VecDeque<Vec<f32>>,
+    shapes: VecDeque<Vec<i64>>,
 }
 
 impl ReplayNoise {
     pub fn new(draws: impl IntoIterator<Item = Tensor>) -> Self {
-        Self { queue: draws.into_iter().collect() }
+        let (shapes, queue) = draws
+            .into_iter()
+            .map(|t| {
+                let values = Vec::<f32>::try_from(t.to_kind(Kind::Float).contiguous().view(-1)).expect("a float tensor");
+                (t.size(), values)
+            })
+            .unzip();
+        Self { queue, shapes }
     }
 
     /// Draws not consumed yet.
@@ -57,12 +68,14 @@ impl ReplayNoise {
 }
 
 impl NoiseSource for ReplayNoise {
-    fn draw(&mut self, shape: &[i64]) -> Result<Tensor> {
-        let t = self.queue.pop_front().ok_or_else(|| DiffusionError::invalid("noise", "replayed noise ran out"))?;
-        if t.size() != shape {
-            return Err(DiffusionError::invalid("noise", format!("replayed {:?}, wanted {shape:?}", t.size())));
+    fn fill(&mut self, shape: &[i64], out: &mut [f32]) -> Result<()> {
+        let values = self.queue.pop_front().ok_or_else(|| DiffusionError::invalid("noise", "replayed noise ran out"))?;
+        let recorded = self.shapes.pop_front().unwrap_or_default();
+        if recorded != shape {
+            return Err(DiffusionError::invalid("noise", format!("replayed {recorded:?}, wanted {shape:?}")));
         }
-        Ok(t.to_kind(Kind::Float))
+        out.copy_from_slice(&values);
+        Ok(())
     }
 }
 
@@ -95,15 +108,45 @@ impl BatchNoise {
     }
 
     /// Draws a [B, …] tensor, image b's slice from stream b, as `kind` on `device`.
+    ///
+    /// Values are generated into one host buffer (in parallel for large batches;
+    /// the workers touch no libtorch state, whose per-thread set-up is costly) and
+    /// become a tensor once.
     pub fn draw(&mut self, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
         let (batch, image_shape) = shape.split_first().ok_or_else(|| DiffusionError::invalid("noise", "empty shape"))?;
         if *batch != self.images.len() as i64 {
             return Err(DiffusionError::invalid("noise", format!("{} streams for a batch of {batch}", self.images.len())));
         }
-        let draws = self.images.iter_mut().map(|s| s.draw(image_shape)).collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::stack(&draws, 0).to_device(device).to_kind(kind))
+        let per_image = image_shape.iter().product::<i64>().max(0) as usize;
+        let mut values = vec![0.0f32; per_image * self.images.len()];
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if values.len() >= PARALLEL_ELEMENTS && threads > 1 && self.images.len() > 1 && per_image > 0 {
+            let per_worker = self.images.len().div_ceil(threads);
+            std::thread::scope(|scope| {
+                let workers: Vec<_> = self
+                    .images
+                    .chunks_mut(per_worker)
+                    .zip(values.chunks_mut(per_worker * per_image))
+                    .map(|(sources, out)| scope.spawn(move || fill_all(sources, image_shape, out, per_image)))
+                    .collect();
+                workers.into_iter().try_for_each(|w| w.join().expect("noise worker panicked"))
+            })?;
+        } else {
+            fill_all(&mut self.images, image_shape, &mut values, per_image)?;
+        }
+        Ok(Tensor::from_slice(&values).view(shape).to_device(device).to_kind(kind))
     }
 }
+
+fn fill_all(sources: &mut [Box<dyn NoiseSource>], shape: &[i64], out: &mut [f32], per_image: usize) -> Result<()> {
+    if per_image == 0 {
+        return Ok(());
+    }
+    sources.iter_mut().zip(out.chunks_mut(per_image)).try_for_each(|(s, o)| s.fill(shape, o))
+}
+
+/// Below this many values a batch is drawn on the calling thread (spawning costs more).
+const PARALLEL_ELEMENTS: usize = 1 << 16;
 
 #[cfg(test)]
 mod tests {
@@ -118,8 +161,16 @@ mod tests {
     }
 
     #[test]
+    fn parallel_and_serial_draws_agree() {
+        // 8 × 3 × 64 × 64 is above the parallel threshold, 8 × 3 × 4 × 4 below it.
+        let big = BatchNoise::seeded(&[1, 2, 3, 4, 5, 6, 7, 8]).draw(&[8, 3, 64, 64], Kind::Float, Device::Cpu).unwrap();
+        let one = BatchNoise::seeded(&[6]).draw(&[1, 3, 64, 64], Kind::Float, Device::Cpu).unwrap();
+        assert!(big.get(5).equal(&one.get(0)));
+    }
+
+    #[test]
     fn seeded_noise_is_standard_normal() {
-        let x = SeededNoise::new(1).draw(&[200_000]).unwrap();
+        let x = BatchNoise::seeded(&[1]).draw(&[1, 200_000], Kind::Float, Device::Cpu).unwrap();
         let mean = x.mean(Kind::Double).double_value(&[]);
         let std = x.std(true).double_value(&[]);
         assert!(mean.abs() < 0.01, "mean {mean}");

@@ -171,6 +171,19 @@ impl Scheduler {
     }
 }
 
+/// The precision a step computes in: float32, or float64 if given float64.
+///
+/// Models may run in float16/bfloat16 on a GPU, but the sampler's arithmetic
+/// divides by √ᾱ_t (tiny at the start of a cosine schedule) and accumulates over
+/// many steps: half precision overflows or drifts there, so steps upcast (as
+/// diffusers' DPM-Solver does) and return the sample's own dtype.
+pub(crate) fn working_precision(t: &Tensor) -> Tensor {
+    match t.kind() {
+        tch::Kind::Double => t.shallow_clone(),
+        _ => t.to_kind(tch::Kind::Float),
+    }
+}
+
 /// Splits a model output into (prediction, variance channels) for a `channels`-channel sample.
 pub(crate) fn split_output(output: &Tensor, channels: i64) -> Result<(Tensor, Option<Tensor>)> {
     let c = output.size()[1];

@@ -6,8 +6,11 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use diffusiond::diffusion::guidance::classifier_free;
-use diffusiond::diffusion::{BatchNoise, Result, Sampler};
-use tch::Tensor;
+use diffusiond::diffusion::{
+    BatchNoise, NoiseSource, ReplayNoise, Result, Sampler, SamplerKind, SamplerOptions, Scheduler, SchedulerConfig,
+};
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
 
 /// eps(x, t, c) = tanh((0.5 + t/1000)·x)·0.8 + cos(3x)·0.1c, and optionally the
 /// variance channels v = tanh(0.3x + t/1000 − 0.5). Element-wise only, so an
@@ -30,6 +33,8 @@ pub struct GuidedRun<'a> {
     pub var_channels: bool,
     /// Record every n-th sample (and always the last).
     pub save_every: usize,
+    /// Run the model in this precision (the sampler state keeps its own).
+    pub model_kind: Option<Kind>,
 }
 
 /// Runs `sampler` from `x_t` with classifier-free guidance on the dummy model, the
@@ -38,13 +43,15 @@ pub struct GuidedRun<'a> {
 pub fn run_guided(sampler: &mut dyn Sampler, x_t: &Tensor, run: &GuidedRun, noise: &mut BatchNoise) -> Result<Vec<Tensor>> {
     let b = x_t.size()[0];
     let zeros = vec![0.0f32; b as usize];
-    let cond = Tensor::from_slice(&[zeros.as_slice(), run.conds].concat());
+    let model_kind = run.model_kind.unwrap_or(x_t.kind());
+    let cond = Tensor::from_slice(&[zeros.as_slice(), run.conds].concat()).to_device(x_t.device()).to_kind(model_kind);
     let channels = x_t.size()[1];
     let mut x = x_t.shallow_clone();
     let mut trajectory = vec![x.copy()];
     let total = sampler.timesteps().len();
     while let Some(t) = sampler.current_timestep() {
-        let out = dummy_model(&Tensor::cat(&[&x, &x], 0), t, &cond, run.var_channels);
+        let input = Tensor::cat(&[&x, &x], 0).to_kind(model_kind);
+        let out = dummy_model(&input, t, &cond, run.var_channels);
         let guided = classifier_free(&out, run.scales, channels)?;
         x = sampler.step(&guided, &x, noise)?.prev_sample;
         let k = sampler.step_index();
@@ -55,7 +62,13 @@ pub fn run_guided(sampler: &mut dyn Sampler, x_t: &Tensor, run: &GuidedRun, nois
     Ok(trajectory)
 }
 
+/// `tests/fixtures` under the working directory when present (a test binary run
+/// from a copy of the repository), else under the crate that built the test.
 pub fn fixture_dir() -> PathBuf {
+    let local = PathBuf::from("tests/fixtures");
+    if local.is_dir() {
+        return local;
+    }
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
@@ -81,4 +94,88 @@ pub fn scaled_error(a: &Tensor, b: &Tensor) -> f64 {
     let b = b.to_kind(tch::Kind::Double);
     let denom = b.abs().clamp_min(1.0);
     ((a - &b).abs() / denom).max().double_value(&[])
+}
+
+pub const DIFFUSERS_FIXTURE: &str = "diffusion/diffusers";
+
+/// One recorded diffusers run of two images, ready to replay through our sampler.
+pub struct FixtureCase {
+    pub name: String,
+    pub kind: SamplerKind,
+    pub scheduler: Scheduler,
+    pub options: SamplerOptions,
+    /// The timesteps diffusers visited.
+    pub timesteps: Vec<i64>,
+    /// How many noise draws diffusers made per image.
+    pub noise_drawn: u64,
+    pub var_channels: bool,
+    pub save_every: usize,
+    /// The two images' x_T, stacked.
+    pub x_t: Tensor,
+    /// Per image, its recorded noise draws [steps, C, H, W].
+    pub noise: [Tensor; 2],
+    /// Per image, diffusers' recorded trajectory [saved, C, H, W].
+    pub expected: [Tensor; 2],
+}
+
+impl FixtureCase {
+    /// The recorded noise streams, as `kind` on `device` draws them.
+    pub fn replay_noise(&self) -> BatchNoise {
+        BatchNoise::new(
+            self.noise
+                .iter()
+                .map(|n| Box::new(ReplayNoise::new((0..n.size()[0]).map(|k| n.get(k)))) as Box<dyn NoiseSource>)
+                .collect(),
+        )
+    }
+
+    /// Replays the case on `device`, the sampler in float32 and the model in
+    /// `model_kind`; returns per image the trajectory.
+    pub fn run(&self, conds: &[f32], scales: &[f32], device: Device, model_kind: Kind) -> Result<[Tensor; 2]> {
+        let mut sampler = self.scheduler.sampler(&self.options)?;
+        let run = GuidedRun {
+            conds,
+            scales,
+            var_channels: self.var_channels,
+            save_every: self.save_every,
+            model_kind: Some(model_kind),
+        };
+        let x_t = self.x_t.to_device(device);
+        let traj = run_guided(sampler.as_mut(), &x_t, &run, &mut self.replay_noise())?;
+        let image = |i: i64| Tensor::stack(&traj.iter().map(|x| x.get(i)).collect::<Vec<_>>(), 0).to_device(Device::Cpu);
+        Ok([image(0), image(1)])
+    }
+}
+
+/// The guidance conditions and scales of the two fixture images, and every case.
+pub fn diffusers_cases() -> (Vec<f32>, Vec<f32>, Vec<FixtureCase>) {
+    let meta = load_json(&format!("{DIFFUSERS_FIXTURE}.json"));
+    let tensors = load_tensors(&format!("{DIFFUSERS_FIXTURE}.safetensors"));
+    let conds: Vec<f32> = serde_json::from_value(meta["conds"].clone()).unwrap();
+    let scales: Vec<f32> = serde_json::from_value(meta["scales"].clone()).unwrap();
+    let cases = meta["cases"].as_array().unwrap().iter().map(|case| fixture_case(case, &tensors)).collect();
+    (conds, scales, cases)
+}
+
+fn fixture_case(case: &Value, tensors: &HashMap<String, Tensor>) -> FixtureCase {
+    let name = case["name"].as_str().unwrap().to_owned();
+    let kind: SamplerKind = case["sampler"].as_str().unwrap().parse().unwrap();
+    let config = SchedulerConfig::from_json_str(&case["config"].to_string()).expect("fixture config parses");
+    let mut options = SamplerOptions::new(kind, case["steps"].as_u64().unwrap_or(1000) as usize);
+    options.eta = case["eta"].as_f64().unwrap_or(0.0);
+    options.timesteps = serde_json::from_value(case["timesteps"].clone()).unwrap();
+    let t = |key: String| tensors.get(&key).unwrap_or_else(|| panic!("fixture lacks {key}")).shallow_clone();
+    FixtureCase {
+        kind,
+        scheduler: Scheduler::new(config).unwrap(),
+        options,
+        timesteps: serde_json::from_value(case["timesteps_used"].clone()).unwrap(),
+        noise_drawn: case["noise_drawn"].as_u64().unwrap(),
+        var_channels: case["var_channels"].as_bool().unwrap_or(false),
+        save_every: case["save_every"].as_u64().unwrap_or(1) as usize,
+        x_t: Tensor::stack(&[t(format!("{name}/x_T/0")), t(format!("{name}/x_T/1"))], 0),
+        noise: [t(format!("{name}/noise/0")), t(format!("{name}/noise/1"))],
+        expected: [t(format!("{name}/trajectory/0")), t(format!("{name}/trajectory/1"))],
+        name,
+    }
 }
