@@ -197,6 +197,8 @@ pub struct ResolvedConfig {
     pub set_alpha_to_one: bool,
     pub solver_order: usize,
     pub solver_type: SolverType,
+    /// Read for compatibility; with the final step always first order (σ = 0),
+    /// it changes nothing for orders 1 and 2.
     pub lower_order_final: bool,
 }
 
