@@ -93,7 +93,7 @@ impl Sampler for Ddim {
         // 3. Random noise only when η > 0.
         if self.eta > 0.0 {
             let z = noise.draw(&sample.size(), sample.kind(), sample.device())?;
-            prev_sample = prev_sample + z * sigma as f64;
+            prev_sample += z * sigma as f64;
         }
         self.cursor.index += 1;
         Ok(StepOutput { prev_sample: prev_sample.to_kind(input.kind()), pred_original: x0.to_kind(input.kind()) })
