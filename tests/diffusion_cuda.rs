@@ -6,9 +6,9 @@
 //! Each also fails loudly, instead of passing vacuously, if CUDA is not there.
 mod common;
 
-use common::{diffusers_cases, run_guided, scaled_error, GuidedRun};
-use diffusiond::diffusion::{BatchNoise, SamplerKind, SamplerOptions, Scheduler, SchedulerConfig};
-use tch::{Cuda, Device, Kind, Tensor};
+use common::{diffusers_cases, final_samples, if_like_scheduler, scaled_error};
+use diffusiond::diffusion::{BatchNoise, SamplerKind, SamplerOptions};
+use tch::{Cuda, Device, Kind};
 
 fn gpu() -> Device {
     assert!(Cuda::is_available(), "CUDA is not available: run these tests on a GPU machine");
@@ -73,27 +73,15 @@ fn cuda_half_precision_trajectories_stay_close() {
 #[ignore = "needs CUDA"]
 fn cuda_batching_never_changes_an_image_and_matches_cpu() {
     let device = gpu();
-    let s = Scheduler::new(
-        SchedulerConfig::from_json_str(
-            r#"{"beta_schedule": "squaredcos_cap_v2", "variance_type": "learned_range",
-                "thresholding": true, "dynamic_thresholding_ratio": 0.95, "sample_max_value": 1.5}"#,
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let s = if_like_scheduler();
     for kind in SamplerKind::ALL {
         let options = SamplerOptions { eta: 0.7, ..SamplerOptions::new(kind, 20) };
         let x = BatchNoise::seeded(&[100, 200, 300]).draw(&[3, 3, 16, 16], Kind::Float, Device::Cpu).unwrap();
-        let run = |x: &Tensor, seeds: &[u64], conds: &[f32], scales: &[f32], device: Device| {
-            let mut sampler = s.sampler(&options).unwrap();
-            let run = GuidedRun { conds, scales, var_channels: true, save_every: usize::MAX, model_kind: None };
-            let x = x.to_device(device);
-            run_guided(sampler.as_mut(), &x, &run, &mut BatchNoise::seeded(seeds)).unwrap().pop().unwrap().to_device(Device::Cpu)
-        };
-        let batched = run(&x, &[1, 2, 3], &[1.0, -1.0, 0.5], &[7.0, 1.0, 3.0], device);
-        let alone = run(&x.narrow(0, 1, 1), &[2], &[-1.0], &[1.0], device);
+        let per_image: (&[u64], &[f32], &[f32]) = (&[1, 2, 3], &[1.0, -1.0, 0.5], &[7.0, 1.0, 3.0]);
+        let batched = final_samples(&s, &options, &x, per_image, device);
+        let alone = final_samples(&s, &options, &x.narrow(0, 1, 1), (&[2], &[-1.0], &[1.0]), device);
         assert!(alone.get(0).equal(&batched.get(1)), "{kind}: batching changed an image on CUDA");
-        let cpu = run(&x, &[1, 2, 3], &[1.0, -1.0, 0.5], &[7.0, 1.0, 3.0], Device::Cpu);
+        let cpu = final_samples(&s, &options, &x, per_image, Device::Cpu);
         let err = scaled_error(&batched, &cpu);
         println!("{kind}: cuda vs cpu max scaled difference {err:.3e}");
         assert!(err <= 1e-4, "{kind}: cuda and cpu disagree by {err}");

@@ -10,19 +10,14 @@
 //!   and S = T (which reaches t = T in diffusers) is refused instead.
 mod common;
 
-use common::{diffusers_cases, load_json, load_tensors, scaled_error, DIFFUSERS_FIXTURE as FIXTURE};
-use diffusiond::diffusion::{BatchNoise, NoiseSource, SamplerKind, SamplerOptions, Scheduler, SchedulerConfig};
-use serde_json::Value;
+use common::{config_from, diffusers_cases, load_json, load_tensors, scaled_error, DIFFUSERS_FIXTURE as FIXTURE};
+use diffusiond::diffusion::{BatchNoise, NoiseSource, SamplerKind, SamplerOptions, Scheduler};
 use tch::{Device, Kind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tch::Tensor;
 
 const TOL: f64 = 1e-5;
-
-fn config_from(value: &Value) -> SchedulerConfig {
-    SchedulerConfig::from_json_str(&value.to_string()).expect("fixture config parses")
-}
 
 fn kind_of(name: &str) -> SamplerKind {
     name.parse().unwrap()

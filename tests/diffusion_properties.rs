@@ -1,7 +1,7 @@
 //! Properties of the diffusion core that examples alone would not show.
 mod common;
 
-use common::{dummy_model, run_guided, GuidedRun};
+use common::{dummy_model, final_samples, if_like_scheduler};
 use diffusiond::diffusion::forward::{q_sample, PredictionType};
 use diffusiond::diffusion::inversion::ddim_invert;
 use diffusiond::diffusion::{BatchNoise, SamplerKind, SamplerOptions, Scheduler, SchedulerConfig};
@@ -80,20 +80,12 @@ fn ddim_eta_one_equals_ddpm_fixed_small() {
 /// every sampler, with per-sample guidance scales and learned variance.
 #[test]
 fn batching_never_changes_an_image() {
-    let s = scheduler(
-        r#"{"beta_schedule": "squaredcos_cap_v2", "variance_type": "learned_range",
-            "thresholding": true, "dynamic_thresholding_ratio": 0.95, "sample_max_value": 1.5}"#,
-    );
+    let s = if_like_scheduler();
     for kind in SamplerKind::ALL {
         let options = SamplerOptions { eta: 0.7, ..SamplerOptions::new(kind, 12) };
         let x = BatchNoise::seeded(&[100, 200, 300]).draw(&[3, 3, 8, 8], Kind::Float, Device::Cpu).unwrap();
-        let run = |x: &Tensor, seeds: &[u64], conds: &[f32], scales: &[f32]| {
-            let mut sampler = s.sampler(&options).unwrap();
-            let run = GuidedRun { conds, scales, var_channels: true, save_every: usize::MAX, model_kind: None };
-            run_guided(sampler.as_mut(), x, &run, &mut BatchNoise::seeded(seeds)).unwrap().pop().unwrap()
-        };
-        let batched = run(&x, &[1, 2, 3], &[1.0, -1.0, 0.5], &[7.0, 1.0, 3.0]);
-        let alone = run(&x.narrow(0, 1, 1), &[2], &[-1.0], &[1.0]);
+        let batched = final_samples(&s, &options, &x, (&[1, 2, 3], &[1.0, -1.0, 0.5], &[7.0, 1.0, 3.0]), Device::Cpu);
+        let alone = final_samples(&s, &options, &x.narrow(0, 1, 1), (&[2], &[-1.0], &[1.0]), Device::Cpu);
         assert!(alone.get(0).equal(&batched.get(1)), "{kind}: batching changed an image");
         assert!(!batched.get(0).equal(&batched.get(2)));
     }

@@ -19,7 +19,7 @@ use super::config::ResolvedConfig;
 use super::error::Result;
 use super::forward::{eps_from_x0, to_x0_and_eps, NoiseLevel, PredictionType};
 use super::noise::BatchNoise;
-use super::sampler::{split_output, working_precision, Cursor, Sampler, SamplerKind, StepOutput};
+use super::sampler::{split_output, Cursor, Sampler, SamplerKind, StepOutput};
 use super::schedule::NoiseSchedule;
 use super::threshold::X0Treatment;
 
@@ -69,9 +69,8 @@ impl Sampler for Ddim {
         self.cursor.index
     }
 
-    fn step(&mut self, model_output: &Tensor, input: &Tensor, noise: &mut BatchNoise) -> Result<StepOutput> {
+    fn advance(&mut self, model_output: &Tensor, sample: &Tensor, noise: &mut BatchNoise) -> Result<StepOutput> {
         let (t, prev) = self.cursor.current()?;
-        let (sample, model_output) = (&working_precision(input), &working_precision(model_output));
         // A learned variance is meaningless to DDIM: drop those channels.
         let (output, _) = split_output(model_output, sample.size()[1])?;
         let alpha_bar = self.schedule.alpha_bar(t);
@@ -96,6 +95,6 @@ impl Sampler for Ddim {
             prev_sample += z * sigma as f64;
         }
         self.cursor.index += 1;
-        Ok(StepOutput { prev_sample: prev_sample.to_kind(input.kind()), pred_original: x0.to_kind(input.kind()) })
+        Ok(StepOutput { prev_sample, pred_original: x0 })
     }
 }

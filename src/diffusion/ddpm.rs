@@ -15,7 +15,7 @@ use super::config::ResolvedConfig;
 use super::error::{DiffusionError, Result};
 use super::forward::{to_x0_and_eps, NoiseLevel, PredictionType};
 use super::noise::BatchNoise;
-use super::sampler::{split_output, working_precision, Cursor, Sampler, SamplerKind, StepOutput};
+use super::sampler::{split_output, Cursor, Sampler, SamplerKind, StepOutput};
 use super::schedule::NoiseSchedule;
 use super::threshold::X0Treatment;
 use super::variance::{StepCoefficients, VarianceType};
@@ -53,9 +53,8 @@ impl Sampler for Ddpm {
         self.cursor.index
     }
 
-    fn step(&mut self, model_output: &Tensor, input: &Tensor, noise: &mut BatchNoise) -> Result<StepOutput> {
+    fn advance(&mut self, model_output: &Tensor, sample: &Tensor, noise: &mut BatchNoise) -> Result<StepOutput> {
         let (t, prev) = self.cursor.current()?;
-        let (sample, model_output) = (&working_precision(input), &working_precision(model_output));
         let (output, v) = split_output(model_output, sample.size()[1])?;
         if self.variance.is_learned() && v.is_none() {
             return Err(DiffusionError::invalid("model_output", "learned_range needs the model's variance channels"));
@@ -81,6 +80,6 @@ impl Sampler for Ddpm {
             mean
         };
         self.cursor.index += 1;
-        Ok(StepOutput { prev_sample: prev_sample.to_kind(input.kind()), pred_original: x0.to_kind(input.kind()) })
+        Ok(StepOutput { prev_sample, pred_original: x0 })
     }
 }

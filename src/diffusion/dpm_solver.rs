@@ -20,7 +20,7 @@ use super::config::ResolvedConfig;
 use super::error::Result;
 use super::forward::PredictionType;
 use super::noise::BatchNoise;
-use super::sampler::{split_output, working_precision, Cursor, Sampler, SamplerKind, StepOutput};
+use super::sampler::{split_output, Cursor, Sampler, SamplerKind, StepOutput};
 use super::schedule::NoiseSchedule;
 use super::threshold::X0Treatment;
 
@@ -131,9 +131,8 @@ impl Sampler for DpmSolverPlusPlus {
         self.cursor.index
     }
 
-    fn step(&mut self, model_output: &Tensor, input: &Tensor, _noise: &mut BatchNoise) -> Result<StepOutput> {
+    fn advance(&mut self, model_output: &Tensor, sample: &Tensor, _noise: &mut BatchNoise) -> Result<StepOutput> {
         self.cursor.current()?;
-        let (sample, model_output) = (&working_precision(input), &working_precision(model_output));
         let (output, _) = split_output(model_output, sample.size()[1])?;
         let x0 = self.data_prediction(&output, sample);
         if self.history.len() == 2 {
@@ -147,6 +146,6 @@ impl Sampler for DpmSolverPlusPlus {
         let first_order = self.order == 1 || self.history.len() < 2 || last;
         let prev_sample = if first_order { self.first_order(sample) } else { self.second_order(sample) };
         self.cursor.index += 1;
-        Ok(StepOutput { prev_sample: prev_sample.to_kind(input.kind()), pred_original: x0.to_kind(input.kind()) })
+        Ok(StepOutput { prev_sample, pred_original: x0 })
     }
 }

@@ -45,20 +45,20 @@ impl NoiseSource for SeededNoise {
 /// Replays recorded tensors in order: lets tests feed a reference implementation's
 /// noise through exactly the code path real requests use.
 pub struct ReplayNoise {
-    queue: VecDeque<Vec<f32>>,
-    shapes: VecDeque<Vec<i64>>,
+    /// (shape, values) of each recorded draw, oldest first.
+    queue: VecDeque<(Vec<i64>, Vec<f32>)>,
 }
 
 impl ReplayNoise {
     pub fn new(draws: impl IntoIterator<Item = Tensor>) -> Self {
-        let (shapes, queue) = draws
+        let queue = draws
             .into_iter()
             .map(|t| {
                 let values = Vec::<f32>::try_from(t.to_kind(Kind::Float).contiguous().view(-1)).expect("a float tensor");
                 (t.size(), values)
             })
-            .unzip();
-        Self { queue, shapes }
+            .collect();
+        Self { queue }
     }
 
     /// Draws not consumed yet.
@@ -69,8 +69,8 @@ impl ReplayNoise {
 
 impl NoiseSource for ReplayNoise {
     fn fill(&mut self, shape: &[i64], out: &mut [f32]) -> Result<()> {
-        let values = self.queue.pop_front().ok_or_else(|| DiffusionError::invalid("noise", "replayed noise ran out"))?;
-        let recorded = self.shapes.pop_front().unwrap_or_default();
+        let (recorded, values) =
+            self.queue.pop_front().ok_or_else(|| DiffusionError::invalid("noise", "replayed noise ran out"))?;
         if recorded != shape {
             return Err(DiffusionError::invalid("noise", format!("replayed {recorded:?}, wanted {shape:?}")));
         }

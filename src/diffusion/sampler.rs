@@ -96,9 +96,18 @@ pub trait Sampler: Send {
     fn timesteps(&self) -> &[i64];
     /// How many steps have been taken.
     fn step_index(&self) -> usize;
+    /// One step in working precision (see [`working_precision`]); callers use
+    /// [`Sampler::step`], which converts in and out.
+    fn advance(&mut self, model_output: &Tensor, sample: &Tensor, noise: &mut BatchNoise) -> Result<StepOutput>;
+
     /// Takes one step from `sample` at [`Sampler::current_timestep`]. `model_output`
-    /// is the (guided) output for `sample`, with C or 2·C channels.
-    fn step(&mut self, model_output: &Tensor, sample: &Tensor, noise: &mut BatchNoise) -> Result<StepOutput>;
+    /// is the (guided) output for `sample`, with C or 2·C channels, in any
+    /// precision; the result has the sample's dtype.
+    fn step(&mut self, model_output: &Tensor, sample: &Tensor, noise: &mut BatchNoise) -> Result<StepOutput> {
+        let out = self.advance(&working_precision(model_output), &working_precision(sample), noise)?;
+        let kind = sample.kind();
+        Ok(StepOutput { prev_sample: out.prev_sample.to_kind(kind), pred_original: out.pred_original.to_kind(kind) })
+    }
 
     /// The timestep the model must be evaluated at next, or None when done.
     fn current_timestep(&self) -> Option<i64> {
@@ -177,7 +186,7 @@ impl Scheduler {
 /// divides by √ᾱ_t (tiny at the start of a cosine schedule) and accumulates over
 /// many steps: half precision overflows or drifts there, so steps upcast (as
 /// diffusers' DPM-Solver does) and return the sample's own dtype.
-pub(crate) fn working_precision(t: &Tensor) -> Tensor {
+fn working_precision(t: &Tensor) -> Tensor {
     match t.kind() {
         tch::Kind::Double => t.shallow_clone(),
         _ => t.to_kind(tch::Kind::Float),

@@ -98,10 +98,38 @@ pub fn scaled_error(a: &Tensor, b: &Tensor) -> f64 {
 
 pub const DIFFUSERS_FIXTURE: &str = "diffusion/diffusers";
 
+/// A scheduler config given as JSON in a fixture.
+pub fn config_from(value: &Value) -> SchedulerConfig {
+    SchedulerConfig::from_json_str(&value.to_string()).expect("fixture config parses")
+}
+
+/// DeepFloyd IF's stage settings: cosine schedule, learned-range variance,
+/// dynamic thresholding.
+pub fn if_like_scheduler() -> Scheduler {
+    let config = r#"{"beta_schedule": "squaredcos_cap_v2", "variance_type": "learned_range",
+        "thresholding": true, "dynamic_thresholding_ratio": 0.95, "sample_max_value": 1.5}"#;
+    Scheduler::new(SchedulerConfig::from_json_str(config).unwrap()).unwrap()
+}
+
+/// The final samples of a guided run of the dummy model (with variance channels)
+/// from `x` on `device`, one seed, condition and scale per image; returned on the CPU.
+pub fn final_samples(
+    s: &Scheduler,
+    options: &SamplerOptions,
+    x: &Tensor,
+    per_image: (&[u64], &[f32], &[f32]),
+    device: Device,
+) -> Tensor {
+    let (seeds, conds, scales) = per_image;
+    let mut sampler = s.sampler(options).unwrap();
+    let run = GuidedRun { conds, scales, var_channels: true, save_every: usize::MAX, model_kind: None };
+    let mut trajectory = run_guided(sampler.as_mut(), &x.to_device(device), &run, &mut BatchNoise::seeded(seeds)).unwrap();
+    trajectory.pop().unwrap().to_device(Device::Cpu)
+}
+
 /// One recorded diffusers run of two images, ready to replay through our sampler.
 pub struct FixtureCase {
     pub name: String,
-    pub kind: SamplerKind,
     pub scheduler: Scheduler,
     pub options: SamplerOptions,
     /// The timesteps diffusers visited.
@@ -119,7 +147,7 @@ pub struct FixtureCase {
 }
 
 impl FixtureCase {
-    /// The recorded noise streams, as `kind` on `device` draws them.
+    /// The recorded noise streams, one per image.
     pub fn replay_noise(&self) -> BatchNoise {
         BatchNoise::new(
             self.noise
@@ -160,13 +188,12 @@ pub fn diffusers_cases() -> (Vec<f32>, Vec<f32>, Vec<FixtureCase>) {
 fn fixture_case(case: &Value, tensors: &HashMap<String, Tensor>) -> FixtureCase {
     let name = case["name"].as_str().unwrap().to_owned();
     let kind: SamplerKind = case["sampler"].as_str().unwrap().parse().unwrap();
-    let config = SchedulerConfig::from_json_str(&case["config"].to_string()).expect("fixture config parses");
+    let config = config_from(&case["config"]);
     let mut options = SamplerOptions::new(kind, case["steps"].as_u64().unwrap_or(1000) as usize);
     options.eta = case["eta"].as_f64().unwrap_or(0.0);
     options.timesteps = serde_json::from_value(case["timesteps"].clone()).unwrap();
     let t = |key: String| tensors.get(&key).unwrap_or_else(|| panic!("fixture lacks {key}")).shallow_clone();
     FixtureCase {
-        kind,
         scheduler: Scheduler::new(config).unwrap(),
         options,
         timesteps: serde_json::from_value(case["timesteps_used"].clone()).unwrap(),
