@@ -30,7 +30,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-fixtures"
 TORCH_VENV = ROOT / ".venv"
-PINNED = ["diffusers==0.42.1", "numpy==2.4.6", "safetensors==0.8.0", "huggingface_hub==2.4.0"]
+PINNED = [
+    "diffusers==0.42.1",
+    "transformers==5.24.0",
+    "numpy==2.4.6",
+    "safetensors==0.8.0",
+    "huggingface_hub==2.4.0",
+]
 OUT = ROOT / "tests" / "fixtures" / "diffusion"
 
 
@@ -262,7 +268,7 @@ def timestep_lists() -> list[dict]:
     return out
 
 
-def main() -> None:
+def diffusion_fixtures() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     meta: dict = {"diffusers": diffusers.__version__, "torch": torch.__version__, "shape": list(SHAPE),
@@ -280,6 +286,24 @@ def main() -> None:
     (OUT / "diffusers.json").write_text(json.dumps(meta, indent=1) + "\n")
     size = (OUT / "diffusers.safetensors").stat().st_size
     print(f"wrote {len(cases)} trajectories, {len(tensors)} tensors ({size / 1e6:.1f} MB) to {OUT}")
+
+
+# Each part writes its own folder under tests/fixtures; `--only` regenerates one.
+PARTS = {
+    "diffusion": diffusion_fixtures,
+    "unet": lambda: __import__("fixtures_unet").generate(ROOT / "tests" / "fixtures" / "unet"),
+    "text": lambda: __import__("fixtures_text").generate(ROOT / "tests" / "fixtures" / "text", ROOT),
+}
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=sorted(PARTS), action="append", help="regenerate only these parts")
+    args = parser.parse_args()
+    for name in args.only or list(PARTS):
+        PARTS[name]()
 
 
 if __name__ == "__main__":

@@ -1,2 +1,3 @@
 //! diffusiond: a text-to-image diffusion inference server.
 pub mod diffusion;
+pub mod nn;

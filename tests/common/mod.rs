@@ -206,3 +206,12 @@ fn fixture_case(case: &Value, tensors: &HashMap<String, Tensor>) -> FixtureCase 
         name,
     }
 }
+
+/// max |a − b| / max |b|: the error relative to the reference output's scale,
+/// the measure the network parity tests bound (elementwise relative error is
+/// meaningless where outputs cross zero).
+pub fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_device(tch::Device::Cpu).to_kind(tch::Kind::Double);
+    let b = b.to_device(tch::Device::Cpu).to_kind(tch::Kind::Double);
+    (a - &b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(f64::MIN_POSITIVE)
+}

@@ -1,0 +1,22 @@
+//! The neural networks diffusiond runs and trains, in libtorch through `tch`.
+//!
+//! Architectures and parameter names follow Hugging Face diffusers
+//! (`UNet2DConditionModel` as DeepFloyd IF configures it) and transformers
+//! (`BertModel`, `T5EncoderModel`), so checkpoints move between diffusiond and
+//! those libraries without conversion.
+//!
+//! | module | owns |
+//! |---|---|
+//! | `weights` | strict safetensors loading (single or sharded) and saving |
+//! | `device` | the device and precision settings |
+//! | `unet` | the IF-style UNet: config, embeddings, ResNet blocks, attention, up/down blocks |
+//! | `text` | tokenizer and frozen text encoders (BERT, T5) |
+
+pub mod device;
+pub mod error;
+pub mod layers;
+pub mod text;
+pub mod unet;
+pub mod weights;
+
+pub use error::{NnError, Result};

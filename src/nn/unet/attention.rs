@@ -1,0 +1,95 @@
+//! Self-attention over the image tokens with the text tokens' keys and values
+//! added in front: GLIDE's text conditioning (Nichol et al. 2021, §2.3; also
+//! DeepFloyd IF). Each head attends over `[text tokens; image tokens]`, so one
+//! attention does both self- and cross-attention.
+//!
+//! Follows diffusers' `Attention` with `added_kv_proj_dim` and
+//! `AttnAddedKVProcessor2_0`: GroupNorm on the image tokens, an optional
+//! GroupNorm on the text tokens (`cross_attention_norm = "group_norm"`),
+//! libtorch's scaled-dot-product attention, an output projection and the residual.
+
+use tch::{nn, Tensor};
+
+use super::config::LayerSettings;
+
+/// The geometry of one attention layer.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    /// Image channels (query dim, output dim).
+    pub channels: i64,
+    pub head_dim: i64,
+    /// Width of the text tokens fed to `add_k_proj` / `add_v_proj`.
+    pub added_kv_dim: i64,
+    /// Attend to the text tokens only (no `to_k` / `to_v` on the image).
+    pub only_cross_attention: bool,
+}
+
+#[derive(Debug)]
+pub struct AddedKvAttention {
+    group_norm: nn::GroupNorm,
+    norm_cross: Option<nn::GroupNorm>,
+    to_q: nn::Linear,
+    to_k: Option<nn::Linear>,
+    to_v: Option<nn::Linear>,
+    add_k_proj: nn::Linear,
+    add_v_proj: nn::Linear,
+    to_out: nn::Linear,
+    heads: i64,
+}
+
+/// diffusers' `Attention` fixes the cross-attention GroupNorm at 32 groups and eps 1e-5.
+const CROSS_NORM_GROUPS: i64 = 32;
+
+impl AddedKvAttention {
+    pub fn new(p: nn::Path, shape: AttentionShape, settings: &LayerSettings) -> Self {
+        let AttentionShape { channels, head_dim, added_kv_dim, only_cross_attention } = shape;
+        let inner = channels; // heads × head_dim, with heads = channels / head_dim
+        let lin = |name: &str, i: i64, o: i64| nn::linear(&p / name, i, o, Default::default());
+        // The image GroupNorm uses Attention's default eps (1e-5), not the ResNets' norm_eps.
+        let gn = nn::GroupNormConfig { eps: 1e-5, ..Default::default() };
+        Self {
+            group_norm: nn::group_norm(&p / "group_norm", settings.groups, channels, gn),
+            norm_cross: settings
+                .cross_attention_norm
+                .then(|| nn::group_norm(&p / "norm_cross", CROSS_NORM_GROUPS, added_kv_dim, gn)),
+            to_q: lin("to_q", channels, inner),
+            to_k: (!only_cross_attention).then(|| lin("to_k", channels, inner)),
+            to_v: (!only_cross_attention).then(|| lin("to_v", channels, inner)),
+            add_k_proj: lin("add_k_proj", added_kv_dim, inner),
+            add_v_proj: lin("add_v_proj", added_kv_dim, inner),
+            to_out: nn::linear(&(&p / "to_out") / 0, inner, channels, Default::default()),
+            heads: channels / head_dim,
+        }
+    }
+
+    /// `x`: `[B, C, H, W]`; `text`: `[B, L, added_kv_dim]`.
+    pub fn forward(&self, x: &Tensor, text: &Tensor) -> Tensor {
+        let size = x.size();
+        let (b, c) = (size[0], size[1]);
+        let heads = self.heads;
+        // [B, T, C] -> [B, heads, T, C/heads]
+        let split = |t: Tensor| t.view([b, -1, heads, c / heads]).transpose(1, 2);
+
+        // 1. Normalise the image tokens (and the text tokens, over channels).
+        let tokens = x.apply(&self.group_norm).view([b, c, -1]).transpose(1, 2);
+        let text = match &self.norm_cross {
+            Some(norm) => text.transpose(1, 2).apply(norm).transpose(1, 2),
+            None => text.shallow_clone(),
+        };
+        // 2. Queries from the image; keys and values from [text; image].
+        let q = split(tokens.apply(&self.to_q));
+        let text_k = split(text.apply(&self.add_k_proj));
+        let text_v = split(text.apply(&self.add_v_proj));
+        let (k, v) = match (&self.to_k, &self.to_v) {
+            (Some(to_k), Some(to_v)) => (
+                Tensor::cat(&[text_k, split(tokens.apply(to_k))], 2),
+                Tensor::cat(&[text_v, split(tokens.apply(to_v))], 2),
+            ),
+            _ => (text_k, text_v),
+        };
+        // 3. Attention, output projection, residual.
+        let out = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
+        let out = out.transpose(1, 2).reshape([b, -1, c]).apply(&self.to_out);
+        out.transpose(-1, -2).reshape(size.as_slice()) + x
+    }
+}

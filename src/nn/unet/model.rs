@@ -1,0 +1,227 @@
+//! `UNet2DConditionModel`: the ε- (or ε and variance-) predicting UNet of the
+//! cascade, for the base stage and the super-resolution stages.
+//!
+//! Architecture: ADM (Dhariwal & Nichol 2021) with GLIDE's text conditioning, as
+//! DeepFloyd IF ships it in diffusers' layout. Inputs are the noisy image
+//! (concatenated with the upsampled low-resolution image for SR, "SR by
+//! concatenation" from ADM/SR3), the timestep, the text-encoder tokens and, for
+//! SR, the noise-augmentation level as a class label (Imagen's noise-conditioning
+//! augmentation). The forward pass mirrors diffusers'
+//! `UNet2DConditionModel.forward` for the supported options.
+
+use std::path::Path;
+
+use tch::{nn, Device, Kind, Tensor};
+
+use super::blocks::{Conditioning, DownBlock, MidBlock, UpBlock};
+use super::config::{UNetConfig, UNetSpec};
+use super::embeddings::{timestep_embedding, TextTimeEmbedding, TimestepEmbedding};
+use crate::nn::device::place;
+use crate::nn::error::{NnError, Result};
+use crate::nn::weights;
+
+/// The weights file name diffusers reads and writes.
+pub const WEIGHTS_STEM: &str = "diffusion_pytorch_model";
+
+/// One denoiser call's inputs. The batch dimension of every tensor is `B`.
+pub struct UNetInput<'a> {
+    /// `[B, in_channels, H, W]`.
+    pub sample: &'a Tensor,
+    /// `[B]` (or a scalar, broadcast): diffusion timesteps, possibly fractional.
+    pub timesteps: &'a Tensor,
+    /// `[B, L, D]`: text-encoder tokens (`D = encoder_hid_dim` or `cross_attention_dim`).
+    pub encoder_hidden_states: &'a Tensor,
+    /// `[B]`: SR noise-augmentation levels, required iff the model has a class embedding.
+    pub class_labels: Option<&'a Tensor>,
+}
+
+#[derive(Debug)]
+pub struct UNet2DConditionModel {
+    config: UNetConfig,
+    spec: UNetSpec,
+    conv_in: nn::Conv2D,
+    time_embedding: TimestepEmbedding,
+    class_embedding: Option<TimestepEmbedding>,
+    add_embedding: Option<TextTimeEmbedding>,
+    encoder_hid_proj: Option<nn::Linear>,
+    down_blocks: Vec<DownBlock>,
+    mid_block: Option<MidBlock>,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: nn::GroupNorm,
+    conv_out: nn::Conv2D,
+}
+
+impl UNet2DConditionModel {
+    /// Builds the model's variables under `p` (randomly initialised).
+    pub fn new(p: &nn::Path, config: &UNetConfig) -> Result<Self> {
+        let spec = config.spec()?;
+        let layer = spec.layer;
+        let first = config.block_out_channels[0];
+        let conv = |name: &str, i: i64, o: i64, k: i64| {
+            nn::conv2d(p / name, i, o, k, nn::ConvConfig { padding: (k - 1) / 2, ..Default::default() })
+        };
+        let time_embedding =
+            TimestepEmbedding::new(p / "time_embedding", spec.time_channels, spec.time_embed_dim, layer.act, spec.timestep_post_act);
+        let class_embedding = spec
+            .class_embedding
+            .then(|| TimestepEmbedding::new(p / "class_embedding", spec.time_channels, spec.time_embed_dim, layer.act, None));
+        let add_embedding = spec
+            .text_time_embedding
+            .map(|(from, heads)| TextTimeEmbedding::new(p / "add_embedding", from, spec.time_embed_dim, heads));
+        let encoder_hid_proj =
+            spec.encoder_hid_proj.map(|(i, o)| nn::linear(p / "encoder_hid_proj", i, o, Default::default()));
+        let down_blocks =
+            spec.down.iter().enumerate().map(|(i, b)| DownBlock::new(&(p / "down_blocks") / i, b, &layer)).collect();
+        let mid_block = spec.mid.as_ref().map(|m| MidBlock::new(p / "mid_block", m, &layer));
+        let up_blocks = spec.up.iter().enumerate().map(|(i, b)| UpBlock::new(&(p / "up_blocks") / i, b, &layer)).collect();
+        let gn = nn::GroupNormConfig { eps: layer.eps, ..Default::default() };
+        Ok(Self {
+            conv_in: conv("conv_in", config.in_channels, first, config.conv_in_kernel),
+            time_embedding,
+            class_embedding,
+            add_embedding,
+            encoder_hid_proj,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: nn::group_norm(p / "conv_norm_out", layer.groups, first, gn),
+            conv_out: conv("conv_out", first, config.out_channels, config.conv_out_kernel),
+            config: config.clone(),
+            spec,
+        })
+    }
+
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    /// The factor by which the input height and width must be divisible.
+    pub fn size_multiple(&self) -> i64 {
+        1 << (self.spec.down.len() - 1)
+    }
+
+    /// Checks shapes and kinds so that a bad call is an error, not a libtorch abort.
+    fn check(&self, input: &UNetInput<'_>) -> Result<i64> {
+        let s = input.sample.size();
+        let m = self.size_multiple();
+        if s.len() != 4 || s[1] != self.config.in_channels || s[2] % m != 0 || s[3] % m != 0 || s[2] == 0 || s[3] == 0 {
+            return Err(NnError::input(
+                "sample",
+                format!("shape {s:?}; expected [B, {}, H, W] with H and W positive multiples of {m}", self.config.in_channels),
+            ));
+        }
+        let b = s[0];
+        let t = input.timesteps.size();
+        if !(t.is_empty() || t == [b]) {
+            return Err(NnError::input("timesteps", format!("shape {t:?}; expected [] or [{b}]")));
+        }
+        let e = input.encoder_hidden_states.size();
+        let width = self.spec.encoder_hid_proj.map_or_else(|| self.spec.down[0].cross_attention_dim, |(i, _)| i);
+        if e.len() != 3 || e[0] != b || e[2] != width || e[1] == 0 {
+            return Err(NnError::input("encoder_hidden_states", format!("shape {e:?}; expected [{b}, L, {width}]")));
+        }
+        match (input.class_labels, self.class_embedding.is_some()) {
+            (None, true) => return Err(NnError::input("class_labels", "required by this model (class_embed_type = timestep)")),
+            (Some(_), false) => return Err(NnError::input("class_labels", "given, but the model has no class embedding")),
+            (Some(c), true) if !(c.size().is_empty() || c.size() == [b]) => {
+                return Err(NnError::input("class_labels", format!("shape {:?}; expected [] or [{b}]", c.size())))
+            }
+            _ => {}
+        }
+        Ok(b)
+    }
+
+    /// Inference forward pass (no dropout).
+    pub fn forward(&self, input: &UNetInput<'_>) -> Result<Tensor> {
+        self.forward_t(input, false)
+    }
+
+    /// The forward pass; `train` enables dropout.
+    pub fn forward_t(&self, input: &UNetInput<'_>, train: bool) -> Result<Tensor> {
+        let b = self.check(input)?;
+        let kind = input.sample.kind();
+        let cfg = &self.config;
+        let sinusoid = |t: &Tensor| {
+            let t = t.to_device(input.sample.device()).expand([b], false);
+            timestep_embedding(&t, self.spec.time_channels, cfg.flip_sin_to_cos, cfg.freq_shift).to_kind(kind)
+        };
+        // 1. Time embedding, plus the SR noise level and the pooled text.
+        let mut emb = self.time_embedding.forward(&sinusoid(input.timesteps));
+        if let (Some(class_embedding), Some(labels)) = (&self.class_embedding, input.class_labels) {
+            let class_emb = class_embedding.forward(&sinusoid(labels));
+            emb = if self.spec.class_embeddings_concat { Tensor::cat(&[emb, class_emb], -1) } else { emb + class_emb };
+        }
+        if let Some(add) = &self.add_embedding {
+            emb = emb + add.forward(input.encoder_hidden_states);
+        }
+        if let Some(act) = self.spec.time_embedding_act {
+            emb = act.forward(&emb);
+        }
+        // 2. Text tokens projected to the attention width.
+        let text = match &self.encoder_hid_proj {
+            Some(proj) => input.encoder_hidden_states.apply(proj),
+            None => input.encoder_hidden_states.shallow_clone(),
+        };
+        let cond = Conditioning { temb: &emb, text: &text, train };
+        // 3. Down path, keeping every intermediate for the skips.
+        let sample = if cfg.center_input_sample { input.sample * 2.0 - 1.0 } else { input.sample.shallow_clone() };
+        let mut h = sample.apply(&self.conv_in);
+        let mut skips = vec![h.shallow_clone()];
+        for block in &self.down_blocks {
+            h = block.forward(&h, &cond, &mut skips);
+        }
+        // 4. Middle.
+        if let Some(mid) = &self.mid_block {
+            h = mid.forward(&h, &cond);
+        }
+        // 5. Up path, consuming the skips newest first.
+        for block in &self.up_blocks {
+            h = block.forward(&h, &cond, &mut skips);
+        }
+        // 6. Output head.
+        Ok(self.spec.layer.act.forward(&h.apply(&self.conv_norm_out)).apply(&self.conv_out))
+    }
+}
+
+/// A UNet with the `VarStore` that owns its weights.
+#[derive(Debug)]
+pub struct LoadedUNet {
+    pub vs: nn::VarStore,
+    pub model: UNet2DConditionModel,
+}
+
+impl LoadedUNet {
+    /// A randomly initialised model on the CPU in f32.
+    pub fn random(config: &UNetConfig) -> Result<Self> {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = UNet2DConditionModel::new(&vs.root(), config)?;
+        Ok(Self { vs, model })
+    }
+
+    /// Loads a diffusers-layout directory (`config.json` and
+    /// `diffusion_pytorch_model.safetensors`, or its shards), then moves it to
+    /// `device` in `kind`.
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let config = UNetConfig::from_dir(dir)?;
+        let mut unet = Self::random(&config)?;
+        let files = weights::checkpoint_files(dir, WEIGHTS_STEM)?;
+        weights::load_into(&unet.vs, &files, &|_| false)?;
+        unet.vs.freeze();
+        place(&mut unet.vs, device, kind);
+        Ok(unet)
+    }
+
+    /// Writes `config.json` and the weights (in `kind`) so that diffusers'
+    /// `UNet2DConditionModel.from_pretrained(dir)` loads them.
+    pub fn save(&self, dir: &Path, kind: Kind) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| NnError::io(dir, e))?;
+        let config = dir.join("config.json");
+        std::fs::write(&config, self.model.config().to_json()).map_err(|e| NnError::io(&config, e))?;
+        weights::save(&self.vs, &dir.join(format!("{WEIGHTS_STEM}.safetensors")), kind)
+    }
+
+    /// The number of parameters.
+    pub fn parameter_count(&self) -> i64 {
+        self.vs.variables().values().map(Tensor::numel).sum::<usize>() as i64
+    }
+}
