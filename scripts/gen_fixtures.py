@@ -301,7 +301,10 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(PARTS), action="append", help="regenerate only these parts")
+    parser.add_argument("--setup", action="store_true", help="only create the pinned environment")
     args = parser.parse_args()
+    if args.setup:
+        return
     for name in args.only or list(PARTS):
         PARTS[name]()
 

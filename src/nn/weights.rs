@@ -247,7 +247,7 @@ mod tests {
         let a = store();
         save(&a, &file, Kind::Half).unwrap();
         let b = store();
-        load_into(&b, &[file.clone()], &|_| false).unwrap();
+        load_into(&b, std::slice::from_ref(&file), &|_| false).unwrap();
         let (wa, wb) = (&a.variables()["proj.weight"], &b.variables()["proj.weight"]);
         let err = (wa - wb).abs().max().double_value(&[]);
         assert!(err < 1e-3, "f16 round trip error {err}");
@@ -257,14 +257,14 @@ mod tests {
         let c = nn::VarStore::new(tch::Device::Cpu);
         let _ = nn::linear(&c.root() / "proj", 4, 2, Default::default());
         let _ = nn::linear(&c.root() / "other", 1, 1, Default::default());
-        let msg = load_into(&c, &[file.clone()], &|_| false).unwrap_err().to_string();
+        let msg = load_into(&c, std::slice::from_ref(&file), &|_| false).unwrap_err().to_string();
         assert!(msg.contains("missing (2): other.bias, other.weight"), "{msg}");
         assert!(msg.contains("wrong shape (1): proj.weight"), "{msg}");
 
         // Unexpected tensors fail unless the model declares them ignorable.
         let d = nn::VarStore::new(tch::Device::Cpu);
         let _ = nn::linear(&d.root() / "proj", 3, 2, nn::LinearConfig { bias: false, ..Default::default() });
-        let msg = load_into(&d, &[file.clone()], &|_| false).unwrap_err().to_string();
+        let msg = load_into(&d, std::slice::from_ref(&file), &|_| false).unwrap_err().to_string();
         assert!(msg.contains("unexpected (1): proj.bias"), "{msg}");
         load_into(&d, &[file], &|n| n == "proj.bias").unwrap();
         std::fs::remove_dir_all(&dir).unwrap();

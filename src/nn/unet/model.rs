@@ -152,7 +152,7 @@ impl UNet2DConditionModel {
             emb = if self.spec.class_embeddings_concat { Tensor::cat(&[emb, class_emb], -1) } else { emb + class_emb };
         }
         if let Some(add) = &self.add_embedding {
-            emb = emb + add.forward(input.encoder_hidden_states);
+            emb += add.forward(input.encoder_hidden_states);
         }
         if let Some(act) = self.spec.time_embedding_act {
             emb = act.forward(&emb);
