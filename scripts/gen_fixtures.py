@@ -293,6 +293,7 @@ PARTS = {
     "diffusion": diffusion_fixtures,
     "unet": lambda: __import__("fixtures_unet").generate(ROOT / "tests" / "fixtures" / "unet"),
     "text": lambda: __import__("fixtures_text").generate(ROOT / "tests" / "fixtures" / "text", ROOT),
+    "pipeline": lambda: __import__("fixtures_pipeline").generate(ROOT / "tests" / "fixtures" / "cascade", ROOT),
 }
 
 

@@ -48,6 +48,9 @@ pub struct TextEncoderOptions {
     pub max_length: Option<usize>,
     /// The padding token, when the tokenizer files do not name one.
     pub pad_token: Option<String>,
+    /// The folder with `tokenizer.json` when it is not the model's own (DeepFloyd
+    /// IF keeps `text_encoder/` and `tokenizer/` side by side).
+    pub tokenizer_dir: Option<PathBuf>,
 }
 
 /// The encoder's output for a batch of prompts.
@@ -93,7 +96,9 @@ impl TextEncoder {
         let config_file = dir.join("config.json");
         let config = EncoderConfig::from_file(&config_file)?;
         let max_length = max_length(&config, options.max_length, &config_file)?;
-        let tokenizer = Tokenizer::from_dir(dir, &TokenizerOptions { max_length, pad_token: options.pad_token.clone() })?;
+        let tokenizer_dir = options.tokenizer_dir.as_deref().unwrap_or(dir);
+        let tokenizer =
+            Tokenizer::from_dir(tokenizer_dir, &TokenizerOptions { max_length, pad_token: options.pad_token.clone() })?;
         let files = weights::checkpoint_files(dir, "model")?;
         let mut vs = tch::nn::VarStore::new(Device::Cpu);
         let model = match &config {

@@ -1,0 +1,216 @@
+//! A loaded cascade — text encoder and stages on one device — and the whole
+//! generation: prompt → text embeddings → guided base stage → super-resolution
+//! stages → RGB images with their records.
+//!
+//! The structure is that of GLIDE (Nichol et al. 2021), Imagen (Saharia et al.
+//! 2022) and DeepFloyd IF: a frozen text encoder conditions every stage; each
+//! later stage upsamples the previous one's output. The empty prompt's
+//! embedding, the unconditional half of classifier-free guidance, is computed
+//! once at load time.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use image::RgbImage;
+use tch::{Device, Kind, Tensor};
+
+use super::denoise::{JobInputs, ModelRows, StageJob};
+use super::error::{PipelineError, Result};
+use super::manifest::Manifest;
+use super::png::{self, ImageRecord, StageRecord};
+use super::request::{plan, GenerationRequest, RequestSpec};
+use super::stage::Stage;
+use crate::diffusion::BatchNoise;
+use crate::nn::device::{DeviceSetting, Precision};
+use crate::nn::text::{TextEncoder, TextEncoderOptions};
+use crate::nn::unet::UNetInput;
+
+/// Where and in which precision a cascade runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    pub device: DeviceSetting,
+    pub precision: Precision,
+}
+
+/// Progress of a generation, reported after every denoising step.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress<'a> {
+    /// Index among the stages this request runs.
+    pub stage: usize,
+    pub stages: usize,
+    pub stage_name: &'a str,
+    /// Steps finished in this stage.
+    pub step: usize,
+    pub total_steps: usize,
+}
+
+/// One finished image.
+#[derive(Debug, Clone)]
+pub struct GeneratedImage {
+    pub index: usize,
+    pub seed: u64,
+    pub image: RgbImage,
+    pub record: ImageRecord,
+}
+
+impl GeneratedImage {
+    /// The PNG file, with the generation parameters in its text chunks.
+    pub fn png(&self) -> Result<Vec<u8>> {
+        png::encode(&self.image, &self.record)
+    }
+}
+
+pub struct Cascade {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub encoder: TextEncoder,
+    pub stages: Vec<Stage>,
+    /// The empty prompt's tokens, `[1, L, D]`, in the UNets' kind.
+    null_text: Tensor,
+    device: Device,
+    kind: Kind,
+}
+
+impl std::fmt::Debug for Cascade {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cascade").field("dir", &self.dir).field("stages", &self.stages.len()).finish()
+    }
+}
+
+impl Cascade {
+    /// Loads `dir` (its `cascade.json` and everything it names). Every problem —
+    /// a missing file, a bad config, a stage whose text width does not match the
+    /// encoder — is an error naming the file.
+    pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        let manifest = Manifest::from_dir(dir)?;
+        let device = options.device.resolve();
+        let kind = options.precision.kind_for(device);
+        let enc = &manifest.text_encoder;
+        let encoder_options = TextEncoderOptions {
+            max_length: enc.max_length,
+            pad_token: None,
+            tokenizer_dir: enc.tokenizer.as_ref().map(|t| dir.join(t)),
+        };
+        let mut encoder = TextEncoder::load(&dir.join(&enc.path), &encoder_options)?;
+        encoder.to(device, kind)?;
+        let mut stages = Vec::with_capacity(manifest.stages.len());
+        for (i, entry) in manifest.stages.iter().enumerate() {
+            let stage = Stage::load(dir, entry, i, device, kind)?;
+            if stage.text_width() != encoder.hidden_size() {
+                return Err(PipelineError::model(
+                    stage.dir.join("unet/config.json"),
+                    format!("reads {}-wide text tokens, the encoder gives {}", stage.text_width(), encoder.hidden_size()),
+                ));
+            }
+            if let Some(prev) = stages.last() {
+                let prev: &Stage = prev;
+                if stage.size.0 < prev.size.0 || stage.size.1 < prev.size.1 {
+                    return Err(PipelineError::model(&stage.dir, format!("output {:?} is smaller than the previous stage's {:?}", stage.size, prev.size)));
+                }
+            }
+            stages.push(stage);
+        }
+        let null_text = tch::no_grad(|| encoder.encode(&[""]))?.hidden.to_kind(kind);
+        Ok(Self { dir: dir.to_owned(), manifest, encoder, stages, null_text, device, kind })
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// Validates `spec` against this cascade.
+    pub fn plan(&self, spec: &RequestSpec) -> Result<GenerationRequest> {
+        plan(spec, &self.stages)
+    }
+
+    /// `(cond, uncond)`, each `[n, L, D]` in the UNets' kind: the prompt's tokens
+    /// and the negative prompt's (the cached empty prompt's when there is none).
+    pub fn text_embeddings(&self, prompt: &str, negative_prompt: Option<&str>, n: i64) -> Result<(Tensor, Tensor)> {
+        let encode = |p: &str| -> Result<Tensor> { Ok(tch::no_grad(|| self.encoder.encode(&[p]))?.hidden.to_kind(self.kind)) };
+        let cond = encode(prompt)?;
+        let uncond = match negative_prompt {
+            Some(neg) => encode(neg)?,
+            None => self.null_text.shallow_clone(),
+        };
+        Ok((cond.expand([n, -1, -1], false).contiguous(), uncond.expand([n, -1, -1], false).contiguous()))
+    }
+
+    /// Runs the UNet of `stage` on `rows` (possibly several jobs' rows concatenated).
+    pub fn forward(&self, stage: &Stage, rows: &ModelRows) -> Result<Tensor> {
+        let input = UNetInput {
+            sample: &rows.sample,
+            timesteps: &rows.timesteps,
+            encoder_hidden_states: &rows.text,
+            class_labels: rows.class_labels.as_ref(),
+        };
+        Ok(tch::no_grad(|| stage.unet.model.forward(&input))?)
+    }
+
+    /// Runs every stage of `request`; `observer` sees each step and may stop the
+    /// run (the result is then [`PipelineError::Cancelled`]).
+    pub fn generate(&self, request: &GenerationRequest, observer: &mut dyn FnMut(&Progress<'_>) -> ControlFlow<()>) -> Result<Vec<GeneratedImage>> {
+        let n = request.n as i64;
+        let (cond, uncond) = self.text_embeddings(&request.prompt, request.negative_prompt.as_deref(), n)?;
+        let mut images: Option<Tensor> = None;
+        for (k, stage_plan) in request.stages.iter().enumerate() {
+            let stage = &self.stages[stage_plan.index];
+            let seeds: Vec<u64> = (0..request.n).map(|i| request.stream_seed(i, stage_plan.index)).collect();
+            let inputs = JobInputs {
+                cond: &cond,
+                uncond: &uncond,
+                guidance_scale: stage_plan.guidance_scale,
+                sampler: &stage_plan.sampler,
+                low_res: images.as_ref(),
+                noise_level: stage_plan.noise_level,
+            };
+            let mut job = StageJob::new(stage, &inputs, BatchNoise::seeded(&seeds))?;
+            while !job.is_done() {
+                let out = self.forward(stage, &job.model_input()?)?;
+                job.advance(&out)?;
+                let progress = Progress {
+                    stage: k,
+                    stages: request.stages.len(),
+                    stage_name: &stage.name,
+                    step: job.step_index(),
+                    total_steps: job.total_steps(),
+                };
+                if observer(&progress).is_break() {
+                    return Err(PipelineError::Cancelled);
+                }
+            }
+            images = Some(job.sample().shallow_clone());
+        }
+        let images = images.expect("a request runs at least one stage");
+        let record = |seed: u64| ImageRecord {
+            prompt: request.prompt.clone(),
+            negative_prompt: request.negative_prompt.clone(),
+            seed,
+            model: self.manifest.name.clone(),
+            stages: request
+                .stages
+                .iter()
+                .map(|p| {
+                    let (h, w) = self.stages[p.index].size;
+                    StageRecord {
+                        name: p.name.clone(),
+                        sampler: p.sampler.kind.name().to_owned(),
+                        steps: p.sampler.steps,
+                        guidance_scale: p.guidance_scale,
+                        eta: p.sampler.eta,
+                        noise_level: p.noise_level,
+                        size: format!("{w}x{h}"),
+                    }
+                })
+                .collect(),
+        };
+        Ok(png::to_rgb(&images)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, image)| GeneratedImage { index: i, seed: request.image_seed(i), image, record: record(request.image_seed(i)) })
+            .collect())
+    }
+}

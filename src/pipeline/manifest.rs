@@ -1,0 +1,115 @@
+//! `cascade.json`: what a cascade directory holds and how to run it.
+//!
+//! A cascade is one directory with this manifest and one folder per stage. The
+//! manifest names the text encoder (and optionally a separate tokenizer folder),
+//! then the stages in order, each with its default sampling settings. A stage
+//! folder is what diffusers' `IFPipeline` / `IFSuperResolutionPipeline` load:
+//! `unet/` (config.json + safetensors), `scheduler/scheduler_config.json` and,
+//! for super-resolution stages, `image_noising_scheduler/scheduler_config.json`.
+//! Paths are relative to the manifest, so a manifest can describe a
+//! DeepFloyd-IF-style download in place (`"path": "../IF-II-L-v1.0"`).
+//!
+//! ```json
+//! {
+//!   "name": "shapes",
+//!   "text_encoder": {"path": "../all-MiniLM-L6-v2", "max_length": 32},
+//!   "stages": [
+//!     {"name": "base", "path": "base", "sampler": "ddpm", "steps": 50, "guidance_scale": 4.0},
+//!     {"name": "sr64", "path": "sr64", "sampler": "ddpm", "steps": 25, "guidance_scale": 4.0, "noise_level": 250}
+//!   ]
+//! }
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{PipelineError, Result};
+
+pub const MANIFEST_FILE: &str = "cascade.json";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Shown by `info`, written into every PNG.
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub text_encoder: TextEncoderEntry,
+    pub stages: Vec<StageEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextEncoderEntry {
+    /// A transformers model directory (config.json, safetensors).
+    pub path: PathBuf,
+    /// The folder with `tokenizer.json`, when not the encoder's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<PathBuf>,
+    /// Tokens per prompt (prompts are padded and truncated to it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_length: Option<usize>,
+}
+
+/// One stage and its defaults; a request may override each default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageEntry {
+    pub name: String,
+    pub path: PathBuf,
+    /// `ddpm`, `ddim` or `dpmsolver++`.
+    pub sampler: String,
+    pub steps: usize,
+    pub guidance_scale: f32,
+    #[serde(default)]
+    pub eta: f64,
+    /// Super-resolution stages: the noise-augmentation timestep of the
+    /// conditioning image (Imagen's noise-conditioning augmentation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_level: Option<i64>,
+}
+
+impl Manifest {
+    /// Reads `dir/cascade.json`; errors name the file.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let file = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&file).map_err(|e| PipelineError::model(&file, e.to_string()))?;
+        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| PipelineError::model(&file, e.to_string()))?;
+        if manifest.stages.is_empty() {
+            return Err(PipelineError::model(&file, "`stages` is empty"));
+        }
+        for (i, stage) in manifest.stages.iter().enumerate() {
+            if manifest.stages[..i].iter().any(|s| s.name == stage.name) {
+                return Err(PipelineError::model(&file, format!("stage name `{}` is used twice", stage.name)));
+            }
+        }
+        Ok(manifest)
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let file = dir.join(MANIFEST_FILE);
+        let text = serde_json::to_string_pretty(self).expect("manifest serialises") + "\n";
+        std::fs::write(&file, text).map_err(|e| PipelineError::model(&file, e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_and_empty_stages_are_rejected() {
+        let dir = std::env::temp_dir().join(format!("diffusiond-manifest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |v: serde_json::Value| std::fs::write(dir.join(MANIFEST_FILE), v.to_string()).unwrap();
+        let stage = serde_json::json!({"name": "base", "path": "base", "sampler": "ddpm", "steps": 10, "guidance_scale": 4.0});
+        write(serde_json::json!({"name": "m", "text_encoder": {"path": "enc"}, "stages": [stage]}));
+        assert_eq!(Manifest::from_dir(&dir).unwrap().stages[0].steps, 10);
+        write(serde_json::json!({"name": "m", "text_encoder": {"path": "enc"}, "stages": [], "extra": 1}));
+        assert!(Manifest::from_dir(&dir).unwrap_err().to_string().contains("extra"));
+        write(serde_json::json!({"name": "m", "text_encoder": {"path": "enc"}, "stages": []}));
+        assert!(Manifest::from_dir(&dir).unwrap_err().to_string().contains("empty"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,26 @@
+//! The cascade pipeline: prompts in, images out, the way GLIDE, Imagen and
+//! DeepFloyd IF generate — a frozen text encoder, a guided base stage, then
+//! super-resolution stages each conditioned on the previous stage's upsampled,
+//! noise-augmented output.
+//!
+//! | file | owns |
+//! |---|---|
+//! | `manifest` | `cascade.json`: the encoder, the stages and their defaults |
+//! | `stage` | loading one stage folder (IF layout) and checking it |
+//! | `request` | raw request settings → validated `GenerationRequest` |
+//! | `denoise` | one job's denoising at one stage, a step at a time |
+//! | `cascade` | the loaded cascade and the whole generation |
+//! | `png` | 8-bit RGB conversion and PNG files with their parameters |
+
+pub mod cascade;
+pub mod denoise;
+pub mod error;
+pub mod manifest;
+pub mod png;
+pub mod request;
+pub mod stage;
+
+pub use cascade::{Cascade, GeneratedImage, LoadOptions, Progress};
+pub use error::{PipelineError, Result};
+pub use manifest::Manifest;
+pub use request::{GenerationRequest, RequestSpec, StageOverride};
