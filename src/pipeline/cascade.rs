@@ -140,14 +140,18 @@ impl Cascade {
     }
 
     /// Runs the UNet of `stage` on `rows` (possibly several jobs' rows concatenated).
+    ///
+    /// A single row is evaluated twice over: libtorch's CPU kernels take another
+    /// path for a batch of one, and an image must not change with its batch
+    /// (see [`crate::nn::layers::Linear`]).
     pub fn forward(&self, stage: &Stage, rows: &ModelRows) -> Result<Tensor> {
-        let input = UNetInput {
-            sample: &rows.sample,
-            timesteps: &rows.timesteps,
-            encoder_hidden_states: &rows.text,
-            class_labels: rows.class_labels.as_ref(),
-        };
-        Ok(tch::no_grad(|| stage.unet.model.forward(&input))?)
+        let single = rows.sample.size()[0] == 1;
+        let twice = |t: &Tensor| if single { Tensor::cat(&[t, t], 0) } else { t.shallow_clone() };
+        let (sample, timesteps, text) = (twice(&rows.sample), twice(&rows.timesteps), twice(&rows.text));
+        let class_labels = rows.class_labels.as_ref().map(twice);
+        let input = UNetInput { sample: &sample, timesteps: &timesteps, encoder_hidden_states: &text, class_labels: class_labels.as_ref() };
+        let out = tch::no_grad(|| stage.unet.model.forward(&input))?;
+        Ok(if single { out.narrow(0, 0, 1) } else { out })
     }
 
     /// Runs every stage of `request`; `observer` sees each step and may stop the

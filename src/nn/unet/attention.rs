@@ -10,6 +10,8 @@
 
 use tch::{nn, Tensor};
 
+use crate::nn::layers::{ApplyLinear, Linear};
+
 use super::config::LayerSettings;
 
 /// The geometry of one attention layer.
@@ -28,12 +30,12 @@ pub struct AttentionShape {
 pub struct AddedKvAttention {
     group_norm: nn::GroupNorm,
     norm_cross: Option<nn::GroupNorm>,
-    to_q: nn::Linear,
-    to_k: Option<nn::Linear>,
-    to_v: Option<nn::Linear>,
-    add_k_proj: nn::Linear,
-    add_v_proj: nn::Linear,
-    to_out: nn::Linear,
+    to_q: Linear,
+    to_k: Option<Linear>,
+    to_v: Option<Linear>,
+    add_k_proj: Linear,
+    add_v_proj: Linear,
+    to_out: Linear,
     heads: i64,
 }
 
@@ -44,7 +46,7 @@ impl AddedKvAttention {
     pub fn new(p: nn::Path, shape: AttentionShape, settings: &LayerSettings) -> Self {
         let AttentionShape { channels, head_dim, added_kv_dim, only_cross_attention } = shape;
         let inner = channels; // heads × head_dim, with heads = channels / head_dim
-        let lin = |name: &str, i: i64, o: i64| nn::linear(&p / name, i, o, Default::default());
+        let lin = |name: &str, i: i64, o: i64| Linear::new(&p / name, i, o);
         // The image GroupNorm uses Attention's default eps (1e-5), not the ResNets' norm_eps.
         let gn = nn::GroupNormConfig { eps: 1e-5, ..Default::default() };
         Self {
@@ -57,7 +59,7 @@ impl AddedKvAttention {
             to_v: (!only_cross_attention).then(|| lin("to_v", channels, inner)),
             add_k_proj: lin("add_k_proj", added_kv_dim, inner),
             add_v_proj: lin("add_v_proj", added_kv_dim, inner),
-            to_out: nn::linear(&(&p / "to_out") / 0, inner, channels, Default::default()),
+            to_out: Linear::new(&(&p / "to_out") / 0, inner, channels),
             heads: channels / head_dim,
         }
     }
@@ -77,19 +79,19 @@ impl AddedKvAttention {
             None => text.shallow_clone(),
         };
         // 2. Queries from the image; keys and values from [text; image].
-        let q = split(tokens.apply(&self.to_q));
-        let text_k = split(text.apply(&self.add_k_proj));
-        let text_v = split(text.apply(&self.add_v_proj));
+        let q = split(tokens.apply_linear(&self.to_q));
+        let text_k = split(text.apply_linear(&self.add_k_proj));
+        let text_v = split(text.apply_linear(&self.add_v_proj));
         let (k, v) = match (&self.to_k, &self.to_v) {
             (Some(to_k), Some(to_v)) => (
-                Tensor::cat(&[text_k, split(tokens.apply(to_k))], 2),
-                Tensor::cat(&[text_v, split(tokens.apply(to_v))], 2),
+                Tensor::cat(&[text_k, split(tokens.apply_linear(to_k))], 2),
+                Tensor::cat(&[text_v, split(tokens.apply_linear(to_v))], 2),
             ),
             _ => (text_k, text_v),
         };
         // 3. Attention, output projection, residual.
         let out = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
-        let out = out.transpose(1, 2).reshape([b, -1, c]).apply(&self.to_out);
+        let out = out.transpose(1, 2).reshape([b, -1, c]).apply_linear(&self.to_out);
         out.transpose(-1, -2).reshape(size.as_slice()) + x
     }
 }

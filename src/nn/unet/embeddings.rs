@@ -10,7 +10,7 @@
 
 use tch::{nn, Kind, Tensor};
 
-use crate::nn::layers::Activation;
+use crate::nn::layers::{Activation, ApplyLinear, Linear};
 
 /// Sinusoidal embedding of (possibly fractional) timesteps: `[N] -> [N, dim]` in f32.
 ///
@@ -33,8 +33,8 @@ pub fn timestep_embedding(timesteps: &Tensor, dim: i64, flip_sin_to_cos: bool, f
 /// `TimestepEmbedding`: linear → activation → linear (→ optional post-activation).
 #[derive(Debug)]
 pub struct TimestepEmbedding {
-    linear_1: nn::Linear,
-    linear_2: nn::Linear,
+    linear_1: Linear,
+    linear_2: Linear,
     act: Activation,
     post_act: Option<Activation>,
 }
@@ -42,15 +42,15 @@ pub struct TimestepEmbedding {
 impl TimestepEmbedding {
     pub fn new(p: nn::Path, in_dim: i64, dim: i64, act: Activation, post_act: Option<Activation>) -> Self {
         Self {
-            linear_1: nn::linear(&p / "linear_1", in_dim, dim, Default::default()),
-            linear_2: nn::linear(&p / "linear_2", dim, dim, Default::default()),
+            linear_1: Linear::new(&p / "linear_1", in_dim, dim),
+            linear_2: Linear::new(&p / "linear_2", dim, dim),
             act,
             post_act,
         }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let h = self.act.forward(&x.apply(&self.linear_1)).apply(&self.linear_2);
+        let h = self.act.forward(&x.apply_linear(&self.linear_1)).apply_linear(&self.linear_2);
         match self.post_act {
             Some(a) => a.forward(&h),
             None => h,
@@ -64,9 +64,9 @@ impl TimestepEmbedding {
 #[derive(Debug)]
 pub struct AttentionPooling {
     positional_embedding: Tensor,
-    q_proj: nn::Linear,
-    k_proj: nn::Linear,
-    v_proj: nn::Linear,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
     heads: i64,
 }
 
@@ -75,9 +75,9 @@ impl AttentionPooling {
         let std = 1.0 / (dim as f64).sqrt();
         Self {
             positional_embedding: p.var("positional_embedding", &[1, dim], nn::Init::Randn { mean: 0.0, stdev: std }),
-            q_proj: nn::linear(&p / "q_proj", dim, dim, Default::default()),
-            k_proj: nn::linear(&p / "k_proj", dim, dim, Default::default()),
-            v_proj: nn::linear(&p / "v_proj", dim, dim, Default::default()),
+            q_proj: Linear::new(&p / "q_proj", dim, dim),
+            k_proj: Linear::new(&p / "k_proj", dim, dim),
+            v_proj: Linear::new(&p / "v_proj", dim, dim),
             heads,
         }
     }
@@ -90,9 +90,9 @@ impl AttentionPooling {
         let seq = Tensor::cat(&[&class_token, x], 1);
         // [B, T, D] -> [B, heads, T, head_dim]
         let split = |t: Tensor| t.view([b, -1, self.heads, head_dim]).transpose(1, 2);
-        let q = split(class_token.apply(&self.q_proj));
-        let k = split(seq.apply(&self.k_proj));
-        let v = split(seq.apply(&self.v_proj));
+        let q = split(class_token.apply_linear(&self.q_proj));
+        let k = split(seq.apply_linear(&self.k_proj));
+        let v = split(seq.apply_linear(&self.v_proj));
         // IF scales q and k by d^-1/4 each (more stable in f16 than scaling the
         // product) and takes the softmax in f32.
         let scale = 1.0 / (head_dim as f64).sqrt().sqrt();
@@ -109,7 +109,7 @@ impl AttentionPooling {
 pub struct TextTimeEmbedding {
     norm1: nn::LayerNorm,
     pool: AttentionPooling,
-    proj: nn::Linear,
+    proj: Linear,
     norm2: nn::LayerNorm,
 }
 
@@ -118,13 +118,13 @@ impl TextTimeEmbedding {
         Self {
             norm1: nn::layer_norm(&p / "norm1", vec![encoder_dim], Default::default()),
             pool: AttentionPooling::new(&p / "pool", heads, encoder_dim),
-            proj: nn::linear(&p / "proj", encoder_dim, time_embed_dim, Default::default()),
+            proj: Linear::new(&p / "proj", encoder_dim, time_embed_dim),
             norm2: nn::layer_norm(&p / "norm2", vec![time_embed_dim], Default::default()),
         }
     }
 
     pub fn forward(&self, text: &Tensor) -> Tensor {
-        self.pool.forward(&text.apply(&self.norm1)).apply(&self.proj).apply(&self.norm2)
+        self.pool.forward(&text.apply(&self.norm1)).apply_linear(&self.proj).apply(&self.norm2)
     }
 }
 
@@ -154,7 +154,7 @@ mod tests {
         let _ = tch::no_grad(|| pool.positional_embedding.shallow_clone().zero_());
         let token = Tensor::randn([1, 1, 8], (Kind::Float, tch::Device::Cpu));
         let x = token.repeat([1, 5, 1]);
-        let want = token.apply(&pool.v_proj).reshape([1, 8]);
+        let want = token.apply_linear(&pool.v_proj).reshape([1, 8]);
         let got = pool.forward(&x);
         assert!((got - want).abs().max().double_value(&[]) < 1e-5);
     }

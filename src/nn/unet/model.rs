@@ -13,6 +13,8 @@ use std::path::Path;
 
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::nn::layers::{ApplyLinear, Linear};
+
 use super::blocks::{Conditioning, DownBlock, MidBlock, UpBlock};
 use super::config::{UNetConfig, UNetSpec};
 use super::embeddings::{timestep_embedding, TextTimeEmbedding, TimestepEmbedding};
@@ -43,7 +45,7 @@ pub struct UNet2DConditionModel {
     time_embedding: TimestepEmbedding,
     class_embedding: Option<TimestepEmbedding>,
     add_embedding: Option<TextTimeEmbedding>,
-    encoder_hid_proj: Option<nn::Linear>,
+    encoder_hid_proj: Option<Linear>,
     down_blocks: Vec<DownBlock>,
     mid_block: Option<MidBlock>,
     up_blocks: Vec<UpBlock>,
@@ -69,7 +71,7 @@ impl UNet2DConditionModel {
             .text_time_embedding
             .map(|(from, heads)| TextTimeEmbedding::new(p / "add_embedding", from, spec.time_embed_dim, heads));
         let encoder_hid_proj =
-            spec.encoder_hid_proj.map(|(i, o)| nn::linear(p / "encoder_hid_proj", i, o, Default::default()));
+            spec.encoder_hid_proj.map(|(i, o)| Linear::new(p / "encoder_hid_proj", i, o));
         let down_blocks =
             spec.down.iter().enumerate().map(|(i, b)| DownBlock::new(&(p / "down_blocks") / i, b, &layer)).collect();
         let mid_block = spec.mid.as_ref().map(|m| MidBlock::new(p / "mid_block", m, &layer));
@@ -159,7 +161,7 @@ impl UNet2DConditionModel {
         }
         // 2. Text tokens projected to the attention width.
         let text = match &self.encoder_hid_proj {
-            Some(proj) => input.encoder_hidden_states.apply(proj),
+            Some(proj) => input.encoder_hidden_states.apply_linear(proj),
             None => input.encoder_hidden_states.shallow_clone(),
         };
         let cond = Conditioning { temb: &emb, text: &text, train };

@@ -8,6 +8,8 @@
 
 use tch::{nn, Tensor};
 
+use crate::nn::layers::{ApplyLinear, Linear};
+
 use super::config::{LayerSettings, TimeScaleShift};
 
 /// 2× resampling done inside a ResNet block, to both branches.
@@ -24,7 +26,7 @@ pub enum Resample {
 pub struct ResnetBlock2D {
     norm1: nn::GroupNorm,
     conv1: nn::Conv2D,
-    time_emb_proj: nn::Linear,
+    time_emb_proj: Linear,
     norm2: nn::GroupNorm,
     conv2: nn::Conv2D,
     conv_shortcut: Option<nn::Conv2D>,
@@ -54,7 +56,7 @@ impl ResnetBlock2D {
         Self {
             norm1: nn::group_norm(&p / "norm1", settings.groups, in_channels, gn),
             conv1: nn::conv2d(&p / "conv1", in_channels, out_channels, 3, conv3),
-            time_emb_proj: nn::linear(&p / "time_emb_proj", settings.temb_channels, temb_out, Default::default()),
+            time_emb_proj: Linear::new(&p / "time_emb_proj", settings.temb_channels, temb_out),
             norm2: nn::group_norm(&p / "norm2", settings.groups, out_channels, gn),
             conv2: nn::conv2d(&p / "conv2", out_channels, out_channels, 3, conv3),
             conv_shortcut: (in_channels != out_channels)
@@ -85,7 +87,7 @@ impl ResnetBlock2D {
         let h = h.apply(&self.conv1);
         // 2. Time embedding.
         let temb = if self.settings.skip_time_act { temb.shallow_clone() } else { act.forward(temb) };
-        let temb = temb.apply(&self.time_emb_proj).unsqueeze(-1).unsqueeze(-1);
+        let temb = temb.apply_linear(&self.time_emb_proj).unsqueeze(-1).unsqueeze(-1);
         let h = match self.settings.time_scale_shift {
             TimeScaleShift::Default => (h + temb).apply(&self.norm2),
             TimeScaleShift::ScaleShift => {
