@@ -1,6 +1,8 @@
 //! The `diffusiond` command line: one file per subcommand, `main.rs` stays thin.
 
 mod env;
+mod generate;
+mod info;
 mod schedule;
 
 use clap::{Parser, Subcommand};
@@ -18,6 +20,10 @@ pub enum Command {
     Env(env::EnvArgs),
     /// Print the timesteps a sampler visits and the noise level at each.
     Schedule(schedule::ScheduleArgs),
+    /// Generate images from a prompt with a cascade.
+    Generate(generate::GenerateArgs),
+    /// Describe a cascade: encoder, stages, sizes, parameters, defaults.
+    Info(info::InfoArgs),
 }
 
 impl Cli {
@@ -25,6 +31,8 @@ impl Cli {
         match self.command {
             Command::Env(args) => env::run(args),
             Command::Schedule(args) => schedule::run(args),
+            Command::Generate(args) => generate::run(args),
+            Command::Info(args) => info::run(args),
         }
     }
 }

@@ -1,0 +1,63 @@
+//! The `generate` and `info` subcommands, run as a user runs them.
+
+mod common;
+
+use std::process::Command;
+
+use common::fixture_dir;
+use diffusiond::pipeline::png::read_text_chunks;
+
+fn diffusiond() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_diffusiond"))
+}
+
+#[test]
+fn generate_writes_pngs_with_their_parameters() {
+    let out = std::env::temp_dir().join(format!("diffusiond-cli-{}", std::process::id()));
+    let model = fixture_dir().join("cascade");
+    let run = diffusiond()
+        .args(["generate", "a red circle above a blue square", "--seed", "7", "-n", "2", "--steps", "4"])
+        .args(["--guidance", "4", "--sampler", "ddim", "--device", "cpu", "--model"])
+        .arg(&model)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let files: Vec<String> = String::from_utf8(run.stdout).unwrap().lines().map(str::to_owned).collect();
+    assert_eq!(files.len(), 2);
+    assert!(files[1].ends_with("a-red-circle-above-a-blue-square-8.png"));
+    let png = std::fs::read(&files[0]).unwrap();
+    let chunks = read_text_chunks(&png).unwrap();
+    let params = &chunks.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(params.contains("Steps: 4, Sampler: ddim, CFG scale: 4, Seed: 7, Size: 32x32, Model: tiny-if"), "{params}");
+    assert_eq!(image::load_from_memory(&png).unwrap().width(), 32);
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn bad_flags_and_values_are_clear_errors() {
+    let model = fixture_dir().join("cascade");
+    let err = |args: &[&str]| {
+        let out = diffusiond().args(args).arg("--model").arg(&model).output().unwrap();
+        assert!(!out.status.success());
+        String::from_utf8(out.stderr).unwrap()
+    };
+    assert!(err(&["generate", "x", "--sampler", "euler"]).contains("`euler` is not one of ddpm, ddim, dpmsolver++"));
+    assert!(err(&["generate", "x", "--device", "gpu"]).contains("unknown device `gpu`"));
+    assert!(err(&["generate", "x", "-n", "0", "--device", "cpu"]).contains("invalid `n`: 0 is outside 1..=16"));
+    assert!(err(&["generate", "x", "--noise-level", "5000", "--device", "cpu"]).contains("`stages[1].noise_level`"));
+}
+
+#[test]
+fn info_describes_the_cascade() {
+    let out = diffusiond().args(["info", "--json", "--device", "cpu", "--model"]).arg(fixture_dir().join("cascade")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["name"], "tiny-if");
+    assert_eq!(info["text_encoder"]["type"], "bert");
+    assert_eq!(info["stages"][1]["kind"], "super-resolution");
+    assert_eq!(info["stages"][1]["size"], "32x32");
+    assert_eq!(info["stages"][1]["defaults"]["noise_level"], 250);
+    assert!(info["stages"][0]["parameters"].as_i64().unwrap() > 100_000);
+}
