@@ -11,6 +11,11 @@ diffusiond's interoperability test and of the UNet benchmark.
         on DEVICE (cpu or cuda) in DTYPE (float32, float16, bfloat16), and prints
         one JSON line {"median_ms": ..., "min_ms": ...}.
 
+    diffusers_run_unet.py load-pipeline DIR
+        Loads a stage folder with the pipeline class its model_index.json names
+        (IFPipeline or IFSuperResolutionPipeline), without text encoder or
+        safety modules, and checks its parts.
+
 Runs inside .venv-fixtures (created by `make refenv`), on the same torch
 wheel as diffusiond, in float32 on the CPU with the default attention processor.
 """
@@ -19,6 +24,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,7 +41,8 @@ def load(directory: str, io_file: str, device: str = "cpu", dtype: torch.dtype =
 
 
 def main() -> None:
-    mode, directory, io_file = sys.argv[1:4]
+    mode, directory = sys.argv[1:3]
+    io_file = sys.argv[3] if len(sys.argv) > 3 else ""
     if mode == "forward":
         torch.set_num_threads(1)
         model, args, labels = load(directory, io_file)
@@ -59,6 +66,16 @@ def main() -> None:
                 if i >= 2:  # the first two calls warm up allocators and kernels
                     times.append((time.perf_counter() - start) * 1000.0)
         print(json.dumps({"median_ms": statistics.median(times), "min_ms": min(times)}))
+    elif mode == "load-pipeline":
+        import diffusers
+
+        cls_name = json.loads((Path(directory) / "model_index.json").read_text())["_class_name"]
+        none = dict(text_encoder=None, tokenizer=None, safety_checker=None, feature_extractor=None, watermarker=None,
+                    requires_safety_checker=False)
+        pipe = getattr(diffusers, cls_name).from_pretrained(directory, **none)
+        assert isinstance(pipe.unet, UNet2DConditionModel)
+        print(f"{cls_name}: unet {sum(p.numel() for p in pipe.unet.parameters())} parameters, "
+              f"scheduler {type(pipe.scheduler).__name__}")
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

@@ -11,6 +11,7 @@
 //! | `denoise` | one job's denoising at one stage, a step at a time |
 //! | `cascade` | the loaded cascade and the whole generation |
 //! | `png` | 8-bit RGB conversion and PNG files with their parameters |
+//! | `writer` | writing stage folders diffusers and `Cascade::load` both read |
 
 pub mod cascade;
 pub mod denoise;
@@ -19,6 +20,7 @@ pub mod manifest;
 pub mod png;
 pub mod request;
 pub mod stage;
+pub mod writer;
 
 pub use cascade::{Cascade, GeneratedImage, LoadOptions, Progress};
 pub use error::{PipelineError, Result};
