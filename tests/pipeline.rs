@@ -175,3 +175,13 @@ fn bad_cascade_directories_fail_at_load_naming_the_file() {
     std::fs::write(dir.join("sr/unet/diffusion_pytorch_model.safetensors"), b"not safetensors").unwrap();
     assert!(load_err(&dir).contains("sr/unet/diffusion_pytorch_model.safetensors"));
 }
+
+#[test]
+fn half_precision_weights_run_the_whole_cascade() {
+    // bfloat16 on the CPU exercises the same kind conversions as float16 on CUDA.
+    let c = Cascade::load(&fixture_dir().join("cascade"), &LoadOptions { device: DeviceSetting::Cpu, precision: Precision::Bf16 }).unwrap();
+    assert_eq!(c.kind(), tch::Kind::BFloat16);
+    let images = generate(&c, &RequestSpec { steps: Some(3), stage_overrides: vec![(1, StageOverride { steps: Some(2), ..Default::default() })], ..spec(2, 9) });
+    assert_eq!(images.len(), 2);
+    assert_eq!(images[0].image.dimensions(), (32, 32));
+}

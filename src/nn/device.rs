@@ -95,6 +95,8 @@ impl FromStr for Precision {
 }
 
 /// Moves every variable of `vs` to `device` and casts floating-point ones to `kind`.
+/// (`vs.kind()` keeps reporting the kind the store was created with: ask a
+/// variable for its kind.)
 pub fn place(vs: &mut tch::nn::VarStore, device: Device, kind: Kind) {
     vs.set_device(device);
     match kind {

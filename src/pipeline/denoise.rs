@@ -68,7 +68,7 @@ impl StageJob {
             return Err(PipelineError::invalid("prompt", "prompt, negative prompt and seeds disagree on the batch size"));
         }
         let device = stage.unet.vs.device();
-        let kind = stage.unet.vs.kind();
+        let kind = stage.unet.kind();
         let sampler = stage.scheduler.sampler(inputs.sampler)?;
         let (h, w) = stage.size;
         // Every sampler we run has init_noise_sigma = 1 (variance-preserving).

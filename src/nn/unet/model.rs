@@ -222,6 +222,12 @@ impl LoadedUNet {
         weights::save(&self.vs, &dir.join(format!("{WEIGHTS_STEM}.safetensors")), kind)
     }
 
+    /// The kind the weights are in. (`VarStore::kind` is not updated by
+    /// `VarStore::half`, so ask a weight.)
+    pub fn kind(&self) -> Kind {
+        self.model.conv_in.ws.kind()
+    }
+
     /// The number of parameters.
     pub fn parameter_count(&self) -> i64 {
         self.vs.variables().values().map(Tensor::numel).sum::<usize>() as i64
