@@ -179,3 +179,16 @@ fn all_minilm_l6_v2_matches_transformers() {
     assert_same_ids("minilm short attention_mask", &out.mask, &refs["minilm/short/attention_mask"]);
     assert_close("all-MiniLM-L6-v2", &out.hidden, &refs["minilm/short/last_hidden_state"]);
 }
+
+#[test]
+fn a_prompt_embedding_does_not_depend_on_its_batch() {
+    let enc = load(&fixtures().join("tiny-bert"), None);
+    let prompts = ["a red circle", "two blue squares left of a star", "", "zebra"];
+    let all = enc.encode(&prompts).unwrap().hidden;
+    for (i, p) in prompts.iter().enumerate() {
+        let alone = enc.encode(&[p]).unwrap().hidden;
+        assert!(alone.get(0).equal(&all.get(i as i64)), "prompt {i} changed with its batch");
+    }
+    let pair = enc.encode(&[prompts[1], prompts[3]]).unwrap().hidden;
+    assert!(pair.get(1).equal(&all.get(3)));
+}

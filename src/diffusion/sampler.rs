@@ -65,7 +65,7 @@ impl FromStr for SamplerKind {
 }
 
 /// What a request chooses about sampling.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SamplerOptions {
     pub kind: SamplerKind,
     /// S, the number of steps; ignored when `timesteps` is given.

@@ -19,7 +19,7 @@ use super::error::{PipelineError, Result};
 use super::manifest::Manifest;
 use super::png::{self, ImageRecord, StageRecord};
 use super::request::{plan, GenerationRequest, RequestSpec};
-use super::stage::Stage;
+use super::stage::{Stage, StageLimits};
 use crate::diffusion::BatchNoise;
 use crate::nn::device::{DeviceSetting, Precision};
 use crate::nn::text::{TextEncoder, TextEncoderOptions};
@@ -124,7 +124,12 @@ impl Cascade {
 
     /// Validates `spec` against this cascade.
     pub fn plan(&self, spec: &RequestSpec) -> Result<GenerationRequest> {
-        plan(spec, &self.stages)
+        plan(spec, &self.limits())
+    }
+
+    /// Every stage's limits and defaults, for validating requests elsewhere.
+    pub fn limits(&self) -> Vec<StageLimits> {
+        self.stages.iter().map(Stage::limits).collect()
     }
 
     /// `(cond, uncond)`, each `[n, L, D]` in the UNets' kind: the prompt's tokens

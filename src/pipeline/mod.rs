@@ -25,4 +25,5 @@ pub mod writer;
 pub use cascade::{Cascade, GeneratedImage, LoadOptions, Progress};
 pub use error::{PipelineError, Result};
 pub use manifest::Manifest;
-pub use request::{GenerationRequest, RequestSpec, StageOverride};
+pub use request::{plan, GenerationRequest, RequestSpec, StageOverride, StagePlan};
+pub use stage::StageLimits;

@@ -6,8 +6,10 @@
 //! `GenerationRequest` reaches the models. Each validation error names the
 //! field and the allowed range.
 
+use serde::{Deserialize, Serialize};
+
 use super::error::{PipelineError, Result};
-use super::stage::Stage;
+use super::stage::StageLimits;
 use crate::diffusion::{SamplerKind, SamplerOptions};
 
 /// The most images one request may ask for.
@@ -48,7 +50,7 @@ pub struct RequestSpec {
 }
 
 /// One stage as it will run.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StagePlan {
     pub index: usize,
     pub name: String,
@@ -57,8 +59,8 @@ pub struct StagePlan {
     pub noise_level: Option<i64>,
 }
 
-/// A validated request.
-#[derive(Debug, Clone, PartialEq)]
+/// A validated request (persisted with its job, so it can be run again after a restart).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerationRequest {
     pub prompt: String,
     pub negative_prompt: Option<String>,
@@ -96,8 +98,8 @@ fn check_range<T: PartialOrd + std::fmt::Display + Copy>(field: &str, v: T, lo: 
     }
 }
 
-/// Resolves `spec` against the cascade's `stages`.
-pub fn plan(spec: &RequestSpec, stages: &[Stage]) -> Result<GenerationRequest> {
+/// Resolves `spec` against the cascade's stages (their limits and defaults).
+pub fn plan(spec: &RequestSpec, stages: &[StageLimits]) -> Result<GenerationRequest> {
     if spec.prompt.trim().is_empty() {
         return Err(PipelineError::invalid("prompt", "must not be empty"));
     }
@@ -118,7 +120,7 @@ pub fn plan(spec: &RequestSpec, stages: &[Stage]) -> Result<GenerationRequest> {
         let is_base = index == 0;
         let d = &stage.defaults;
         let field = |name: &str| if is_base { name.to_owned() } else { format!("stages[{index}].{name}") };
-        let train_steps = stage.scheduler.schedule().len();
+        let train_steps = stage.train_steps;
         let steps = check_range(&field("steps"), over.steps.or(spec.steps.filter(|_| is_base)).unwrap_or(d.steps), 1, train_steps)?;
         let guidance = over.guidance_scale.or(spec.guidance_scale.filter(|_| is_base)).unwrap_or(d.guidance_scale);
         if !guidance.is_finite() {
@@ -135,8 +137,7 @@ pub fn plan(spec: &RequestSpec, stages: &[Stage]) -> Result<GenerationRequest> {
             (None, Some(_)) => return Err(PipelineError::invalid(&field("noise_level"), "only super-resolution stages take a noise level")),
             (None, None) => None,
             (Some(default), level) => {
-                let max = stage.noising.as_ref().map_or(0, |s| s.schedule().len() as i64 - 1);
-                Some(check_range(&field("noise_level"), level.unwrap_or(default), 0, max)?)
+                Some(check_range(&field("noise_level"), level.unwrap_or(default), 0, stage.max_noise_level)?)
             }
         };
         let sampler = SamplerOptions { kind, steps, timesteps: None, eta };

@@ -34,6 +34,22 @@ pub struct StageDefaults {
     pub noise_level: Option<i64>,
 }
 
+/// What validating a request needs to know about a stage: cheap to clone, so the
+/// HTTP front end can check requests without holding the models.
+#[derive(Debug, Clone)]
+pub struct StageLimits {
+    pub name: String,
+    pub kind: StageKind,
+    /// Output (height, width).
+    pub size: (i64, i64),
+    pub defaults: StageDefaults,
+    pub train_steps: usize,
+    /// The largest noise-augmentation level (SR stages).
+    pub max_noise_level: i64,
+    /// Lets validation check that a step count is reachable with the spacing.
+    pub scheduler: Scheduler,
+}
+
 #[derive(Debug)]
 pub struct Stage {
     pub name: String,
@@ -118,6 +134,18 @@ impl Stage {
             noising,
             defaults: StageDefaults { sampler, steps: entry.steps, guidance_scale: entry.guidance_scale, eta: entry.eta, noise_level },
         })
+    }
+
+    pub fn limits(&self) -> StageLimits {
+        StageLimits {
+            name: self.name.clone(),
+            kind: self.kind,
+            size: self.size,
+            defaults: self.defaults.clone(),
+            train_steps: self.scheduler.schedule().len(),
+            max_noise_level: self.noising.as_ref().map_or(0, |s| s.schedule().len() as i64 - 1),
+            scheduler: self.scheduler.clone(),
+        }
     }
 
     /// The width of the text tokens this stage's UNet reads.

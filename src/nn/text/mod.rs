@@ -128,8 +128,15 @@ impl TextEncoder {
         Ok(())
     }
 
-    /// Tokenises `prompts` and runs the encoder.
+    /// Tokenises `prompts` and runs the encoder. A prompt's embedding is the same
+    /// bits whatever other prompts share the batch: the linear layers run one
+    /// product per sample, and a lone prompt is run as a pair because libtorch's
+    /// kernels take another path for a batch of one.
     pub fn encode(&self, prompts: &[&str]) -> Result<TextEmbeddings> {
+        if prompts.len() == 1 {
+            let pair = self.encode(&[prompts[0], prompts[0]])?;
+            return Ok(TextEmbeddings { hidden: pair.hidden.narrow(0, 0, 1), mask: pair.mask.narrow(0, 0, 1) });
+        }
         let batch = self.tokenizer.encode(prompts)?;
         let mask = batch.attention_mask.f_to_device(self.device())?;
         let hidden = self.forward(&batch.input_ids, &mask)?;

@@ -33,8 +33,21 @@ impl Linear {
         Self { weight, bias }
     }
 
+    /// One product per sample (see `crate::nn::layers::Linear` for why): a
+    /// prompt's embedding must not depend on the prompts encoded with it.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
+        let mut size = x.size();
+        let (batch, in_dim) = (size[0], size[size.len() - 1]);
+        let out_dim = self.weight.size()[0];
+        let rows = x.f_reshape([batch, -1, in_dim])?;
+        let weight = self.weight.f_tr()?.f_unsqueeze(0)?.f_expand([batch, in_dim, out_dim], false)?;
+        let mut y = rows.f_bmm(&weight)?;
+        if let Some(bias) = &self.bias {
+            y = y.f_add(bias)?;
+        }
+        let last = size.len() - 1;
+        size[last] = out_dim;
+        Ok(y.f_reshape(size)?)
     }
 
     /// The weight's kind: T5 keeps `wo` in f32 under f16 and casts its input to match.
