@@ -3,3 +3,4 @@ pub mod diffusion;
 pub mod jobs;
 pub mod nn;
 pub mod pipeline;
+pub mod worker;

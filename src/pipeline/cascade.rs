@@ -60,6 +60,28 @@ impl GeneratedImage {
     }
 }
 
+/// What the rest of the server needs to know about a loaded cascade, without
+/// holding it (the models stay on the compute thread).
+#[derive(Debug, Clone)]
+pub struct CascadeInfo {
+    pub name: String,
+    pub description: Option<String>,
+    pub device: String,
+    pub precision: String,
+    /// `bert` or `t5`.
+    pub encoder_kind: String,
+    pub encoder_hidden_size: i64,
+    pub encoder_max_length: usize,
+    /// Stage limits and defaults (for validating requests), with parameter counts.
+    pub stages: Vec<(StageLimits, i64)>,
+}
+
+impl CascadeInfo {
+    pub fn limits(&self) -> Vec<StageLimits> {
+        self.stages.iter().map(|(l, _)| l.clone()).collect()
+    }
+}
+
 pub struct Cascade {
     pub dir: PathBuf,
     pub manifest: Manifest,
@@ -125,6 +147,30 @@ impl Cascade {
     /// Validates `spec` against this cascade.
     pub fn plan(&self, spec: &RequestSpec) -> Result<GenerationRequest> {
         plan(spec, &self.limits())
+    }
+
+    pub fn info(&self) -> CascadeInfo {
+        CascadeInfo {
+            name: self.manifest.name.clone(),
+            description: self.manifest.description.clone(),
+            device: match self.device {
+                Device::Cpu => "cpu".into(),
+                Device::Cuda(i) => format!("cuda:{i}"),
+                other => format!("{other:?}"),
+            },
+            precision: match self.kind {
+                Kind::Half => "f16".into(),
+                Kind::BFloat16 => "bf16".into(),
+                _ => "f32".into(),
+            },
+            encoder_kind: match self.encoder.config() {
+                crate::nn::text::EncoderConfig::Bert(_) => "bert".into(),
+                crate::nn::text::EncoderConfig::T5(_) => "t5".into(),
+            },
+            encoder_hidden_size: self.encoder.hidden_size(),
+            encoder_max_length: self.encoder.max_length(),
+            stages: self.stages.iter().map(|s| (s.limits(), s.unet.parameter_count())).collect(),
+        }
     }
 
     /// Every stage's limits and defaults, for validating requests elsewhere.

@@ -22,7 +22,7 @@ pub mod request;
 pub mod stage;
 pub mod writer;
 
-pub use cascade::{Cascade, GeneratedImage, LoadOptions, Progress};
+pub use cascade::{Cascade, CascadeInfo, GeneratedImage, LoadOptions, Progress};
 pub use error::{PipelineError, Result};
 pub use manifest::Manifest;
 pub use request::{plan, GenerationRequest, RequestSpec, StageOverride, StagePlan};
