@@ -205,41 +205,44 @@ impl Cascade {
         Ok(if single { out.narrow(0, 0, 1) } else { out })
     }
 
-    /// Runs every stage of `request`; `observer` sees each step and may stop the
-    /// run (the result is then [`PipelineError::Cancelled`]).
-    pub fn generate(&self, request: &GenerationRequest, observer: &mut dyn FnMut(&Progress<'_>) -> ControlFlow<()>) -> Result<Vec<GeneratedImage>> {
-        let n = request.n as i64;
-        let (cond, uncond) = self.text_embeddings(&request.prompt, request.negative_prompt.as_deref(), n)?;
-        let mut images: Option<Tensor> = None;
-        for (k, stage_plan) in request.stages.iter().enumerate() {
-            let stage = &self.stages[stage_plan.index];
-            let seeds: Vec<u64> = (0..request.n).map(|i| request.stream_seed(i, stage_plan.index)).collect();
-            let inputs = JobInputs {
-                cond: &cond,
-                uncond: &uncond,
-                guidance_scale: stage_plan.guidance_scale,
-                sampler: &stage_plan.sampler,
-                low_res: images.as_ref(),
-                noise_level: stage_plan.noise_level,
-            };
-            let mut job = StageJob::new(stage, &inputs, BatchNoise::seeded(&seeds))?;
-            while !job.is_done() {
-                let out = self.forward(stage, &job.model_input()?)?;
-                job.advance(&out)?;
-                let progress = Progress {
-                    stage: k,
-                    stages: request.stages.len(),
-                    stage_name: &stage.name,
-                    step: job.step_index(),
-                    total_steps: job.total_steps(),
-                };
-                if observer(&progress).is_break() {
-                    return Err(PipelineError::Cancelled);
-                }
-            }
-            images = Some(job.sample().shallow_clone());
+    /// Encodes prompts in one batch: `[1, L, D]` per prompt, in the UNets' kind.
+    /// (A prompt's embedding does not depend on the others in the batch.)
+    pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Vec<Tensor>> {
+        if prompts.is_empty() {
+            return Ok(Vec::new());
         }
-        let images = images.expect("a request runs at least one stage");
+        let hidden = tch::no_grad(|| self.encoder.encode(prompts))?.hidden.to_kind(self.kind);
+        Ok((0..prompts.len() as i64).map(|i| hidden.narrow(0, i, 1)).collect())
+    }
+
+    /// The cached empty prompt's tokens, `[1, L, D]`.
+    pub fn null_text(&self) -> &Tensor {
+        &self.null_text
+    }
+
+    /// Starts stage `k` of `request` (an index into `request.stages`) for its n
+    /// images: `cond`/`uncond` are `[1, L, D]` (expanded here), `low_res` the
+    /// previous stage's images. Image i's noise comes from its own stream.
+    pub fn start_stage(&self, request: &GenerationRequest, k: usize, text: (&Tensor, &Tensor), low_res: Option<&Tensor>) -> Result<StageJob> {
+        let plan = &request.stages[k];
+        let stage = &self.stages[plan.index];
+        let n = request.n as i64;
+        let cond = text.0.expand([n, -1, -1], false).contiguous();
+        let uncond = text.1.expand([n, -1, -1], false).contiguous();
+        let seeds: Vec<u64> = (0..request.n).map(|i| request.stream_seed(i, plan.index)).collect();
+        let inputs = JobInputs {
+            cond: &cond,
+            uncond: &uncond,
+            guidance_scale: plan.guidance_scale,
+            sampler: &plan.sampler,
+            low_res,
+            noise_level: plan.noise_level,
+        };
+        StageJob::new(stage, &inputs, BatchNoise::seeded(&seeds))
+    }
+
+    /// Turns the last stage's output into images with their records.
+    pub fn finish(&self, request: &GenerationRequest, images: &Tensor) -> Result<Vec<GeneratedImage>> {
         let record = |seed: u64| ImageRecord {
             prompt: request.prompt.clone(),
             negative_prompt: request.negative_prompt.clone(),
@@ -262,10 +265,47 @@ impl Cascade {
                 })
                 .collect(),
         };
-        Ok(png::to_rgb(&images)?
+        Ok(png::to_rgb(images)?
             .into_iter()
             .enumerate()
             .map(|(i, image)| GeneratedImage { index: i, seed: request.image_seed(i), image, record: record(request.image_seed(i)) })
             .collect())
+    }
+
+    /// The prompt's and negative prompt's tokens, `[1, L, D]` each.
+    pub fn request_text(&self, request: &GenerationRequest) -> Result<(Tensor, Tensor)> {
+        let cond = self.encode_prompts(&[&request.prompt])?.remove(0);
+        let uncond = match &request.negative_prompt {
+            Some(neg) => self.encode_prompts(&[neg])?.remove(0),
+            None => self.null_text.shallow_clone(),
+        };
+        Ok((cond, uncond))
+    }
+
+    /// Runs every stage of `request`; `observer` sees each step and may stop the
+    /// run (the result is then [`PipelineError::Cancelled`]).
+    pub fn generate(&self, request: &GenerationRequest, observer: &mut dyn FnMut(&Progress<'_>) -> ControlFlow<()>) -> Result<Vec<GeneratedImage>> {
+        let (cond, uncond) = self.request_text(request)?;
+        let mut images: Option<Tensor> = None;
+        for k in 0..request.stages.len() {
+            let stage = &self.stages[request.stages[k].index];
+            let mut job = self.start_stage(request, k, (&cond, &uncond), images.as_ref())?;
+            while !job.is_done() {
+                let out = self.forward(stage, &job.model_input()?)?;
+                job.advance(&out)?;
+                let progress = Progress {
+                    stage: k,
+                    stages: request.stages.len(),
+                    stage_name: &stage.name,
+                    step: job.step_index(),
+                    total_steps: job.total_steps(),
+                };
+                if observer(&progress).is_break() {
+                    return Err(PipelineError::Cancelled);
+                }
+            }
+            images = Some(job.sample().shallow_clone());
+        }
+        self.finish(request, &images.expect("a request runs at least one stage"))
     }
 }

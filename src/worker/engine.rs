@@ -1,0 +1,420 @@
+//! The compute thread: step-level continuous batching over every running job.
+//!
+//! Requests differ in steps, sampler, guidance, seeds and n, but at one stage
+//! the UNet is the same. Each iteration takes the stage of the oldest running
+//! job, gathers the next-step rows of every running job at that stage (each at
+//! its own timestep, with its own guidance scale, `[uncond; cond]` rows and
+//! sampler state; see `pipeline::denoise`), runs them through the UNet in one
+//! call, and hands each job its slice of the output. A job that arrives joins at
+//! the next iteration; a job moves to the next stage as soon as it finishes one.
+//! This is the iteration-level scheduling of Orca (Yu et al., OSDI 2022) applied
+//! to denoising steps.
+//!
+//! Batching never changes an image: every row's arithmetic is independent of
+//! the others in the call (see `nn::layers::Linear`), and each image draws noise
+//! from its own seeded stream.
+
+use std::num::NonZeroUsize;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lru::LruCache;
+use tch::Tensor;
+
+use super::queue::LocalQueue;
+use crate::jobs::{now_ms, EventSender, ImageInfo, JobError, JobEvent, JobId, JobProgress, JobRecord, JobStatus, JobStore};
+use crate::pipeline::denoise::{ModelRows, StageJob};
+use crate::pipeline::{Cascade, PipelineError};
+
+/// Tuning of the batching loop.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Most UNet rows (guided images count twice) in one call.
+    pub max_batch_rows: usize,
+    /// Most jobs running at once.
+    pub max_active_jobs: usize,
+    /// Prompt embeddings kept in the LRU cache.
+    pub text_cache_entries: usize,
+    /// Progress is written to the store at most this often per job (events are
+    /// sent every step).
+    pub progress_interval: Duration,
+    /// A job started this many times without finishing (a crash each time) fails.
+    pub max_attempts: u32,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_rows: 32,
+            max_active_jobs: 16,
+            text_cache_entries: 1024,
+            progress_interval: Duration::from_millis(250),
+            max_attempts: 3,
+        }
+    }
+}
+
+/// Counters tests and benchmarks read to see batching at work.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub unet_calls: AtomicU64,
+    pub unet_rows: AtomicU64,
+    pub jobs_finished: AtomicU64,
+}
+
+/// One running job.
+struct Active {
+    record: JobRecord,
+    /// Index into `record.request.stages`.
+    k: usize,
+    job: StageJob,
+    /// `[1, L, D]` prompt and negative-prompt tokens.
+    text: (Tensor, Tensor),
+    /// Admission order, for fairness between stages.
+    seq: u64,
+    steps_before: usize,
+    total_steps: usize,
+    last_write: Instant,
+}
+
+pub struct Engine {
+    cascade: Cascade,
+    store: Arc<dyn JobStore>,
+    queue: Arc<LocalQueue>,
+    events: EventSender,
+    config: EngineConfig,
+    stats: Arc<EngineStats>,
+    text_cache: LruCache<String, Tensor>,
+    active: Vec<Active>,
+    next_seq: u64,
+}
+
+/// Failure types clients see in a job's `error.type`.
+const ERR_INTERNAL: &str = "internal_error";
+const ERR_INVALID: &str = "invalid_request";
+
+impl Engine {
+    pub fn new(cascade: Cascade, store: Arc<dyn JobStore>, queue: Arc<LocalQueue>, events: EventSender, config: EngineConfig, stats: Arc<EngineStats>) -> Self {
+        let cap = NonZeroUsize::new(config.text_cache_entries.max(1)).expect("non-zero");
+        Self { cascade, store, queue, events, config, stats, text_cache: LruCache::new(cap), active: Vec::new(), next_seq: 0 }
+    }
+
+    pub fn cascade(&self) -> &Cascade {
+        &self.cascade
+    }
+
+    /// Runs until the queue is closed and every running job has finished.
+    pub fn run(mut self) {
+        loop {
+            self.apply_cancellations();
+            let draining = self.queue.is_closed();
+            if !draining {
+                self.admit();
+            }
+            if self.active.is_empty() {
+                if draining {
+                    return;
+                }
+                self.queue.wait(Duration::from_millis(200));
+                continue;
+            }
+            self.step();
+        }
+    }
+
+    fn emit(&self, event: JobEvent) {
+        // No listener is fine: events are a convenience, the store is the truth.
+        let _ = self.events.send(event);
+    }
+
+    fn apply_cancellations(&mut self) {
+        let canceled = self.queue.take_canceled();
+        if canceled.is_empty() {
+            return;
+        }
+        let (gone, kept): (Vec<Active>, Vec<Active>) = self.active.drain(..).partition(|a| canceled.contains(&a.record.id));
+        self.active = kept;
+        for a in gone {
+            if let Err(e) = self.store.cancel(a.record.id, now_ms()) {
+                tracing::error!(job = %a.record.id, error = %e, "recording a cancellation failed");
+            }
+            tracing::info!(job = %a.record.id, "canceled while running");
+            self.emit(JobEvent::Finished { id: a.record.id, status: JobStatus::Canceled });
+        }
+    }
+
+    /// Moves waiting jobs into the running set, encoding their prompts in one batch.
+    fn admit(&mut self) {
+        let mut new = Vec::new();
+        while self.active.len() + new.len() < self.config.max_active_jobs {
+            let Some(id) = self.queue.pop() else { break };
+            match self.store.get(id) {
+                Ok(Some(record)) if !record.status.is_terminal() => new.push(record),
+                Ok(_) => {}
+                Err(e) => tracing::error!(job = %id, error = %e, "reading a queued job failed; it stays queued in the store"),
+            }
+        }
+        if new.is_empty() {
+            return;
+        }
+        if let Err(e) = self.cache_prompts(&new) {
+            for record in new {
+                self.fail(record.id, ERR_INTERNAL, &format!("text encoding failed: {e}"));
+            }
+            return;
+        }
+        for record in new {
+            self.start_job(record);
+        }
+    }
+
+    fn cache_prompts(&mut self, records: &[JobRecord]) -> Result<(), PipelineError> {
+        let mut missing: Vec<&str> = Vec::new();
+        for r in records {
+            for p in std::iter::once(&r.request.prompt).chain(r.request.negative_prompt.as_ref()) {
+                if !self.text_cache.contains(p) && !missing.contains(&p.as_str()) {
+                    missing.push(p);
+                }
+            }
+        }
+        let encoded = self.cascade.encode_prompts(&missing)?;
+        for (p, t) in missing.into_iter().zip(encoded) {
+            self.text_cache.put(p.to_owned(), t);
+        }
+        Ok(())
+    }
+
+    fn text_for(&mut self, record: &JobRecord) -> Option<(Tensor, Tensor)> {
+        let cond = self.text_cache.get(&record.request.prompt)?.shallow_clone();
+        let uncond = match &record.request.negative_prompt {
+            Some(neg) => self.text_cache.get(neg)?.shallow_clone(),
+            None => self.cascade.null_text().shallow_clone(),
+        };
+        Some((cond, uncond))
+    }
+
+    fn start_job(&mut self, record: JobRecord) {
+        let id = record.id;
+        if record.attempts >= self.config.max_attempts {
+            let msg = format!("the job was interrupted {} times and will not be retried", record.attempts);
+            self.fail(id, ERR_INTERNAL, &msg);
+            return;
+        }
+        match self.store.start(id, now_ms()) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::error!(job = %id, error = %e, "could not mark the job running");
+                return;
+            }
+        }
+        let Some(text) = self.text_for(&record) else {
+            self.fail(id, ERR_INTERNAL, "prompt embedding missing from the cache");
+            return;
+        };
+        match self.cascade.start_stage(&record.request, 0, (&text.0, &text.1), None) {
+            Ok(job) => {
+                let total_steps = record.request.stages.iter().map(|s| s.sampler.steps).sum::<usize>().max(1);
+                tracing::info!(job = %id, images = record.request.n, stages = record.request.stages.len(), "started");
+                self.emit(JobEvent::Started { id });
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                self.active.push(Active { record, k: 0, job, text, seq, steps_before: 0, total_steps, last_write: Instant::now() });
+            }
+            Err(e) => self.fail(id, ERR_INVALID, &e.to_string()),
+        }
+    }
+
+    fn fail(&self, id: JobId, kind: &str, message: &str) {
+        tracing::warn!(job = %id, kind, message, "job failed");
+        let error = JobError { kind: kind.to_owned(), message: message.to_owned() };
+        if let Err(e) = self.store.fail(id, &error, now_ms()) {
+            tracing::error!(job = %id, error = %e, "recording a failure failed");
+        }
+        self.emit(JobEvent::Finished { id, status: JobStatus::Failed });
+    }
+
+    /// The cascade stage index of running job `i`.
+    fn stage_of(&self, i: usize) -> usize {
+        let a = &self.active[i];
+        a.record.request.stages[a.k].index
+    }
+
+    /// One UNet call: the oldest job's stage, every job there up to the row limit.
+    fn step(&mut self) {
+        let oldest = (0..self.active.len()).min_by_key(|&i| self.active[i].seq).expect("not empty");
+        let stage = self.stage_of(oldest);
+        let mut members = Vec::new();
+        let mut rows = 0usize;
+        let mut order: Vec<usize> = (0..self.active.len()).filter(|&i| self.stage_of(i) == stage).collect();
+        order.sort_by_key(|&i| self.active[i].seq);
+        for i in order {
+            let r = self.active[i].job.rows() as usize;
+            if !members.is_empty() && rows + r > self.config.max_batch_rows {
+                break;
+            }
+            rows += r;
+            members.push(i);
+        }
+        let outcomes = self.run_rows(stage, &members);
+        // Apply outcomes from the highest index down so removals keep indices valid.
+        let mut results: Vec<(usize, Result<(), String>)> = members.into_iter().zip(outcomes).collect();
+        results.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        for (i, outcome) in results {
+            match outcome {
+                Ok(()) => self.after_step(i),
+                Err(msg) => {
+                    let a = self.active.remove(i);
+                    self.fail(a.record.id, ERR_INTERNAL, &msg);
+                }
+            }
+        }
+    }
+
+    /// Runs the UNet on the rows of `members` (indices into `active`) and
+    /// advances each; on out-of-memory, splits the batch and retries.
+    fn run_rows(&mut self, stage: usize, members: &[usize]) -> Vec<Result<(), String>> {
+        let mut inputs = Vec::with_capacity(members.len());
+        for &i in members {
+            match self.active[i].job.model_input() {
+                Ok(rows) => inputs.push(rows),
+                Err(e) => return members.iter().map(|_| Err(e.to_string())).collect(),
+            }
+        }
+        let batch = concat(&inputs);
+        let started = Instant::now();
+        let out = std::panic::catch_unwind(AssertUnwindSafe(|| self.cascade.forward(&self.cascade.stages[stage], &batch)));
+        let out = match out {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => return self.retry_or_fail(stage, members, e.to_string()),
+            Err(panic) => return self.retry_or_fail(stage, members, panic_message(panic)),
+        };
+        self.stats.unet_calls.fetch_add(1, Ordering::Relaxed);
+        self.stats.unet_rows.fetch_add(batch.sample.size()[0] as u64, Ordering::Relaxed);
+        tracing::debug!(stage, jobs = members.len(), rows = batch.sample.size()[0], ms = started.elapsed().as_secs_f64() * 1e3, "unet call");
+        let mut offset = 0;
+        members
+            .iter()
+            .zip(&inputs)
+            .map(|(&i, rows)| {
+                let r = rows.sample.size()[0];
+                let slice = out.narrow(0, offset, r);
+                offset += r;
+                let a = &mut self.active[i];
+                std::panic::catch_unwind(AssertUnwindSafe(|| a.job.advance(&slice)))
+                    .map_err(panic_message)
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+            })
+            .collect()
+    }
+
+    fn retry_or_fail(&mut self, stage: usize, members: &[usize], message: String) -> Vec<Result<(), String>> {
+        if members.len() > 1 && message.contains("out of memory") {
+            tracing::warn!(stage, jobs = members.len(), "out of memory: splitting the batch");
+            let (a, b) = members.split_at(members.len() / 2);
+            let mut out = self.run_rows(stage, a);
+            out.extend(self.run_rows(stage, b));
+            return out;
+        }
+        tracing::error!(stage, jobs = members.len(), %message, "UNet call failed");
+        // Clients get a stable type; the details stay in the log.
+        members.iter().map(|_| Err("the model failed on this batch".to_owned())).collect()
+    }
+
+    /// Progress, stage changes and completion for running job `i` after a step.
+    fn after_step(&mut self, i: usize) {
+        let id = self.active[i].record.id;
+        let progress = {
+            let a = &self.active[i];
+            let plan = &a.record.request.stages[a.k];
+            let done = a.steps_before + a.job.step_index();
+            JobProgress {
+                stage: a.k,
+                stages: a.record.request.stages.len(),
+                stage_name: plan.name.clone(),
+                step: a.job.step_index(),
+                total_steps: a.job.total_steps(),
+                fraction: done as f64 / a.total_steps as f64,
+            }
+        };
+        self.emit(JobEvent::Progress { id, progress: progress.clone() });
+        let stage_done = self.active[i].job.is_done();
+        if stage_done || self.active[i].last_write.elapsed() >= self.config.progress_interval {
+            if let Err(e) = self.store.set_progress(id, &progress) {
+                tracing::warn!(job = %id, error = %e, "writing progress failed");
+            }
+            self.active[i].last_write = Instant::now();
+        }
+        if !stage_done {
+            return;
+        }
+        self.emit(JobEvent::StageDone { id, stage: progress.stage, stage_name: progress.stage_name });
+        let a = &self.active[i];
+        if a.k + 1 < a.record.request.stages.len() {
+            let next = self.cascade.start_stage(&a.record.request, a.k + 1, (&a.text.0, &a.text.1), Some(a.job.sample()));
+            match next {
+                Ok(job) => {
+                    let a = &mut self.active[i];
+                    a.steps_before += a.job.total_steps();
+                    a.k += 1;
+                    a.job = job;
+                }
+                Err(e) => {
+                    let a = self.active.remove(i);
+                    self.fail(a.record.id, ERR_INTERNAL, &e.to_string());
+                }
+            }
+            return;
+        }
+        let a = self.active.remove(i);
+        self.complete(a);
+    }
+
+    fn complete(&self, a: Active) {
+        let id = a.record.id;
+        let encoded = self.cascade.finish(&a.record.request, a.job.sample()).and_then(|images| {
+            images
+                .iter()
+                .map(|g| {
+                    let info = ImageInfo { index: g.index, seed: g.seed, width: g.image.width(), height: g.image.height() };
+                    Ok((info, g.png()?))
+                })
+                .collect::<Result<Vec<_>, PipelineError>>()
+        });
+        match encoded {
+            Ok(images) => match self.store.complete(id, &images, now_ms()) {
+                Ok(_) => {
+                    self.stats.jobs_finished.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(job = %id, images = images.len(), "succeeded");
+                    self.emit(JobEvent::Finished { id, status: JobStatus::Succeeded });
+                }
+                Err(e) => {
+                    tracing::error!(job = %id, error = %e, "storing the result failed");
+                    self.fail(id, ERR_INTERNAL, "storing the result failed");
+                }
+            },
+            Err(e) => self.fail(id, ERR_INTERNAL, &format!("encoding the images failed: {e}")),
+        }
+    }
+}
+
+/// Concatenates several jobs' rows into one UNet batch.
+fn concat(parts: &[ModelRows]) -> ModelRows {
+    let cat = |f: &dyn Fn(&ModelRows) -> &Tensor| Tensor::cat(&parts.iter().map(f).collect::<Vec<_>>(), 0);
+    let class_labels = if parts.iter().all(|p| p.class_labels.is_some()) {
+        Some(Tensor::cat(&parts.iter().filter_map(|p| p.class_labels.as_ref()).collect::<Vec<_>>(), 0))
+    } else {
+        None
+    };
+    ModelRows { sample: cat(&|p| &p.sample), timesteps: cat(&|p| &p.timesteps), text: cat(&|p| &p.text), class_labels }
+}
+
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a libtorch call panicked".into())
+}

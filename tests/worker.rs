@@ -1,0 +1,174 @@
+//! The batching worker on the tiny fixture cascade: many different requests run
+//! together in far fewer UNet calls than alone, each image bit-identical to the
+//! same request run alone; cancellation; jobs left by a previous run resume.
+
+mod common;
+
+use std::ops::ControlFlow;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::fixture_dir;
+use diffusiond::diffusion::SamplerKind;
+use diffusiond::jobs::embedded::EmbeddedStore;
+use diffusiond::jobs::{event_channel, now_ms, JobId, JobQueue, JobRecord, JobStatus, JobStore};
+use diffusiond::nn::device::{DeviceSetting, Precision};
+use diffusiond::pipeline::{Cascade, GenerationRequest, LoadOptions, RequestSpec};
+use diffusiond::worker::{readiness_channel, spawn, EngineConfig, QueueLimits, Readiness, WorkerHandle, WorkerSettings};
+
+const CPU: LoadOptions = LoadOptions { device: DeviceSetting::Cpu, precision: Precision::F32 };
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("diffusiond-worker-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn start(store: Arc<dyn JobStore>, engine: EngineConfig) -> WorkerHandle {
+    let (tx, mut rx) = readiness_channel();
+    let settings = WorkerSettings {
+        model_dir: fixture_dir().join("cascade"),
+        load: CPU,
+        engine,
+        limits: QueueLimits { max_waiting_jobs: 64, retry_after_secs: 1 },
+        warmup: false,
+    };
+    let handle = spawn(settings, store, event_channel(), tx).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !rx.borrow_and_update().is_ready() {
+        if let Readiness::Failed(e) = &*rx.borrow() {
+            panic!("worker failed: {e}");
+        }
+        assert!(Instant::now() < deadline, "worker not ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    handle
+}
+
+fn wait_for(store: &dyn JobStore, ids: &[JobId]) -> Vec<JobRecord> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let records: Vec<JobRecord> = ids.iter().map(|id| store.get(*id).unwrap().unwrap()).collect();
+        if records.iter().all(|r| r.status.is_terminal()) {
+            return records;
+        }
+        assert!(Instant::now() < deadline, "jobs did not finish: {:?}", records.iter().map(|r| r.status).collect::<Vec<_>>());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Six different requests: steps, samplers, guidance, n, negative prompts, previews.
+fn requests(cascade: &Cascade) -> Vec<GenerationRequest> {
+    let base = RequestSpec { prompt: "a red circle on top of a blue square".into(), n: 1, ..Default::default() };
+    let specs = vec![
+        RequestSpec { seed: Some(1), ..base.clone() },
+        RequestSpec { seed: Some(2), n: 3, steps: Some(6), sampler: Some(SamplerKind::Ddim), eta: Some(0.5), ..base.clone() },
+        RequestSpec { seed: Some(3), guidance_scale: Some(7.5), negative_prompt: Some("green".into()), ..base.clone() },
+        RequestSpec { seed: Some(4), prompt: "two yellow stars".into(), sampler: Some(SamplerKind::DpmSolverPlusPlus), ..base.clone() },
+        RequestSpec { seed: Some(5), stages: Some(1), guidance_scale: Some(1.0), ..base.clone() },
+        RequestSpec { seed: Some(6), n: 2, steps: Some(3), ..base },
+    ];
+    specs.iter().map(|s| cascade.plan(s).unwrap()).collect()
+}
+
+#[test]
+fn concurrent_requests_share_unet_calls_and_match_running_alone() {
+    let cascade = Cascade::load(&fixture_dir().join("cascade"), &CPU).unwrap();
+    let requests = requests(&cascade);
+    // What each request gives alone, and how many UNet calls that takes.
+    let mut alone = Vec::new();
+    let mut sequential_calls = 0;
+    for r in &requests {
+        alone.push(cascade.generate(r, &mut |_| ControlFlow::Continue(())).unwrap());
+        sequential_calls += r.stages.iter().map(|s| cascade.stages[s.index].scheduler.timesteps(&s.sampler).unwrap().len()).sum::<usize>();
+    }
+
+    let dir = temp_dir("batch");
+    let store: Arc<dyn JobStore> = Arc::new(EmbeddedStore::open(&dir).unwrap());
+    let worker = start(store.clone(), EngineConfig::default());
+    let ids: Vec<JobId> = requests
+        .iter()
+        .map(|r| {
+            let job = JobRecord::new(JobId::new_v4(), None, r.clone(), now_ms());
+            store.create(&job).unwrap();
+            worker.queue.submit(job.id).unwrap();
+            job.id
+        })
+        .collect();
+    let records = wait_for(store.as_ref(), &ids);
+    for ((record, want), request) in records.iter().zip(&alone).zip(&requests) {
+        assert_eq!(record.status, JobStatus::Succeeded, "{:?}", record.error);
+        assert_eq!(record.images.len(), request.n);
+        for (i, image) in want.iter().enumerate() {
+            let png = store.image(record.id, i).unwrap().unwrap();
+            assert_eq!(png, image.png().unwrap(), "job {} image {i} differs from the request run alone", record.id);
+        }
+        assert_eq!(record.progress.as_ref().map(|p| p.fraction), Some(1.0));
+    }
+    let calls = worker.stats.unet_calls.load(Ordering::Relaxed);
+    println!("{} requests: {calls} batched UNet calls vs {sequential_calls} one at a time", requests.len());
+    assert!(calls * 2 < sequential_calls as u64, "{calls} calls is not far fewer than {sequential_calls}");
+    worker.queue.close();
+    worker.thread.join().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_running_job_can_be_canceled_and_others_finish() {
+    let cascade = Cascade::load(&fixture_dir().join("cascade"), &CPU).unwrap();
+    let spec = RequestSpec { prompt: "a star".into(), n: 1, seed: Some(9), steps: Some(400), ..Default::default() };
+    let long = cascade.plan(&spec).unwrap();
+    let short = cascade.plan(&RequestSpec { steps: Some(2), ..spec }).unwrap();
+    let dir = temp_dir("cancel");
+    let store: Arc<dyn JobStore> = Arc::new(EmbeddedStore::open(&dir).unwrap());
+    let worker = start(store.clone(), EngineConfig::default());
+    let a = JobRecord::new(JobId::new_v4(), None, long, now_ms());
+    let b = JobRecord::new(JobId::new_v4(), None, short, now_ms());
+    for job in [&a, &b] {
+        store.create(job).unwrap();
+        worker.queue.submit(job.id).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while store.get(a.id).unwrap().unwrap().status != JobStatus::Running {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    store.cancel(a.id, now_ms()).unwrap();
+    worker.queue.cancel(a.id);
+    let records = wait_for(store.as_ref(), &[a.id, b.id]);
+    assert_eq!(records[0].status, JobStatus::Canceled);
+    assert_eq!(records[1].status, JobStatus::Succeeded);
+    worker.queue.close();
+    worker.thread.join().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn jobs_left_queued_or_running_by_a_previous_run_resume() {
+    let cascade = Cascade::load(&fixture_dir().join("cascade"), &CPU).unwrap();
+    let request = cascade.plan(&RequestSpec { prompt: "a ring".into(), n: 2, seed: Some(77), ..Default::default() }).unwrap();
+    let want = cascade.generate(&request, &mut |_| ControlFlow::Continue(())).unwrap();
+    let dir = temp_dir("resume");
+    let ids = {
+        // A previous run accepted two jobs and had started one when it died.
+        let store = EmbeddedStore::open(&dir).unwrap();
+        let queued = JobRecord::new(JobId::new_v4(), None, request.clone(), now_ms());
+        let running = JobRecord::new(JobId::new_v4(), None, request.clone(), now_ms());
+        store.create(&queued).unwrap();
+        store.create(&running).unwrap();
+        store.start(running.id, now_ms()).unwrap();
+        vec![queued.id, running.id]
+    };
+    let store: Arc<dyn JobStore> = Arc::new(EmbeddedStore::open(&dir).unwrap());
+    let worker = start(store.clone(), EngineConfig::default());
+    let records = wait_for(store.as_ref(), &ids);
+    for record in &records {
+        assert_eq!(record.status, JobStatus::Succeeded);
+        assert_eq!(store.image(record.id, 1).unwrap().unwrap(), want[1].png().unwrap());
+    }
+    assert_eq!(records[1].attempts, 2, "the interrupted job was started a second time");
+    worker.queue.close();
+    worker.thread.join().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
