@@ -36,6 +36,8 @@ PINNED = [
     "numpy==2.4.6",
     "safetensors==0.8.0",
     "huggingface_hub==2.4.0",
+    # The official OpenAI client, for the test of the OpenAI-compatible endpoint.
+    "openai==3.57.0",
 ]
 OUT = ROOT / "tests" / "fixtures" / "diffusion"
 

@@ -1,6 +1,9 @@
 //! diffusiond: a text-to-image diffusion inference server.
+pub mod api;
 pub mod diffusion;
 pub mod jobs;
+pub mod metrics;
 pub mod nn;
 pub mod pipeline;
+pub mod server;
 pub mod worker;

@@ -34,7 +34,7 @@ fn start(store: Arc<dyn JobStore>, engine: EngineConfig) -> WorkerHandle {
         limits: QueueLimits { max_waiting_jobs: 64, retry_after_secs: 1 },
         warmup: false,
     };
-    let handle = spawn(settings, store, event_channel(), tx).unwrap();
+    let handle = spawn(settings, store, event_channel(), Arc::new(tx)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !rx.borrow_and_update().is_ready() {
         if let Readiness::Failed(e) = &*rx.borrow() {
@@ -61,7 +61,7 @@ fn wait_for(store: &dyn JobStore, ids: &[JobId]) -> Vec<JobRecord> {
 /// Six different requests: steps, samplers, guidance, n, negative prompts, previews.
 fn requests(cascade: &Cascade) -> Vec<GenerationRequest> {
     let base = RequestSpec { prompt: "a red circle on top of a blue square".into(), n: 1, ..Default::default() };
-    let specs = vec![
+    let specs = [
         RequestSpec { seed: Some(1), ..base.clone() },
         RequestSpec { seed: Some(2), n: 3, steps: Some(6), sampler: Some(SamplerKind::Ddim), eta: Some(0.5), ..base.clone() },
         RequestSpec { seed: Some(3), guidance_scale: Some(7.5), negative_prompt: Some("green".into()), ..base.clone() },

@@ -3,7 +3,9 @@
 mod env;
 mod generate;
 mod info;
+mod openapi;
 mod schedule;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +26,10 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Describe a cascade: encoder, stages, sizes, parameters, defaults.
     Info(info::InfoArgs),
+    /// Serve the HTTP API (sync and async generation, jobs, OpenAI-compatible endpoint).
+    Serve(serve::ServeArgs),
+    /// Print the HTTP API's OpenAPI document (JSON).
+    Openapi(openapi::OpenApiArgs),
 }
 
 impl Cli {
@@ -33,6 +39,8 @@ impl Cli {
             Command::Schedule(args) => schedule::run(args),
             Command::Generate(args) => generate::run(args),
             Command::Info(args) => info::run(args),
+            Command::Serve(args) => serve::run(args),
+            Command::Openapi(args) => openapi::run(args),
         }
     }
 }

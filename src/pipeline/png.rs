@@ -136,11 +136,12 @@ mod tests {
 
     #[test]
     fn converts_like_diffusers_and_round_trips_metadata() {
-        // -1 → 0, 1 → 255, 0 → round(127.5) = 128, out of range clamps.
+        // Channels [R, G, B] of two pixels: -1 → 0, 1 → 255, 0 → round(127.5) = 128,
+        // 0.5 → round(191.25) = 191, out of range clamps.
         let t = Tensor::from_slice(&[-1.0f32, 1.0, 0.0, 3.0, -2.0, 0.5]).view([1, 3, 1, 2]);
         let img = &to_rgb(&t).unwrap()[0];
-        assert_eq!(img.get_pixel(0, 0).0, [0, 128, 255]);
-        assert_eq!(img.get_pixel(1, 0).0, [255, 255, 0]);
+        assert_eq!(img.get_pixel(0, 0).0, [0, 128, 0]);
+        assert_eq!(img.get_pixel(1, 0).0, [255, 255, 191]);
 
         let record = ImageRecord {
             prompt: "a red circle — above a blue square".into(),

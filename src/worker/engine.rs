@@ -24,6 +24,7 @@ use lru::LruCache;
 use tch::Tensor;
 
 use super::queue::LocalQueue;
+use crate::metrics as m;
 use crate::jobs::{now_ms, EventSender, ImageInfo, JobError, JobEvent, JobId, JobProgress, JobRecord, JobStatus, JobStore};
 use crate::pipeline::denoise::{ModelRows, StageJob};
 use crate::pipeline::{Cascade, PipelineError};
@@ -141,6 +142,7 @@ impl Engine {
                 tracing::error!(job = %a.record.id, error = %e, "recording a cancellation failed");
             }
             tracing::info!(job = %a.record.id, "canceled while running");
+            metrics::counter!(m::JOBS, m::LABEL_STATUS => "canceled").increment(1);
             self.emit(JobEvent::Finished { id: a.record.id, status: JobStatus::Canceled });
         }
     }
@@ -229,6 +231,7 @@ impl Engine {
 
     fn fail(&self, id: JobId, kind: &str, message: &str) {
         tracing::warn!(job = %id, kind, message, "job failed");
+        metrics::counter!(m::JOBS, m::LABEL_STATUS => "failed").increment(1);
         let error = JobError { kind: kind.to_owned(), message: message.to_owned() };
         if let Err(e) = self.store.fail(id, &error, now_ms()) {
             tracing::error!(job = %id, error = %e, "recording a failure failed");
@@ -293,6 +296,9 @@ impl Engine {
         };
         self.stats.unet_calls.fetch_add(1, Ordering::Relaxed);
         self.stats.unet_rows.fetch_add(batch.sample.size()[0] as u64, Ordering::Relaxed);
+        let stage_name = self.cascade.stages[stage].name.clone();
+        metrics::histogram!(m::BATCH_ROWS).record(batch.sample.size()[0] as f64);
+        metrics::histogram!(m::STEP_SECONDS, m::LABEL_STAGE => stage_name).record(started.elapsed().as_secs_f64());
         tracing::debug!(stage, jobs = members.len(), rows = batch.sample.size()[0], ms = started.elapsed().as_secs_f64() * 1e3, "unet call");
         let mut offset = 0;
         members
@@ -387,6 +393,13 @@ impl Engine {
             Ok(images) => match self.store.complete(id, &images, now_ms()) {
                 Ok(_) => {
                     self.stats.jobs_finished.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(m::JOBS, m::LABEL_STATUS => "succeeded").increment(1);
+                    metrics::counter!(m::IMAGES_GENERATED).increment(images.len() as u64);
+                    let record = &a.record;
+                    if let Some(started) = self.store.get(id).ok().flatten().and_then(|r| r.started_at) {
+                        metrics::histogram!(m::QUEUE_SECONDS).record((started - record.created_at).max(0) as f64 / 1e3);
+                        metrics::histogram!(m::COMPUTE_SECONDS).record((now_ms() - started).max(0) as f64 / 1e3);
+                    }
                     tracing::info!(job = %id, images = images.len(), "succeeded");
                     self.emit(JobEvent::Finished { id, status: JobStatus::Succeeded });
                 }

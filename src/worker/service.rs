@@ -46,7 +46,7 @@ fn warm_up(cascade: &Cascade) -> Result<(), crate::pipeline::PipelineError> {
 }
 
 /// Spawns the compute thread.
-pub fn spawn(settings: WorkerSettings, store: Arc<dyn JobStore>, events: EventSender, readiness: ReadinessSender) -> std::io::Result<WorkerHandle> {
+pub fn spawn(settings: WorkerSettings, store: Arc<dyn JobStore>, events: EventSender, readiness: Arc<ReadinessSender>) -> std::io::Result<WorkerHandle> {
     let queue = Arc::new(LocalQueue::new(settings.limits));
     let stats = Arc::new(EngineStats::default());
     let (q, s) = (queue.clone(), stats.clone());

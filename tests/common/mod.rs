@@ -55,7 +55,7 @@ pub fn run_guided(sampler: &mut dyn Sampler, x_t: &Tensor, run: &GuidedRun, nois
         let guided = classifier_free(&out, run.scales, channels)?;
         x = sampler.step(&guided, &x, noise)?.prev_sample;
         let k = sampler.step_index();
-        if k % run.save_every == 0 || k == total {
+        if k.is_multiple_of(run.save_every) || k == total {
             trajectory.push(x.copy());
         }
     }

@@ -1,0 +1,60 @@
+//! The HTTP API: axum routes over the `JobStore` and `JobQueue` traits, never
+//! the compute side itself (TGI's router/backend split), so tests run the whole
+//! router against in-memory fakes.
+//!
+//! | file | owns |
+//! |---|---|
+//! | `state` | `AppState` (store, queue, events, readiness, config, metrics) and `ApiConfig` |
+//! | `errors` | `ApiError`: the one mapping to status + JSON (native and OpenAI envelopes) |
+//! | `extract` | the JSON body extractor (415/413/422 naming the field), job path params |
+//! | `schemas` | wire types: raw requests, job/info documents, OpenAI types |
+//! | `auth` | optional bearer API keys, owner fingerprints, job visibility |
+//! | `admit` | validate → check capacity → store → queue |
+//! | `sync` | waiting for a job's end, cancel-on-disconnect, fetching images |
+//! | `sse` | a job's Server-Sent Events stream |
+//! | `observe` | `x-request-id`, request spans, the request counter |
+//! | `handlers` | one file per resource |
+//! | `openapi` | the OpenAPI document (served at `/openapi.json`, UI at `/docs`) |
+
+pub mod admit;
+pub mod auth;
+pub mod errors;
+pub mod extract;
+pub mod handlers;
+pub mod observe;
+pub mod openapi;
+pub mod schemas;
+pub mod sse;
+pub mod state;
+pub mod sync;
+
+use axum::extract::DefaultBodyLimit;
+use axum::middleware;
+use axum::Router;
+use tower::ServiceBuilder;
+use utoipa_swagger_ui::SwaggerUi;
+
+pub use errors::ApiError;
+pub use state::{ApiConfig, AppState};
+
+/// The whole HTTP API over `state`: every route, `/openapi.json`, the Swagger UI
+/// at `/docs` (assets built into the binary), and the request-id, tracing,
+/// metrics and body-limit layers.
+pub fn router(state: AppState) -> Router {
+    let (protected, _) = openapi::protected_routes().route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key)).split_for_parts();
+    let (public, _) = openapi::public_routes().split_for_parts();
+    // `ServiceBuilder` applies its layers top to bottom: the request id exists
+    // before the span that records it, and the response gets it last.
+    let observability = ServiceBuilder::new()
+        .layer(observe::set_request_id())
+        .layer(observe::trace())
+        .layer(observe::propagate_request_id())
+        .layer(middleware::from_fn(observe::count_requests));
+    Router::new()
+        .merge(protected)
+        .merge(public)
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::openapi()))
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(observability)
+        .with_state(state)
+}

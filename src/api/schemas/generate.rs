@@ -1,0 +1,198 @@
+//! The generate request as clients send it (`POST /generate`, `PUT /jobs/{id}`)
+//! and its conversion into the pipeline's `RequestSpec`, plus the sync result.
+//!
+//! Raw vs validated (TGI's `router/src/validation.rs`): this type has optional
+//! fields and rejects unknown ones; it never reaches the queue. `to_spec`
+//! resolves what only the API knows (`size` → how many stages run, the server's
+//! image limit) and `pipeline::plan` checks the rest against the cascade.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::api::errors::ApiError;
+use crate::diffusion::SamplerKind;
+use crate::pipeline::{CascadeInfo, RequestSpec, StageOverride};
+
+/// A sampler, by its API name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+pub enum Sampler {
+    #[serde(rename = "ddpm")]
+    Ddpm,
+    #[serde(rename = "ddim")]
+    Ddim,
+    #[serde(rename = "dpmsolver++")]
+    DpmSolverPlusPlus,
+}
+
+impl From<Sampler> for SamplerKind {
+    fn from(s: Sampler) -> Self {
+        match s {
+            Sampler::Ddpm => Self::Ddpm,
+            Sampler::Ddim => Self::Ddim,
+            Sampler::DpmSolverPlusPlus => Self::DpmSolverPlusPlus,
+        }
+    }
+}
+
+/// Settings for one stage, overriding the request-wide ones and the stage's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StageOverrideBody {
+    /// Index of the stage in the cascade (0 = base; see `GET /info`).
+    pub stage: usize,
+    pub sampler: Option<Sampler>,
+    #[schema(minimum = 1)]
+    pub steps: Option<usize>,
+    #[schema(minimum = 0.0, maximum = 50.0)]
+    pub guidance_scale: Option<f32>,
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    pub eta: Option<f64>,
+    /// Noise augmentation of the conditioning image (super-resolution stages only).
+    #[schema(minimum = 0)]
+    pub noise_level: Option<i64>,
+}
+
+/// A generation request. Unset fields take the cascade's defaults (`GET /info`).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateBody {
+    /// What to draw.
+    #[schema(example = "a red circle on top of a blue square")]
+    pub prompt: String,
+    /// What to steer away from (replaces the empty prompt in classifier-free guidance).
+    pub negative_prompt: Option<String>,
+    /// Images to generate (default 1).
+    #[schema(minimum = 1, maximum = 8)]
+    pub n: Option<usize>,
+    /// Output size `WxH`: one of the sizes the cascade's stages produce. It picks
+    /// how many stages run (the base stage's size stops after the base stage).
+    #[schema(example = "64x64")]
+    pub size: Option<String>,
+    /// Image i uses seed + i; random when unset.
+    pub seed: Option<u64>,
+    /// Every stage's sampler unless overridden.
+    pub sampler: Option<Sampler>,
+    /// DDIM's η for every stage unless overridden.
+    #[schema(minimum = 0.0, maximum = 1.0)]
+    pub eta: Option<f64>,
+    /// The base stage's steps.
+    #[schema(minimum = 1)]
+    pub steps: Option<usize>,
+    /// The base stage's classifier-free guidance scale.
+    #[schema(minimum = 0.0, maximum = 50.0)]
+    pub guidance_scale: Option<f32>,
+    /// Run only the first k stages (an alternative to `size`).
+    #[schema(minimum = 1)]
+    pub stages: Option<usize>,
+    /// Per-stage settings, by stage index; a later entry for the same stage wins.
+    #[serde(default)]
+    pub stage_overrides: Vec<StageOverrideBody>,
+}
+
+/// `(height, width)` as the API writes sizes: `WxH`.
+pub fn format_size((h, w): (i64, i64)) -> String {
+    format!("{w}x{h}")
+}
+
+fn parse_size(s: &str) -> Option<(i64, i64)> {
+    let (w, h) = s.trim().split_once(['x', 'X'])?;
+    Some((h.trim().parse().ok()?, w.trim().parse().ok()?))
+}
+
+impl GenerateBody {
+    /// The pipeline's view of this request, with what only the API checks done:
+    /// `n` against the server's limit, `size` against the cascade's stage sizes.
+    pub fn to_spec(&self, info: &CascadeInfo, max_images: usize) -> Result<RequestSpec, ApiError> {
+        let n = self.n.unwrap_or(1);
+        if !(1..=max_images).contains(&n) {
+            return Err(ApiError::invalid("n", format!("{n} is outside 1..={max_images}")));
+        }
+        let stages = match (&self.size, self.stages) {
+            (None, stages) => stages,
+            (Some(size), stages) => {
+                let k = stages_for_size(size, info)?;
+                if stages.is_some_and(|s| s != k) {
+                    return Err(ApiError::invalid("stages", format!("size {size} is produced by stage {k}, not {}", stages.unwrap_or(k))));
+                }
+                Some(k)
+            }
+        };
+        Ok(RequestSpec {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            n,
+            seed: self.seed,
+            sampler: self.sampler.map(Into::into),
+            eta: self.eta,
+            steps: self.steps,
+            guidance_scale: self.guidance_scale,
+            stage_overrides: self
+                .stage_overrides
+                .iter()
+                .map(|o| {
+                    let over = StageOverride {
+                        sampler: o.sampler.map(Into::into),
+                        steps: o.steps,
+                        guidance_scale: o.guidance_scale,
+                        eta: o.eta,
+                        noise_level: o.noise_level,
+                    };
+                    (o.stage, over)
+                })
+                .collect(),
+            stages,
+        })
+    }
+}
+
+/// How many stages run to produce `size`; a 422 listing the sizes otherwise.
+fn stages_for_size(size: &str, info: &CascadeInfo) -> Result<usize, ApiError> {
+    let wanted = parse_size(size);
+    match info.stages.iter().position(|(limits, _)| Some(limits.size) == wanted) {
+        Some(i) => Ok(i + 1),
+        None => {
+            let allowed: Vec<String> = info.stages.iter().map(|(l, _)| format_size(l.size)).collect();
+            Err(ApiError::invalid("size", format!("`{size}` is not one of {} (WxH)", allowed.join(", "))))
+        }
+    }
+}
+
+/// One image of a sync result.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ResultImage {
+    pub index: usize,
+    pub seed: u64,
+    /// The PNG, base64 (standard alphabet, padded).
+    pub b64_json: String,
+}
+
+/// Where a sync job's time went, in milliseconds.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Timings {
+    /// Creation to start.
+    pub queue_ms: i64,
+    /// Start to completion.
+    pub compute_ms: i64,
+}
+
+/// The body of a successful sync `POST /generate`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct GenerateResult {
+    pub id: uuid::Uuid,
+    pub images: Vec<ResultImage>,
+    pub timings: Timings,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_width_by_height() {
+        assert_eq!(parse_size("64x32"), Some((32, 64)));
+        assert_eq!(parse_size(" 8X8 "), Some((8, 8)));
+        assert_eq!(parse_size("64"), None);
+        assert_eq!(parse_size("ax1"), None);
+        assert_eq!(format_size((32, 64)), "64x32");
+    }
+}

@@ -1,0 +1,115 @@
+//! `diffusiond serve`: the HTTP server. Every setting is a flag with an
+//! environment variable and a default (one config struct, `main.rs` stays thin).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use diffusiond::api::ApiConfig;
+use diffusiond::server::{self, ServerConfig};
+use diffusiond::worker::{EngineConfig, QueueLimits};
+
+use super::generate::ModelArgs;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, env = "DIFFUSIOND_BIND", default_value = "127.0.0.1:8080")]
+    pub bind: SocketAddr,
+    /// Where jobs and their images persist (SQLite).
+    #[arg(long, env = "DIFFUSIOND_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+    /// Accepted bearer tokens, comma-separated; none: no authentication.
+    #[arg(long, env = "DIFFUSIOND_API_KEYS", value_delimiter = ',')]
+    pub api_keys: Vec<String>,
+    /// Most UNet rows in one call (guided images count twice).
+    #[arg(long, env = "DIFFUSIOND_MAX_BATCH_ROWS", default_value_t = 32)]
+    pub max_batch_rows: usize,
+    /// Most jobs running at once.
+    #[arg(long, env = "DIFFUSIOND_MAX_ACTIVE_JOBS", default_value_t = 16)]
+    pub max_active_jobs: usize,
+    /// Jobs that may wait before new ones get 429.
+    #[arg(long, env = "DIFFUSIOND_MAX_QUEUE", default_value_t = 256)]
+    pub max_queue: usize,
+    /// Most images per request.
+    #[arg(long, env = "DIFFUSIOND_MAX_IMAGES", default_value_t = 8)]
+    pub max_images: usize,
+    /// Seconds a sync request waits for its images.
+    #[arg(long, env = "DIFFUSIOND_SYNC_TIMEOUT", default_value_t = 300)]
+    pub sync_timeout: u64,
+    /// Seconds to finish running work after SIGTERM/SIGINT.
+    #[arg(long, env = "DIFFUSIOND_DRAIN_TIMEOUT", default_value_t = 30)]
+    pub drain_timeout: u64,
+    /// Hours finished jobs and images are kept.
+    #[arg(long, env = "DIFFUSIOND_RETENTION_HOURS", default_value_t = 24)]
+    pub retention_hours: u64,
+    /// Skip the warm-up generation before reporting ready.
+    #[arg(long, env = "DIFFUSIOND_NO_WARMUP")]
+    pub no_warmup: bool,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "DIFFUSIOND_LOG_JSON")]
+    pub log_json: bool,
+}
+
+impl ServeArgs {
+    fn config(&self) -> ServerConfig {
+        let mut api = ApiConfig::new(self.api_keys.iter().filter(|k| !k.is_empty()).cloned().collect());
+        api.max_images = self.max_images;
+        api.sync_timeout = Duration::from_secs(self.sync_timeout);
+        ServerConfig {
+            bind: self.bind,
+            model_dir: self.model.model.clone(),
+            data_dir: self.data_dir.clone(),
+            load: diffusiond::pipeline::LoadOptions { device: self.model.device, precision: self.model.precision },
+            engine: EngineConfig { max_batch_rows: self.max_batch_rows, max_active_jobs: self.max_active_jobs, ..Default::default() },
+            limits: QueueLimits { max_waiting_jobs: self.max_queue, retry_after_secs: 5 },
+            api,
+            warmup: !self.no_warmup,
+            drain_timeout: Duration::from_secs(self.drain_timeout),
+            retention: Duration::from_secs(self.retention_hours * 3600),
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging(args.log_json);
+    let config = args.config();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let server = server::start(config).await?;
+        let stop = server.stopper();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("signal received");
+            let _ = stop.send(true);
+        });
+        server.wait().await
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
