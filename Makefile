@@ -10,9 +10,10 @@ CARGO ?= cargo
 # Two cores: more parallel rustc jobs only thrash memory.
 CARGO_FLAGS ?= --locked
 
-.PHONY: help venv build test fixtures refenv bench
+.PHONY: help venv build test fixtures refenv bench serve
 
 help:
+	@echo "make serve     start the server on 127.0.0.1:8080 (MODEL=dir picks the cascade)"
 	@echo "make test      build and run the whole test suite (installs torch into $(VENV) first)"
 	@echo "make build     release build of the diffusiond binary"
 	@echo "make fixtures  regenerate the diffusers parity fixtures under tests/fixtures"
@@ -32,6 +33,16 @@ $(TORCH_STAMP):
 
 build: venv
 	$(CARGO) build $(CARGO_FLAGS) --release
+
+# The shipped default cascade lives in models/default once it is trained; until
+# then name another one, e.g. `make serve MODEL=tests/fixtures/cascade` (tiny,
+# random weights: it answers every request, with noise).
+MODEL ?= models/default
+BIND ?= 127.0.0.1:8080
+DATA_DIR ?= data
+serve: venv encoder
+	@test -f $(MODEL)/cascade.json || { echo "no cascade at $(MODEL) (missing $(MODEL)/cascade.json); try: make serve MODEL=tests/fixtures/cascade"; exit 2; }
+	$(CARGO) run $(CARGO_FLAGS) --release -- serve --model $(MODEL) --bind $(BIND) --data-dir $(DATA_DIR)
 
 test: venv encoder refenv
 	$(CARGO) test $(CARGO_FLAGS)

@@ -13,7 +13,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use tower_http::classify::{ServerErrorsAsFailures, SharedClassifier};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::{DefaultOnRequest, DefaultOnResponse, MakeSpan, TraceLayer};
+use tower_http::trace::{DefaultOnBodyChunk, DefaultOnEos, DefaultOnRequest, DefaultOnResponse, MakeSpan, TraceLayer};
 use tracing::Level;
 
 use crate::metrics::{HTTP_REQUESTS, LABEL_ROUTE, LABEL_STATUS};
@@ -43,11 +43,15 @@ impl<B> MakeSpan<B> for RequestSpan {
     }
 }
 
-pub fn trace() -> TraceLayer<SharedClassifier<ServerErrorsAsFailures>, RequestSpan> {
+/// The request span and a response log line. Failures are not logged here:
+/// `errors.rs` logs each refusal or internal error once, with its cause (a 503
+/// while models load is not an ERROR).
+pub fn trace() -> TraceLayer<SharedClassifier<ServerErrorsAsFailures>, RequestSpan, DefaultOnRequest, DefaultOnResponse, DefaultOnBodyChunk, DefaultOnEos, ()> {
     TraceLayer::new_for_http()
         .make_span_with(RequestSpan)
         .on_request(DefaultOnRequest::new().level(Level::DEBUG))
         .on_response(DefaultOnResponse::new().level(Level::INFO))
+        .on_failure(())
 }
 
 /// Counts every answered request by route template and status.

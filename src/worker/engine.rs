@@ -63,6 +63,10 @@ pub struct EngineStats {
     pub unet_calls: AtomicU64,
     pub unet_rows: AtomicU64,
     pub jobs_finished: AtomicU64,
+    /// Time spent in UNet calls and in sampler steps (the model's share of the work).
+    pub compute_nanos: AtomicU64,
+    /// Time spent writing progress and results to the store.
+    pub store_nanos: AtomicU64,
 }
 
 /// One running job.
@@ -286,8 +290,8 @@ impl Engine {
                 Err(e) => return members.iter().map(|_| Err(e.to_string())).collect(),
             }
         }
-        let batch = concat(&inputs);
         let started = Instant::now();
+        let batch = concat(&inputs);
         let out = std::panic::catch_unwind(AssertUnwindSafe(|| self.cascade.forward(&self.cascade.stages[stage], &batch)));
         let out = match out {
             Ok(Ok(out)) => out,
@@ -301,7 +305,7 @@ impl Engine {
         metrics::histogram!(m::STEP_SECONDS, m::LABEL_STAGE => stage_name).record(started.elapsed().as_secs_f64());
         tracing::debug!(stage, jobs = members.len(), rows = batch.sample.size()[0], ms = started.elapsed().as_secs_f64() * 1e3, "unet call");
         let mut offset = 0;
-        members
+        let outcomes = members
             .iter()
             .zip(&inputs)
             .map(|(&i, rows)| {
@@ -313,7 +317,9 @@ impl Engine {
                     .map_err(panic_message)
                     .and_then(|r| r.map_err(|e| e.to_string()))
             })
-            .collect()
+            .collect();
+        self.stats.compute_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        outcomes
     }
 
     fn retry_or_fail(&mut self, stage: usize, members: &[usize], message: String) -> Vec<Result<(), String>> {
@@ -348,7 +354,10 @@ impl Engine {
         self.emit(JobEvent::Progress { id, progress: progress.clone() });
         let stage_done = self.active[i].job.is_done();
         if stage_done || self.active[i].last_write.elapsed() >= self.config.progress_interval {
-            if let Err(e) = self.store.set_progress(id, &progress) {
+            let t = Instant::now();
+            let written = self.store.set_progress(id, &progress);
+            self.stats.store_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            if let Err(e) = written {
                 tracing::warn!(job = %id, error = %e, "writing progress failed");
             }
             self.active[i].last_write = Instant::now();
@@ -390,7 +399,12 @@ impl Engine {
                 .collect::<Result<Vec<_>, PipelineError>>()
         });
         match encoded {
-            Ok(images) => match self.store.complete(id, &images, now_ms()) {
+            Ok(images) => match {
+                let t = Instant::now();
+                let done = self.store.complete(id, &images, now_ms());
+                self.stats.store_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                done
+            } {
                 Ok(_) => {
                     self.stats.jobs_finished.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!(m::JOBS, m::LABEL_STATUS => "succeeded").increment(1);
