@@ -282,28 +282,32 @@ impl Engine {
 
     /// Runs the UNet on the rows of `members` (indices into `active`) and
     /// advances each; on out-of-memory, splits the batch and retries.
-    fn run_rows(&mut self, stage: usize, members: &[usize]) -> Vec<Result<(), String>> {
+    fn run_rows(&mut self, stage: usize, members: &[usize]) -> Outcomes {
+        split_on_oom(members, &mut |part| self.call(stage, part))
+    }
+
+    /// One UNet call over `members`' rows, then each job's sampler step. `Err` is
+    /// the call itself failing (for every member); per-job step errors are inside.
+    fn call(&mut self, stage: usize, members: &[usize]) -> Result<Outcomes, String> {
         let mut inputs = Vec::with_capacity(members.len());
         for &i in members {
-            match self.active[i].job.model_input() {
-                Ok(rows) => inputs.push(rows),
-                Err(e) => return members.iter().map(|_| Err(e.to_string())).collect(),
-            }
+            inputs.push(self.active[i].job.model_input().map_err(|e| e.to_string())?);
         }
         let started = Instant::now();
         let batch = concat(&inputs);
         let out = std::panic::catch_unwind(AssertUnwindSafe(|| self.cascade.forward(&self.cascade.stages[stage], &batch)));
         let out = match out {
             Ok(Ok(out)) => out,
-            Ok(Err(e)) => return self.retry_or_fail(stage, members, e.to_string()),
-            Err(panic) => return self.retry_or_fail(stage, members, panic_message(panic)),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(panic) => return Err(panic_message(panic)),
         };
+        let rows = batch.sample.size()[0];
         self.stats.unet_calls.fetch_add(1, Ordering::Relaxed);
-        self.stats.unet_rows.fetch_add(batch.sample.size()[0] as u64, Ordering::Relaxed);
+        self.stats.unet_rows.fetch_add(rows as u64, Ordering::Relaxed);
         let stage_name = self.cascade.stages[stage].name.clone();
-        metrics::histogram!(m::BATCH_ROWS).record(batch.sample.size()[0] as f64);
+        metrics::histogram!(m::BATCH_ROWS).record(rows as f64);
         metrics::histogram!(m::STEP_SECONDS, m::LABEL_STAGE => stage_name).record(started.elapsed().as_secs_f64());
-        tracing::debug!(stage, jobs = members.len(), rows = batch.sample.size()[0], ms = started.elapsed().as_secs_f64() * 1e3, "unet call");
+        tracing::debug!(stage, jobs = members.len(), rows, ms = started.elapsed().as_secs_f64() * 1e3, "unet call");
         let mut offset = 0;
         let outcomes = members
             .iter()
@@ -319,20 +323,7 @@ impl Engine {
             })
             .collect();
         self.stats.compute_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        outcomes
-    }
-
-    fn retry_or_fail(&mut self, stage: usize, members: &[usize], message: String) -> Vec<Result<(), String>> {
-        if members.len() > 1 && message.contains("out of memory") {
-            tracing::warn!(stage, jobs = members.len(), "out of memory: splitting the batch");
-            let (a, b) = members.split_at(members.len() / 2);
-            let mut out = self.run_rows(stage, a);
-            out.extend(self.run_rows(stage, b));
-            return out;
-        }
-        tracing::error!(stage, jobs = members.len(), %message, "UNet call failed");
-        // Clients get a stable type; the details stay in the log.
-        members.iter().map(|_| Err("the model failed on this batch".to_owned())).collect()
+        Ok(outcomes)
     }
 
     /// Progress, stage changes and completion for running job `i` after a step.
@@ -398,31 +389,49 @@ impl Engine {
                 })
                 .collect::<Result<Vec<_>, PipelineError>>()
         });
-        match encoded {
-            Ok(images) => match {
-                let t = Instant::now();
-                let done = self.store.complete(id, &images, now_ms());
-                self.stats.store_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                done
-            } {
-                Ok(_) => {
-                    self.stats.jobs_finished.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!(m::JOBS, m::LABEL_STATUS => "succeeded").increment(1);
-                    metrics::counter!(m::IMAGES_GENERATED).increment(images.len() as u64);
-                    let record = &a.record;
-                    if let Some(started) = self.store.get(id).ok().flatten().and_then(|r| r.started_at) {
-                        metrics::histogram!(m::QUEUE_SECONDS).record((started - record.created_at).max(0) as f64 / 1e3);
-                        metrics::histogram!(m::COMPUTE_SECONDS).record((now_ms() - started).max(0) as f64 / 1e3);
-                    }
-                    tracing::info!(job = %id, images = images.len(), "succeeded");
-                    self.emit(JobEvent::Finished { id, status: JobStatus::Succeeded });
-                }
-                Err(e) => {
-                    tracing::error!(job = %id, error = %e, "storing the result failed");
-                    self.fail(id, ERR_INTERNAL, "storing the result failed");
-                }
-            },
-            Err(e) => self.fail(id, ERR_INTERNAL, &format!("encoding the images failed: {e}")),
+        let images = match encoded {
+            Ok(images) => images,
+            Err(e) => return self.fail(id, ERR_INTERNAL, &format!("encoding the images failed: {e}")),
+        };
+        let t = Instant::now();
+        let stored = self.store.complete(id, &images, now_ms());
+        self.stats.store_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if let Err(e) = stored {
+            tracing::error!(job = %id, error = %e, "storing the result failed");
+            return self.fail(id, ERR_INTERNAL, "storing the result failed");
+        }
+        self.stats.jobs_finished.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::JOBS, m::LABEL_STATUS => "succeeded").increment(1);
+        metrics::counter!(m::IMAGES_GENERATED).increment(images.len() as u64);
+        if let Some(started) = self.store.get(id).ok().flatten().and_then(|r| r.started_at) {
+            metrics::histogram!(m::QUEUE_SECONDS).record((started - a.record.created_at).max(0) as f64 / 1e3);
+            metrics::histogram!(m::COMPUTE_SECONDS).record((now_ms() - started).max(0) as f64 / 1e3);
+        }
+        tracing::info!(job = %id, images = images.len(), "succeeded");
+        self.emit(JobEvent::Finished { id, status: JobStatus::Succeeded });
+    }
+}
+
+/// Calls `call` on all of `members`; when it runs out of memory and there is
+/// more than one member, retries each half (recursively) instead of failing the
+/// jobs. Any other failure fails every member of that call (details go to the
+/// log; clients get a stable message).
+/// Each job's outcome of one step.
+type Outcomes = Vec<Result<(), String>>;
+
+fn split_on_oom(members: &[usize], call: &mut dyn FnMut(&[usize]) -> Result<Outcomes, String>) -> Outcomes {
+    match call(members) {
+        Ok(outcomes) => outcomes,
+        Err(message) if members.len() > 1 && message.contains("out of memory") => {
+            tracing::warn!(jobs = members.len(), "out of memory: splitting the batch");
+            let (a, b) = members.split_at(members.len() / 2);
+            let mut outcomes = split_on_oom(a, call);
+            outcomes.extend(split_on_oom(b, call));
+            outcomes
+        }
+        Err(message) => {
+            tracing::error!(jobs = members.len(), %message, "UNet call failed");
+            members.iter().map(|_| Err("the model failed on this batch".to_owned())).collect()
         }
     }
 }
@@ -444,4 +453,35 @@ fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
         .cloned()
         .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
         .unwrap_or_else(|| "a libtorch call panicked".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_on_oom;
+
+    #[test]
+    fn out_of_memory_splits_the_batch_until_it_fits() {
+        let mut calls = Vec::new();
+        let mut call = |part: &[usize]| {
+            calls.push(part.to_vec());
+            if part.len() > 2 {
+                Err("CUDA out of memory. Tried to allocate 2.00 GiB".to_owned())
+            } else {
+                Ok(part.iter().map(|_| Ok(())).collect())
+            }
+        };
+        let outcomes = split_on_oom(&[0, 1, 2, 3, 4], &mut call);
+        assert_eq!(outcomes.len(), 5);
+        assert!(outcomes.iter().all(Result::is_ok));
+        assert_eq!(calls, vec![vec![0, 1, 2, 3, 4], vec![0, 1], vec![2, 3, 4], vec![2], vec![3, 4]]);
+    }
+
+    #[test]
+    fn other_failures_and_a_single_job_out_of_memory_fail_without_internals() {
+        let outcomes = split_on_oom(&[7, 8], &mut |_| Err("shape mismatch in aten::cat".to_owned()));
+        assert_eq!(outcomes, vec![Err("the model failed on this batch".to_owned()); 2]);
+        let outcomes = split_on_oom(&[7], &mut |_| Err("CUDA out of memory".to_owned()));
+        assert_eq!(outcomes.len(), 1);
+        assert!(outcomes[0].is_err());
+    }
 }
