@@ -12,7 +12,6 @@ use std::ops::ControlFlow;
 use common::{fixture_dir, load_json, load_tensors};
 use diffusiond::diffusion::{BatchNoise, NoiseSource, ReplayNoise};
 use diffusiond::nn::device::{DeviceSetting, Precision};
-use diffusiond::pipeline::denoise::{JobInputs, StageJob};
 use diffusiond::pipeline::{Cascade, LoadOptions, RequestSpec};
 use tch::{Cuda, Device, Tensor};
 
@@ -36,15 +35,10 @@ fn stage_errors(precision: Precision) -> (f64, f64) {
     let prompt = meta["prompt"].as_str().unwrap();
     let (cond, uncond) = cascade.text_embeddings(prompt, None, n).unwrap();
     let request = cascade.plan(&RequestSpec { prompt: prompt.into(), n: n as usize, seed: Some(0), ..Default::default() }).unwrap();
+    let text = (cond.narrow(0, 0, 1), uncond.narrow(0, 0, 1));
     let run = |stage: usize, low_res: Option<&Tensor>, noise: BatchNoise| {
-        let plan = &request.stages[stage];
-        let inputs = JobInputs { cond: &cond, uncond: &uncond, guidance_scale: plan.guidance_scale, sampler: &plan.sampler, low_res, noise_level: plan.noise_level };
-        let st = &cascade.stages[stage];
-        let mut job = StageJob::new(st, &inputs, noise).unwrap();
-        while !job.is_done() {
-            let out = cascade.forward(st, &job.model_input().unwrap()).unwrap();
-            job.advance(&out).unwrap();
-        }
+        let mut job = cascade.start_stage_with(&request, stage, (&text.0, &text.1), low_res, noise).unwrap();
+        cascade.run_job(&cascade.stages[stage], &mut job, &mut |_, _| ControlFlow::Continue(())).unwrap();
         job.sample().to_device(Device::Cpu)
     };
     let e1 = (run(0, None, replay(&draws[..split], n)) - &refs["stage1"]).abs().max().double_value(&[]);

@@ -4,10 +4,11 @@
 
 mod common;
 
+use std::ops::ControlFlow;
+
 use common::{fixture_dir, load_json, load_tensors, relative_error};
 use diffusiond::diffusion::{BatchNoise, NoiseSource, ReplayNoise};
 use diffusiond::nn::device::{DeviceSetting, Precision};
-use diffusiond::pipeline::denoise::{JobInputs, StageJob};
 use diffusiond::pipeline::{Cascade, LoadOptions, RequestSpec};
 use tch::Tensor;
 
@@ -45,22 +46,10 @@ fn stages_match_diffusers_if_pipelines() {
     assert!(text_err <= 1e-4, "{text_err:e}");
 
     let request = cascade.plan(&RequestSpec { prompt: prompt.into(), n: n as usize, seed: Some(0), ..Default::default() }).unwrap();
+    let text = (cond.narrow(0, 0, 1), uncond.narrow(0, 0, 1));
     let run = |stage: usize, low_res: Option<&Tensor>, noise: BatchNoise| {
-        let plan = &request.stages[stage];
-        let inputs = JobInputs {
-            cond: &cond,
-            uncond: &uncond,
-            guidance_scale: plan.guidance_scale,
-            sampler: &plan.sampler,
-            low_res,
-            noise_level: plan.noise_level,
-        };
-        let st = &cascade.stages[stage];
-        let mut job = StageJob::new(st, &inputs, noise).unwrap();
-        while !job.is_done() {
-            let out = cascade.forward(st, &job.model_input().unwrap()).unwrap();
-            job.advance(&out).unwrap();
-        }
+        let mut job = cascade.start_stage_with(&request, stage, (&text.0, &text.1), low_res, noise).unwrap();
+        cascade.run_job(&cascade.stages[stage], &mut job, &mut |_, _| ControlFlow::Continue(())).unwrap();
         job.sample().shallow_clone()
     };
 

@@ -7,11 +7,11 @@
 //!
 //! Error measure, as in text_parity.rs: max |ours − reference| / max |reference|.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+mod common;
 
-use diffusiond::nn::text::{TextEncoder, TextEncoderOptions};
-use diffusiond::nn::weights;
+use std::path::Path;
+
+use common::text::{fixtures, load, prompts, reference};
 use tch::{Cuda, Device, Kind, Tensor};
 
 /// Bounds per kind: f32 differs from the CPU only by kernel order; f16 keeps
@@ -24,24 +24,9 @@ fn gpu() -> Device {
     Device::Cuda(0)
 }
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/text")
-}
 
-fn reference() -> BTreeMap<String, Tensor> {
-    weights::read_all(&fixtures().join("reference.safetensors")).expect("reference.safetensors")
-}
 
-fn prompts() -> Vec<String> {
-    let text = std::fs::read_to_string(fixtures().join("reference.json")).expect("reference.json");
-    let meta: serde_json::Value = serde_json::from_str(&text).expect("reference.json is JSON");
-    meta["prompts"].as_array().expect("prompts").iter().map(|p| p.as_str().expect("a string").to_owned()).collect()
-}
 
-fn load(dir: &Path, max_length: Option<usize>) -> TextEncoder {
-    let options = TextEncoderOptions { max_length, ..Default::default() };
-    TextEncoder::load(dir, &options).unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
-}
 
 fn relative_error(ours: &Tensor, theirs: &Tensor) -> f64 {
     assert_eq!(ours.size(), theirs.size(), "shapes differ");

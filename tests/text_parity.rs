@@ -10,33 +10,21 @@
 //! an error is relative to the scale of the output; the bound is 1e-4. Token ids
 //! must be identical.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use diffusiond::nn::text::{TextEncoder, TextEncoderOptions};
+use common::text::{fixtures, load, prompts, reference};
+use diffusiond::nn::text::TextEncoder;
 use diffusiond::nn::weights;
 use tch::Tensor;
 
 const TOLERANCE: f64 = 1e-4;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/text")
-}
 
-fn reference() -> BTreeMap<String, Tensor> {
-    weights::read_all(&fixtures().join("reference.safetensors")).expect("reference.safetensors")
-}
 
-fn prompts() -> Vec<String> {
-    let text = std::fs::read_to_string(fixtures().join("reference.json")).expect("reference.json");
-    let meta: serde_json::Value = serde_json::from_str(&text).expect("reference.json is JSON");
-    meta["prompts"].as_array().expect("prompts").iter().map(|p| p.as_str().expect("a string").to_owned()).collect()
-}
 
-fn load(dir: &Path, max_length: Option<usize>) -> TextEncoder {
-    let options = TextEncoderOptions { max_length, ..Default::default() };
-    TextEncoder::load(dir, &options).unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
-}
 
 fn relative_error(ours: &Tensor, theirs: &Tensor) -> f64 {
     assert_eq!(ours.size(), theirs.size(), "shapes differ");

@@ -224,12 +224,18 @@ impl Cascade {
     /// images: `cond`/`uncond` are `[1, L, D]` (expanded here), `low_res` the
     /// previous stage's images. Image i's noise comes from its own stream.
     pub fn start_stage(&self, request: &GenerationRequest, k: usize, text: (&Tensor, &Tensor), low_res: Option<&Tensor>) -> Result<StageJob> {
+        let index = request.stages[k].index;
+        let seeds: Vec<u64> = (0..request.n).map(|i| request.stream_seed(i, index)).collect();
+        self.start_stage_with(request, k, text, low_res, BatchNoise::seeded(&seeds))
+    }
+
+    /// [`Cascade::start_stage`] with the noise given (tests replay a reference's draws).
+    pub fn start_stage_with(&self, request: &GenerationRequest, k: usize, text: (&Tensor, &Tensor), low_res: Option<&Tensor>, noise: BatchNoise) -> Result<StageJob> {
         let plan = &request.stages[k];
         let stage = &self.stages[plan.index];
         let n = request.n as i64;
         let cond = text.0.expand([n, -1, -1], false).contiguous();
         let uncond = text.1.expand([n, -1, -1], false).contiguous();
-        let seeds: Vec<u64> = (0..request.n).map(|i| request.stream_seed(i, plan.index)).collect();
         let inputs = JobInputs {
             cond: &cond,
             uncond: &uncond,
@@ -238,7 +244,7 @@ impl Cascade {
             low_res,
             noise_level: plan.noise_level,
         };
-        StageJob::new(stage, &inputs, BatchNoise::seeded(&seeds))
+        StageJob::new(stage, &inputs, noise)
     }
 
     /// Turns the last stage's output into images with their records.
@@ -282,6 +288,19 @@ impl Cascade {
         Ok((cond, uncond))
     }
 
+    /// Runs `job` at `stage` to its end, one request alone; `observer` sees
+    /// (steps done, total) after each step and may stop it.
+    pub fn run_job(&self, stage: &Stage, job: &mut StageJob, observer: &mut dyn FnMut(usize, usize) -> ControlFlow<()>) -> Result<()> {
+        while !job.is_done() {
+            let out = self.forward(stage, &job.model_input()?)?;
+            job.advance(&out)?;
+            if observer(job.step_index(), job.total_steps()).is_break() {
+                return Err(PipelineError::Cancelled);
+            }
+        }
+        Ok(())
+    }
+
     /// Runs every stage of `request`; `observer` sees each step and may stop the
     /// run (the result is then [`PipelineError::Cancelled`]).
     pub fn generate(&self, request: &GenerationRequest, observer: &mut dyn FnMut(&Progress<'_>) -> ControlFlow<()>) -> Result<Vec<GeneratedImage>> {
@@ -290,20 +309,9 @@ impl Cascade {
         for k in 0..request.stages.len() {
             let stage = &self.stages[request.stages[k].index];
             let mut job = self.start_stage(request, k, (&cond, &uncond), images.as_ref())?;
-            while !job.is_done() {
-                let out = self.forward(stage, &job.model_input()?)?;
-                job.advance(&out)?;
-                let progress = Progress {
-                    stage: k,
-                    stages: request.stages.len(),
-                    stage_name: &stage.name,
-                    step: job.step_index(),
-                    total_steps: job.total_steps(),
-                };
-                if observer(&progress).is_break() {
-                    return Err(PipelineError::Cancelled);
-                }
-            }
+            self.run_job(stage, &mut job, &mut |step, total_steps| {
+                observer(&Progress { stage: k, stages: request.stages.len(), stage_name: &stage.name, step, total_steps })
+            })?;
             images = Some(job.sample().shallow_clone());
         }
         self.finish(request, &images.expect("a request runs at least one stage"))

@@ -2,6 +2,8 @@
 //! `scripts/gen_fixtures.py`, a guided sampling loop, and fixture loading.
 #![allow(dead_code)]
 
+pub mod text;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
