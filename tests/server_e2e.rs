@@ -319,3 +319,42 @@ fn a_killed_server_loses_no_accepted_job() {
     child.wait().unwrap();
     std::fs::remove_dir_all(&data).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_running_jobs_and_keeps_queued_ones() {
+    let mut cfg = config("drain");
+    cfg.engine.max_active_jobs = 1;
+    let data_dir = cfg.data_dir.clone();
+    let (server, base) = start(cfg).await;
+    let client = reqwest::Client::new();
+    let submit = |steps: u64| {
+        let (client, base) = (client.clone(), base.clone());
+        async move {
+            let body = json!({"prompt": "a triangle", "seed": 1, "steps": steps});
+            let doc: Value = client.post(format!("{base}/generate")).header("Prefer", "respond-async").json(&body).send().await.unwrap().json().await.unwrap();
+            doc["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let running = submit(60).await;
+    let queued = submit(60).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.get(format!("{base}/jobs/{running}")).send().await.unwrap().json::<Value>().await.unwrap()["status"] != "running" {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stopper = server.stopper();
+    let mut readiness = server.readiness.clone();
+    let done = tokio::spawn(server.shutdown());
+    stopper.send(true).unwrap();
+    // Draining: not ready, and new work is refused (the listener may already be closed).
+    readiness.wait_for(|r| matches!(r, diffusiond::worker::Readiness::Draining(_))).await.unwrap();
+    if let Ok(r) = client.post(format!("{base}/generate")).json(&json!({"prompt": "late"})).send().await {
+        assert_eq!(r.status(), 503);
+    }
+    done.await.unwrap().unwrap();
+    // The running job finished; the queued one waits in the store for the next start.
+    let store = diffusiond::jobs::EmbeddedStore::open(&data_dir).unwrap();
+    let get = |id: &str| diffusiond::jobs::JobStore::get(&store, id.parse().unwrap()).unwrap().unwrap().status;
+    assert_eq!(get(&running), diffusiond::jobs::JobStatus::Succeeded);
+    assert_eq!(get(&queued), diffusiond::jobs::JobStatus::Queued);
+}

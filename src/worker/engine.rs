@@ -403,11 +403,16 @@ impl Engine {
         self.stats.jobs_finished.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(m::JOBS, m::LABEL_STATUS => "succeeded").increment(1);
         metrics::counter!(m::IMAGES_GENERATED).increment(images.len() as u64);
+        // The API logged "job queued" with this job id inside the request's span
+        // (which carries x-request-id): the id ties the two log lines together.
+        let (mut queue_ms, mut compute_ms) = (0, 0);
         if let Some(started) = self.store.get(id).ok().flatten().and_then(|r| r.started_at) {
-            metrics::histogram!(m::QUEUE_SECONDS).record((started - a.record.created_at).max(0) as f64 / 1e3);
-            metrics::histogram!(m::COMPUTE_SECONDS).record((now_ms() - started).max(0) as f64 / 1e3);
+            queue_ms = (started - a.record.created_at).max(0);
+            compute_ms = (now_ms() - started).max(0);
+            metrics::histogram!(m::QUEUE_SECONDS).record(queue_ms as f64 / 1e3);
+            metrics::histogram!(m::COMPUTE_SECONDS).record(compute_ms as f64 / 1e3);
         }
-        tracing::info!(job = %id, images = images.len(), "succeeded");
+        tracing::info!(job = %id, images = images.len(), queue_ms, compute_ms, "succeeded");
         self.emit(JobEvent::Finished { id, status: JobStatus::Succeeded });
     }
 }
