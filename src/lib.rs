@@ -6,4 +6,5 @@ pub mod metrics;
 pub mod nn;
 pub mod pipeline;
 pub mod server;
+pub mod train;
 pub mod worker;

@@ -1,5 +1,6 @@
 //! The `diffusiond` command line: one file per subcommand, `main.rs` stays thin.
 
+mod dataset;
 mod env;
 mod generate;
 mod info;
@@ -30,6 +31,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Print the HTTP API's OpenAPI document (JSON).
     Openapi(openapi::OpenApiArgs),
+    /// Preview the synthetic captioned-shapes training data: a grid of samples and their captions.
+    Dataset(dataset::DatasetArgs),
 }
 
 impl Cli {
@@ -41,6 +44,7 @@ impl Cli {
             Command::Info(args) => info::run(args),
             Command::Serve(args) => serve::run(args),
             Command::Openapi(args) => openapi::run(args),
+            Command::Dataset(args) => dataset::run(args),
         }
     }
 }

@@ -52,7 +52,7 @@ pub fn eps_from_x0(x0: &Tensor, sample: &Tensor, level: NoiseLevel) -> Tensor {
 }
 
 /// Per-sample coefficients as a [B, 1, …, 1] tensor broadcasting against `like`.
-pub(crate) fn per_sample(values: &[f32], like: &Tensor) -> Tensor {
+pub fn per_sample(values: &[f32], like: &Tensor) -> Tensor {
     let mut shape = vec![values.len() as i64];
     shape.extend(std::iter::repeat_n(1, like.dim().saturating_sub(1)));
     Tensor::from_slice(values).to_device(like.device()).to_kind(like.kind()).view(shape.as_slice())

@@ -1,0 +1,179 @@
+//! The training objective: ADM's hybrid loss, L_simple + λ·L_vlb.
+//!
+//! Nichol & Dhariwal 2021 ("Improved Denoising Diffusion Probabilistic Models",
+//! §3.1) learn the reverse variance as an interpolation in log space between
+//! β_t and β̃_t, Σ_θ = exp(v·log β_t + (1 − v)·log β̃_t) with v ∈ [0, 1] mapped
+//! from the model's extra channels in [-1, 1] ("learned range", as ADM and IF
+//! use). The ε channels are trained by the plain MSE (L_simple); the variance
+//! channels by the variational bound term L_t of the sampled timestep, with a
+//! stop-gradient on the mean so that L_vlb does not disturb ε. L_vlb = Σ_t L_t ≈
+//! T·E_t[L_t], hence the T factor next to λ = 0.001 (which makes the two terms
+//! of equal weight for T = 1000, as in the reference implementation).
+//! L_t is the KL between the true posterior q(x_{t-1} | x_t, x_0) and
+//! p_θ(x_{t-1} | x_t) for t > 0, and the discretized Gaussian decoder's negative
+//! log-likelihood of x_0 for t = 0, in bits per dimension.
+
+use tch::{Kind, Tensor};
+
+use crate::diffusion::forward::per_sample;
+use crate::diffusion::NoiseSchedule;
+
+/// The loss of one batch and its parts (for logging).
+pub struct LossTerms {
+    /// What to minimise: `mse + λ·T·vlb`.
+    pub total: Tensor,
+    /// L_simple: mean squared error of ε.
+    pub mse: Tensor,
+    /// Mean L_t over the batch, bits per dimension (no gradient to ε).
+    pub vlb: Tensor,
+}
+
+/// ADM's hybrid loss for ε-prediction with learned-range variance.
+#[derive(Debug, Clone)]
+pub struct HybridLoss {
+    /// λ; 0 trains ε only (the variance channels then get no gradient).
+    pub lambda: f64,
+    coef1: Vec<f64>,
+    coef2: Vec<f64>,
+    /// log β̃_t, clipped at t = 0 to log β̃_1 (β̃_0 = 0), as ADM does.
+    log_posterior_var: Vec<f64>,
+    log_beta: Vec<f64>,
+    alpha_bar: Vec<f64>,
+}
+
+/// 0.5·(1 + tanh(√(2/π)·(x + 0.044715·x³))): the approximation of the standard
+/// normal CDF the reference decoder likelihood uses.
+fn approx_standard_normal_cdf(x: &Tensor) -> Tensor {
+    let inner = (x + x.pow_tensor_scalar(3.0) * 0.044715) * (2.0 / std::f64::consts::PI).sqrt();
+    (inner.tanh() + 1.0) * 0.5
+}
+
+/// KL(N(m1, e^lv1) ‖ N(m2, e^lv2)), elementwise, in nats.
+fn normal_kl(m1: &Tensor, lv1: &Tensor, m2: &Tensor, lv2: &Tensor) -> Tensor {
+    ((lv2 - lv1) + (lv1 - lv2).exp() + (m1 - m2).square() * (-lv2).exp() - 1.0) * 0.5
+}
+
+/// −log p(x) for x on the 8-bit grid in [-1, 1] under N(mean, e^log_var), with
+/// the two end bins extended to ±∞ (DDPM's decoder), in nats.
+fn discretized_gaussian_nll(x: &Tensor, mean: &Tensor, log_var: &Tensor) -> Tensor {
+    let centered = x - mean;
+    let inv_std = (-log_var * 0.5).exp();
+    let cdf_plus = approx_standard_normal_cdf(&((&centered + 1.0 / 255.0) * &inv_std));
+    let cdf_min = approx_standard_normal_cdf(&((&centered - 1.0 / 255.0) * &inv_std));
+    let log_cdf_plus = cdf_plus.clamp_min(1e-12).log();
+    let log_one_minus_cdf_min = (-&cdf_min + 1.0).clamp_min(1e-12).log();
+    let log_delta = (&cdf_plus - &cdf_min).clamp_min(1e-12).log();
+    let inner = log_delta.where_self(&x.le(0.999), &log_one_minus_cdf_min);
+    -log_cdf_plus.where_self(&x.lt(-0.999), &inner)
+}
+
+impl HybridLoss {
+    pub fn new(schedule: &NoiseSchedule, lambda: f64) -> Self {
+        let log_beta = schedule.betas().iter().map(|&b| (b as f64).ln()).collect();
+        Self {
+            lambda,
+            coef1: schedule.posterior_mean_coef1(),
+            coef2: schedule.posterior_mean_coef2(),
+            log_posterior_var: schedule.posterior_log_variance_clipped(),
+            log_beta,
+            alpha_bar: schedule.alphas_cumprod().iter().map(|&a| a as f64).collect(),
+        }
+    }
+
+    fn pick(values: &[f64], timesteps: &[i64], like: &Tensor) -> Tensor {
+        let v: Vec<f32> = timesteps.iter().map(|&t| values[t as usize] as f32).collect();
+        per_sample(&v, like)
+    }
+
+    /// `output`: the model's `[B, 2C, H, W]` (ε, then v in [-1, 1]) for `x_t`,
+    /// noised from `x0` with `noise` at `timesteps`.
+    pub fn compute(&self, output: &Tensor, x0: &Tensor, x_t: &Tensor, noise: &Tensor, timesteps: &[i64]) -> LossTerms {
+        let c = x0.size()[1];
+        let output = output.to_kind(Kind::Float);
+        let eps = output.narrow(1, 0, c);
+        let v = output.narrow(1, c, c);
+        let mse = (&eps - noise).square().mean(Kind::Float);
+
+        // The variational term sees ε without gradient: it trains only the variance.
+        let eps = eps.detach();
+        let ab = Self::pick(&self.alpha_bar, timesteps, x0);
+        let x0_pred = (x_t - (-&ab + 1.0).sqrt() * &eps) / ab.sqrt();
+        let (c1, c2) = (Self::pick(&self.coef1, timesteps, x0), Self::pick(&self.coef2, timesteps, x0));
+        let model_mean = &c1 * &x0_pred + &c2 * x_t;
+        let true_mean = &c1 * x0 + &c2 * x_t;
+        let min_log = Self::pick(&self.log_posterior_var, timesteps, x0);
+        let max_log = Self::pick(&self.log_beta, timesteps, x0);
+        let frac = (v + 1.0) * 0.5;
+        let model_log_var = &frac * &max_log + (-&frac + 1.0) * &min_log;
+        let kl = normal_kl(&true_mean, &min_log.expand_as(&model_mean), &model_mean, &model_log_var);
+        let nll = discretized_gaussian_nll(x0, &model_mean, &model_log_var);
+        // Per sample: the decoder term at t = 0, the KL elsewhere; mean over dims, in bits.
+        let is_zero: Vec<f32> = timesteps.iter().map(|&t| if t == 0 { 1.0 } else { 0.0 }).collect();
+        let is_zero = per_sample(&is_zero, x0);
+        let terms = (&is_zero * nll + (-&is_zero + 1.0) * kl) / std::f64::consts::LN_2;
+        let vlb = terms.mean(Kind::Float);
+        let steps = self.alpha_bar.len() as f64;
+        let total = &mse + &vlb * (self.lambda * steps);
+        LossTerms { total, mse, vlb }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diffusion::forward::q_sample;
+    use crate::diffusion::BetaSchedule;
+    use tch::Device;
+
+    fn setup() -> (NoiseSchedule, Tensor, Tensor, Vec<i64>) {
+        tch::manual_seed(0);
+        let schedule = NoiseSchedule::new(BetaSchedule::SquaredCosCapV2, 1000, 1e-4, 0.02).unwrap();
+        let x0 = (Tensor::rand([4, 3, 8, 8], (Kind::Float, Device::Cpu)) * 2.0 - 1.0).clamp(-1.0, 1.0);
+        let noise = Tensor::randn([4, 3, 8, 8], (Kind::Float, Device::Cpu));
+        (schedule, x0, noise, vec![0, 10, 500, 999])
+    }
+
+    #[test]
+    fn the_exact_eps_and_posterior_variance_give_zero_mse_and_kl() {
+        let (schedule, x0, noise, _) = setup();
+        // t > 0: the KL terms (t = 0 is the decoder's likelihood, never zero).
+        let t = vec![1, 10, 500, 999];
+        let x_t = q_sample(&schedule, &x0, &t, &noise).unwrap();
+        let loss = HybridLoss::new(&schedule, 0.001);
+        // v = -1 selects log β̃_t: exactly the true posterior.
+        let output = Tensor::cat(&[&noise, &noise.full_like(-1.0)], 1);
+        let terms = loss.compute(&output, &x0, &x_t, &noise, &t);
+        assert!(terms.mse.double_value(&[]) < 1e-12);
+        assert!(terms.vlb.double_value(&[]).abs() < 1e-4, "kl {}", terms.vlb.double_value(&[]));
+        // A wrong variance costs something.
+        let wrong = Tensor::cat(&[&noise, &noise.full_like(1.0)], 1);
+        assert!(loss.compute(&wrong, &x0, &x_t, &noise, &t).vlb.double_value(&[]) > 1e-3);
+    }
+
+    #[test]
+    fn the_bound_trains_only_the_variance_channels() {
+        let (schedule, x0, noise, t) = setup();
+        let x_t = q_sample(&schedule, &x0, &t, &noise).unwrap();
+        let output = Tensor::randn([4, 6, 8, 8], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let loss = HybridLoss::new(&schedule, 0.001);
+        loss.compute(&output, &x0, &x_t, &noise, &t).vlb.backward();
+        let grad = output.grad();
+        assert_eq!(grad.narrow(1, 0, 3).abs().max().double_value(&[]), 0.0, "no gradient to eps from L_vlb");
+        assert!(grad.narrow(1, 3, 3).abs().max().double_value(&[]) > 0.0);
+    }
+
+    #[test]
+    fn the_decoder_likelihood_is_a_probability_on_the_pixel_grid() {
+        // A sharp Gaussian centred on a grid value puts almost all mass in its bin.
+        let x = Tensor::from_slice(&[-1.0f32, 0.0, 1.0]);
+        let nll = discretized_gaussian_nll(&x, &x, &x.full_like(-20.0));
+        assert!(nll.max().double_value(&[]) < 1e-3);
+        // A wide one (σ = e) spreads it: an interior bin gets little mass
+        // (−log p ≈ 6.8), the two end bins take the tails (Φ(−0.37) ≈ 0.36 each).
+        let wide = discretized_gaussian_nll(&x, &x.zeros_like(), &x.full_like(2.0));
+        assert!(wide.double_value(&[1]) > 6.0, "{}", wide.double_value(&[1]));
+        for end in [0, 2] {
+            assert!((wide.double_value(&[end]) - 1.03).abs() < 0.05, "{}", wide.double_value(&[end]));
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! Training: the synthetic captioned-shapes dataset our small cascade learns
+//! from, and the objective it is trained with.
+//!
+//! | Module | Owns |
+//! |---|---|
+//! | [`scene`] | the resolution-free scene: shapes, colours, sizes, objects, background |
+//! | [`sdf`] | signed distances of the shapes, for analytic anti-aliasing |
+//! | [`render`] | rasterising a scene at any size into images and tensors |
+//! | [`claims`] | what a caption asserts (counts, places, relations) and when it is true |
+//! | [`layout`] | sampling a scene together with the description it must satisfy |
+//! | [`caption`] | wording a description: templates and synonyms |
+//! | [`dataset`] | the seeded, endless, indexable stream of samples and batches |
+//! | [`loss`] | ADM's hybrid loss: L_simple + λ·L_vlb with learned-range variance |
+
+pub mod caption;
+pub mod claims;
+pub mod dataset;
+pub mod layout;
+pub mod loss;
+pub mod render;
+pub mod scene;
+pub mod sdf;
