@@ -9,40 +9,25 @@ mod common;
 
 use std::ops::ControlFlow;
 
-use common::{fixture_dir, load_json, load_tensors};
-use diffusiond::diffusion::{BatchNoise, NoiseSource, ReplayNoise};
+use common::cascade::reference;
+use common::fixture_dir;
 use diffusiond::nn::device::{DeviceSetting, Precision};
 use diffusiond::pipeline::{Cascade, LoadOptions, RequestSpec};
-use tch::{Cuda, Device, Tensor};
+use tch::Cuda;
 
 fn cascade(precision: Precision) -> Cascade {
     assert!(Cuda::is_available(), "CUDA is not available: run these tests on a GPU machine");
     Cascade::load(&fixture_dir().join("cascade"), &LoadOptions { device: DeviceSetting::Cuda(0), precision }).unwrap()
 }
 
-fn replay(draws: &[Tensor], n: i64) -> BatchNoise {
-    BatchNoise::new((0..n).map(|b| Box::new(ReplayNoise::new(draws.iter().map(|d| d.get(b)))) as Box<dyn NoiseSource>).collect())
-}
 
 /// Max abs error of stage I and stage II (on diffusers' stage I) against diffusers' CPU run.
 fn stage_errors(precision: Precision) -> (f64, f64) {
     let cascade = cascade(precision);
-    let meta = load_json("cascade/reference.json");
-    let refs = load_tensors("cascade/reference.safetensors");
-    let n = meta["n"].as_i64().unwrap();
-    let split = meta["stage1_draws"].as_u64().unwrap() as usize;
-    let draws: Vec<Tensor> = (0..meta["draws"].as_u64().unwrap()).map(|i| refs[&format!("draw.{i:03}")].shallow_clone()).collect();
-    let prompt = meta["prompt"].as_str().unwrap();
-    let (cond, uncond) = cascade.text_embeddings(prompt, None, n).unwrap();
-    let request = cascade.plan(&RequestSpec { prompt: prompt.into(), n: n as usize, seed: Some(0), ..Default::default() }).unwrap();
-    let text = (cond.narrow(0, 0, 1), uncond.narrow(0, 0, 1));
-    let run = |stage: usize, low_res: Option<&Tensor>, noise: BatchNoise| {
-        let mut job = cascade.start_stage_with(&request, stage, (&text.0, &text.1), low_res, noise).unwrap();
-        cascade.run_job(&cascade.stages[stage], &mut job, &mut |_, _| ControlFlow::Continue(())).unwrap();
-        job.sample().to_device(Device::Cpu)
-    };
-    let e1 = (run(0, None, replay(&draws[..split], n)) - &refs["stage1"]).abs().max().double_value(&[]);
-    let e2 = (run(1, Some(&refs["stage1"]), replay(&draws[split..], n)) - &refs["stage2"]).abs().max().double_value(&[]);
+    let r = reference();
+    let refs = &r.tensors;
+    let e1 = (r.run_stage(&cascade, 0, None) - &refs["stage1"]).abs().max().double_value(&[]);
+    let e2 = (r.run_stage(&cascade, 1, Some(&refs["stage1"])) - &refs["stage2"]).abs().max().double_value(&[]);
     println!("{precision:?} on CUDA: stage I {e1:.2e}, stage II {e2:.2e} max abs vs diffusers (CPU)");
     (e1, e2)
 }

@@ -2,6 +2,7 @@
 //! `scripts/gen_fixtures.py`, a guided sampling loop, and fixture loading.
 #![allow(dead_code)]
 
+pub mod cascade;
 pub mod text;
 
 use std::collections::HashMap;
