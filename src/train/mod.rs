@@ -11,12 +11,14 @@
 //! | [`caption`] | wording a description: templates and synonyms |
 //! | [`dataset`] | the seeded, endless, indexable stream of samples and batches |
 //! | [`loss`] | ADM's hybrid loss: L_simple + λ·L_vlb with learned-range variance |
+//! | [`optim`] | AdamW with saved moments, warm-up, clipping, EMA: exact resume |
 
 pub mod caption;
 pub mod claims;
 pub mod dataset;
 pub mod layout;
 pub mod loss;
+pub mod optim;
 pub mod render;
 pub mod scene;
 pub mod sdf;
