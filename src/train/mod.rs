@@ -12,6 +12,7 @@
 //! | [`dataset`] | the seeded, endless, indexable stream of samples and batches |
 //! | [`loss`] | ADM's hybrid loss: L_simple + λ·L_vlb with learned-range variance |
 //! | [`optim`] | AdamW with saved moments, warm-up, clipping, EMA: exact resume |
+//! | [`trainer`] | one training step of a base or super-resolution stage |
 
 pub mod caption;
 pub mod claims;
@@ -19,6 +20,7 @@ pub mod dataset;
 pub mod layout;
 pub mod loss;
 pub mod optim;
+pub mod trainer;
 pub mod render;
 pub mod scene;
 pub mod sdf;

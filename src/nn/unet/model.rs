@@ -222,6 +222,12 @@ impl LoadedUNet {
         weights::save(&self.vs, &dir.join(format!("{WEIGHTS_STEM}.safetensors")), kind)
     }
 
+    /// Makes the weights trainable again (loading freezes them for inference):
+    /// resuming a training run from a checkpoint.
+    pub fn unfreeze(&mut self) {
+        self.vs.unfreeze();
+    }
+
     /// The kind the weights are in. (`VarStore::kind` is not updated by
     /// `VarStore::half`, so ask a weight.)
     pub fn kind(&self) -> Kind {
