@@ -126,3 +126,32 @@ fn an_interrupted_run_resumes_exactly() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(differing.is_empty(), "resumed weights differ: {differing:?}");
 }
+
+#[test]
+fn a_run_checkpoints_resumes_and_exports_a_stage_folder() {
+    use diffusiond::train::run::{Run, TrainConfig};
+    let dir = std::env::temp_dir().join(format!("diffusiond-train-run-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let unet_config: serde_json::Value = serde_json::from_str(&unet(16, false).model.config().to_json()).unwrap();
+    let config = serde_json::json!({
+        "seed": 3, "encoder": std::fs::canonicalize(fixture_dir().join("text/tiny-bert")).unwrap(), "max_length": 16,
+        "size": 16, "unet": unet_config,
+        "scheduler": {"_class_name": "DDPMScheduler", "beta_schedule": "squaredcos_cap_v2", "variance_type": "learned_range"},
+        "steps": 4, "batch": 4, "lr": 1e-3, "warmup_steps": 2, "ema_decay": 0.9, "checkpoint_every": 2
+    });
+    std::fs::write(dir.join("train.json"), config.to_string()).unwrap();
+    let run = Run { config: TrainConfig::from_file(&dir.join("train.json")).unwrap(), out: dir.join("run"), device: tch::Device::Cpu };
+    assert_eq!(run.train(Some(3), &mut |_, _, _| {}).unwrap(), 3);
+    // A second invocation resumes from the step-3 checkpoint and stops at the configured end.
+    let mut seen = Vec::new();
+    assert_eq!(run.train(None, &mut |step, _, _| seen.push(step)).unwrap(), 4);
+    assert_eq!(seen, [4]);
+    let log = std::fs::read_to_string(dir.join("run/train.log")).unwrap();
+    assert_eq!(log.lines().count(), 4, "{log}");
+    run.export(&dir.join("stage")).unwrap();
+    let exported = LoadedUNet::load(&dir.join("stage/unet"), tch::Device::Cpu, Kind::Float).unwrap();
+    assert_eq!(exported.parameter_count(), unet(16, false).parameter_count());
+    assert!(dir.join("stage/scheduler/scheduler_config.json").is_file() && dir.join("stage/model_index.json").is_file());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

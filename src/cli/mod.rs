@@ -7,6 +7,7 @@ mod info;
 mod openapi;
 mod schedule;
 mod serve;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +28,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Describe a cascade: encoder, stages, sizes, parameters, defaults.
     Info(info::InfoArgs),
+    /// Train one stage of a cascade (resumes from the run folder's checkpoint).
+    Train(train::TrainArgs),
     /// Serve the HTTP API (sync and async generation, jobs, OpenAI-compatible endpoint).
     Serve(serve::ServeArgs),
     /// Print the HTTP API's OpenAPI document (JSON).
@@ -43,6 +46,7 @@ impl Cli {
             Command::Generate(args) => generate::run(args),
             Command::Info(args) => info::run(args),
             Command::Serve(args) => serve::run(args),
+            Command::Train(args) => train::run(args),
             Command::Openapi(args) => openapi::run(args),
             Command::Dataset(args) => dataset::run(args),
         }

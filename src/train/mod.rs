@@ -13,6 +13,7 @@
 //! | [`loss`] | ADM's hybrid loss: L_simple + λ·L_vlb with learned-range variance |
 //! | [`optim`] | AdamW with saved moments, warm-up, clipping, EMA: exact resume |
 //! | [`trainer`] | one training step of a base or super-resolution stage |
+//! | [`run`] | a stage's training run: config, loop, checkpoints, resume, export |
 
 pub mod caption;
 pub mod claims;
@@ -22,5 +23,6 @@ pub mod loss;
 pub mod optim;
 pub mod trainer;
 pub mod render;
+pub mod run;
 pub mod scene;
 pub mod sdf;

@@ -1,0 +1,187 @@
+//! A training run of one stage: its config file, the loop, checkpoints every N
+//! steps (weights, optimiser moments, EMA, step) written atomically, automatic
+//! resumption from the last checkpoint, a log of losses and throughput, and the
+//! export of the EMA weights as a stage folder the pipeline and diffusers load.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use super::dataset::Dataset;
+use super::loss::HybridLoss;
+use super::optim::{OptimConfig, Optimizer};
+use super::trainer::{StageData, StageTrainer, StepConfig};
+use crate::diffusion::{NoiseSchedule, SamplerKind, SchedulerConfig};
+use crate::nn::text::{TextEncoder, TextEncoderOptions};
+use crate::nn::unet::{LoadedUNet, UNetConfig};
+use crate::pipeline::stage::StageKind;
+use crate::pipeline::writer::{write_stage, StageFiles};
+
+/// `train.json`: everything that determines a stage's training run. Committed
+/// next to the shipped weights so that anyone can reproduce them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub seed: u64,
+    /// The frozen text encoder (a transformers folder), relative to the config file.
+    pub encoder: PathBuf,
+    pub max_length: usize,
+    /// Output size; `low_res` set makes it a super-resolution stage.
+    pub size: u32,
+    #[serde(default)]
+    pub low_res: Option<u32>,
+    #[serde(default)]
+    pub max_noise_level: i64,
+    /// The UNet's diffusers `config.json` contents.
+    pub unet: serde_json::Value,
+    /// The stage's diffusers scheduler config (training uses its noise schedule).
+    pub scheduler: serde_json::Value,
+    /// SR: the conditioning image's noising scheduler.
+    #[serde(default)]
+    pub noising: Option<serde_json::Value>,
+    pub steps: u64,
+    pub batch: usize,
+    pub lr: f64,
+    pub warmup_steps: u64,
+    pub ema_decay: f64,
+    #[serde(default = "default_lambda")]
+    pub vlb_lambda: f64,
+    #[serde(default = "default_uncond")]
+    pub uncond_prob: f64,
+    pub checkpoint_every: u64,
+}
+
+fn default_lambda() -> f64 {
+    0.001
+}
+
+fn default_uncond() -> f64 {
+    0.1
+}
+
+impl TrainConfig {
+    pub fn from_file(file: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let mut config: TrainConfig = serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+        if config.encoder.is_relative() {
+            config.encoder = file.parent().unwrap_or(Path::new(".")).join(&config.encoder);
+        }
+        Ok(config)
+    }
+}
+
+fn scheduler(value: &serde_json::Value) -> anyhow::Result<(SchedulerConfig, NoiseSchedule)> {
+    let config = SchedulerConfig::from_json_str(&value.to_string())?;
+    let resolved = config.resolve(config.native_kind().unwrap_or(SamplerKind::Ddpm))?;
+    let schedule = NoiseSchedule::from_config(&resolved)?;
+    Ok((config, schedule))
+}
+
+/// Where a run keeps its state: `out/checkpoint/` (resumable) and `out/stage/` (exported).
+pub struct Run {
+    pub config: TrainConfig,
+    pub out: PathBuf,
+    pub device: Device,
+}
+
+impl Run {
+    fn checkpoint_dir(&self) -> PathBuf {
+        self.out.join("checkpoint")
+    }
+
+    /// Trains until `config.steps` (resuming from the last checkpoint if any);
+    /// `until` stops earlier (for bounded bursts). Returns the final step.
+    pub fn train(&self, until: Option<u64>, progress: &mut dyn FnMut(u64, f64, f64)) -> anyhow::Result<u64> {
+        let c = &self.config;
+        std::fs::create_dir_all(&self.out)?;
+        let unet_config = UNetConfig::from_json(&c.unet.to_string())?;
+        let (_, schedule) = scheduler(&c.scheduler)?;
+        let noising = match &c.noising {
+            Some(v) => scheduler(v)?.1,
+            None => schedule.clone(),
+        };
+        let mut encoder = TextEncoder::load(&c.encoder, &TextEncoderOptions { max_length: Some(c.max_length), ..Default::default() })?;
+        encoder.to(self.device, Kind::Float)?;
+        let ckpt = self.checkpoint_dir();
+        let resuming = ckpt.join("optimizer.safetensors").is_file();
+        let mut unet = if resuming { LoadedUNet::load(&ckpt, self.device, Kind::Float)? } else { LoadedUNet::random(&unet_config)? };
+        unet.unfreeze();
+        unet.vs.set_device(self.device);
+        let optim = OptimConfig { lr: c.lr, warmup_steps: c.warmup_steps, ema_decay: c.ema_decay, ..Default::default() };
+        let mut opt = Optimizer::new(&unet.vs, optim);
+        if resuming {
+            opt.load(&ckpt.join("optimizer.safetensors"))?;
+        }
+        let trainer = StageTrainer {
+            unet: &unet,
+            encoder: &encoder,
+            schedule: &schedule,
+            noising: &noising,
+            loss: HybridLoss::new(&schedule, c.vlb_lambda),
+            data: StageData { size: c.size, low_res: c.low_res, max_noise_level: c.max_noise_level },
+            config: StepConfig { batch: c.batch, uncond_prob: c.uncond_prob, seed: c.seed },
+            dataset: Dataset::new(c.seed),
+        };
+        let end = until.unwrap_or(c.steps).min(c.steps);
+        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(self.out.join("train.log"))?;
+        let started = Instant::now();
+        let first = opt.step_count();
+        while opt.step_count() < end {
+            let r = trainer.step(&mut opt)?;
+            let done = opt.step_count();
+            let rate = (done - first) as f64 * c.batch as f64 / started.elapsed().as_secs_f64();
+            progress(done, r.loss, rate);
+            writeln!(log, "step {done} loss {:.5} mse {:.5} vlb {:.5} lr {:.2e} grad_norm {:.3} images/s {rate:.1}", r.loss, r.mse, r.vlb, r.optim.lr, r.optim.grad_norm)?;
+            if done.is_multiple_of(c.checkpoint_every) || done == end {
+                self.checkpoint(&unet, &opt)?;
+            }
+        }
+        Ok(opt.step_count())
+    }
+
+    /// Writes the checkpoint to a fresh folder, then renames it into place: a
+    /// crash mid-write leaves the previous checkpoint intact.
+    fn checkpoint(&self, unet: &LoadedUNet, opt: &Optimizer) -> anyhow::Result<()> {
+        let tmp = self.out.join("checkpoint.tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        unet.save(&tmp, Kind::Float)?;
+        opt.save(&tmp.join("optimizer.safetensors"))?;
+        let ckpt = self.checkpoint_dir();
+        let old = self.out.join("checkpoint.old");
+        let _ = std::fs::remove_dir_all(&old);
+        if ckpt.exists() {
+            std::fs::rename(&ckpt, &old)?;
+        }
+        std::fs::rename(&tmp, &ckpt)?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+
+    /// Writes the EMA weights of the last checkpoint as a stage folder (f16
+    /// weights, scheduler configs, `model_index.json`).
+    pub fn export(&self, dir: &Path) -> anyhow::Result<()> {
+        let c = &self.config;
+        let ckpt = self.checkpoint_dir();
+        let mut unet = LoadedUNet::load(&ckpt, Device::Cpu, Kind::Float)?;
+        unet.unfreeze();
+        let mut opt = Optimizer::new(&unet.vs, OptimConfig::default());
+        opt.load(&ckpt.join("optimizer.safetensors"))?;
+        let ema = opt.ema();
+        tch::no_grad(|| {
+            for (name, var) in unet.vs.variables() {
+                let value: &Tensor = &ema[&name];
+                var.shallow_clone().copy_(value);
+            }
+        });
+        let (sched, _) = scheduler(&c.scheduler)?;
+        let noising = c.noising.as_ref().map(scheduler).transpose()?.map(|(cfg, _)| cfg);
+        let kind = if c.low_res.is_some() { StageKind::SuperResolution } else { StageKind::Base };
+        let files = StageFiles { kind, unet: &unet, scheduler: &sched, noising: noising.as_ref(), weights: Kind::Half };
+        write_stage(dir, &files)?;
+        Ok(())
+    }
+}
