@@ -92,8 +92,9 @@ impl Optimizer {
         let c = self.config;
         tch::no_grad(|| {
             let grads: Vec<Option<Tensor>> = self.params.iter().map(|(_, p)| Some(p.grad()).filter(Tensor::defined)).collect();
-            let sq: f64 = grads.iter().flatten().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Double).double_value(&[])).sum();
-            let grad_norm = sq.sqrt();
+            // One device-to-host transfer for the norm, not one per parameter.
+            let squares: Vec<Tensor> = grads.iter().flatten().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Double)).collect();
+            let grad_norm = if squares.is_empty() { 0.0 } else { Tensor::stack(&squares, 0).sum(Kind::Double).double_value(&[]).sqrt() };
             let clip = if grad_norm > c.max_grad_norm { c.max_grad_norm / (grad_norm + 1e-6) } else { 1.0 };
             self.step += 1;
             let t = self.step as i32;
@@ -137,10 +138,10 @@ impl Optimizer {
             saved.remove(&key).ok_or_else(|| NnError::Mismatch { file: file.display().to_string(), detail: format!("missing {key}") })
         };
         for i in 0..self.params.len() {
-            let name = self.params[i].0.clone();
-            self.m[i] = take(format!("m.{name}"))?;
-            self.v[i] = take(format!("v.{name}"))?;
-            self.ema[i] = take(format!("ema.{name}"))?;
+            let (name, device) = (self.params[i].0.clone(), self.params[i].1.device());
+            self.m[i] = take(format!("m.{name}"))?.to_device(device);
+            self.v[i] = take(format!("v.{name}"))?.to_device(device);
+            self.ema[i] = take(format!("ema.{name}"))?.to_device(device);
         }
         self.step = take("step".to_owned())?.int64_value(&[0]) as u64;
         Ok(())

@@ -83,27 +83,29 @@ impl StageTrainer<'_> {
         let mut rng = step_rng(self.config.seed, step);
         let b = self.config.batch;
         let indices: Vec<u64> = (0..b as u64).map(|i| step * b as u64 + i).collect();
+        let device = self.unet.vs.device();
         let (images, captions) = self.dataset.batch(&indices, self.data.size)?;
+        let images = images.to_device(device);
         let prompts: Vec<&str> =
             captions.iter().map(|c| if rng.random::<f64>() < self.config.uncond_prob { "" } else { c.as_str() }).collect();
         let text = tch::no_grad(|| self.encoder.encode(&prompts))?.hidden.to_kind(Kind::Float);
         let train_steps = self.schedule.len() as i64;
         let timesteps: Vec<i64> = (0..b).map(|_| rng.random_range(0..train_steps)).collect();
         let (s, b64) = (self.data.size as i64, b as i64);
-        let noise = randn(&mut rng, &[b64, 3, s, s]);
+        let noise = randn(&mut rng, &[b64, 3, s, s]).to_device(device);
         let x_t = q_sample(self.schedule, &images, &timesteps, &noise)?;
         let (sample, class_labels) = match self.data.low_res {
             None => (x_t.shallow_clone(), None),
             Some(low) => {
                 let (small, _) = self.dataset.batch(&indices, low)?;
-                let up = small.upsample_bilinear2d([s, s], true, None, None);
+                let up = small.to_device(device).upsample_bilinear2d([s, s], true, None, None);
                 let levels: Vec<i64> = (0..b).map(|_| rng.random_range(0..self.data.max_noise_level.max(1))).collect();
-                let aug = randn(&mut rng, &[b64, 3, s, s]);
+                let aug = randn(&mut rng, &[b64, 3, s, s]).to_device(device);
                 let noised = q_sample(self.noising, &up, &levels, &aug)?;
-                (Tensor::cat(&[&x_t, &noised], 1), Some(Tensor::from_slice(&levels)))
+                (Tensor::cat(&[&x_t, &noised], 1), Some(Tensor::from_slice(&levels).to_device(device)))
             }
         };
-        let t = Tensor::from_slice(&timesteps);
+        let t = Tensor::from_slice(&timesteps).to_device(device);
         let input = UNetInput { sample: &sample, timesteps: &t, encoder_hidden_states: &text, class_labels: class_labels.as_ref() };
         let output = self.unet.model.forward_t(&input, true)?;
         Ok(self.loss.compute(&output, &images, &x_t, &noise, &timesteps))
