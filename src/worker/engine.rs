@@ -15,6 +15,7 @@
 //! from its own seeded stream.
 
 use std::num::NonZeroUsize;
+use std::ops::ControlFlow;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -113,20 +114,39 @@ impl Engine {
     /// Runs until the queue is closed and every running job has finished.
     pub fn run(mut self) {
         loop {
-            self.apply_cancellations();
-            let draining = self.queue.is_closed();
-            if !draining {
-                self.admit();
-            }
-            if self.active.is_empty() {
-                if draining {
-                    return;
+            // libtorch reports some failures (a CUDA error while drawing noise or
+            // encoding images) by panicking through tch. The thread must outlive
+            // them: the jobs in flight fail, the server keeps serving.
+            match std::panic::catch_unwind(AssertUnwindSafe(|| self.iteration())) {
+                Ok(ControlFlow::Break(())) => return,
+                Ok(ControlFlow::Continue(())) => {}
+                Err(panic) => {
+                    let message = panic_message(panic);
+                    tracing::error!(%message, jobs = self.active.len(), "worker iteration panicked; failing the running jobs");
+                    for a in std::mem::take(&mut self.active) {
+                        self.fail(a.record.id, ERR_INTERNAL, "the model failed on this batch");
+                    }
                 }
-                self.queue.wait(Duration::from_millis(200));
-                continue;
             }
-            self.step();
         }
+    }
+
+    /// One pass: cancellations, admissions, one UNet call. Breaks when drained.
+    fn iteration(&mut self) -> ControlFlow<()> {
+        self.apply_cancellations();
+        let draining = self.queue.is_closed();
+        if !draining {
+            self.admit();
+        }
+        if self.active.is_empty() {
+            if draining {
+                return ControlFlow::Break(());
+            }
+            self.queue.wait(Duration::from_millis(200));
+            return ControlFlow::Continue(());
+        }
+        self.step();
+        ControlFlow::Continue(())
     }
 
     fn emit(&self, event: JobEvent) {
