@@ -178,18 +178,6 @@ impl Cascade {
         self.stages.iter().map(Stage::limits).collect()
     }
 
-    /// `(cond, uncond)`, each `[n, L, D]` in the UNets' kind: the prompt's tokens
-    /// and the negative prompt's (the cached empty prompt's when there is none).
-    pub fn text_embeddings(&self, prompt: &str, negative_prompt: Option<&str>, n: i64) -> Result<(Tensor, Tensor)> {
-        let encode = |p: &str| -> Result<Tensor> { Ok(tch::no_grad(|| self.encoder.encode(&[p]))?.hidden.to_kind(self.kind)) };
-        let cond = encode(prompt)?;
-        let uncond = match negative_prompt {
-            Some(neg) => encode(neg)?,
-            None => self.null_text.shallow_clone(),
-        };
-        Ok((cond.expand([n, -1, -1], false).contiguous(), uncond.expand([n, -1, -1], false).contiguous()))
-    }
-
     /// Runs the UNet of `stage` on `rows` (possibly several jobs' rows concatenated).
     ///
     /// A single row is evaluated twice over: libtorch's CPU kernels take another
