@@ -83,6 +83,9 @@ struct Active {
     steps_before: usize,
     total_steps: usize,
     last_write: Instant,
+    /// The job's first start (what the store keeps as `started_at`), for the
+    /// queue and compute times.
+    started_at: i64,
 }
 
 pub struct Engine {
@@ -228,7 +231,11 @@ impl Engine {
             self.fail(id, ERR_INTERNAL, &msg);
             return;
         }
-        match self.store.start(id, now_ms()) {
+        let now = now_ms();
+        // `start` sets `started_at` only on the first attempt; mirror it here
+        // instead of reading the record back when the job completes.
+        let started_at = record.started_at.unwrap_or(now);
+        match self.store.start(id, now) {
             Ok(true) => {}
             Ok(false) => return,
             Err(e) => {
@@ -247,7 +254,7 @@ impl Engine {
                 self.emit(JobEvent::Started { id });
                 let seq = self.next_seq;
                 self.next_seq += 1;
-                self.active.push(Active { record, k: 0, job, text, seq, steps_before: 0, total_steps, last_write: Instant::now() });
+                self.active.push(Active { record, k: 0, job, text, seq, steps_before: 0, total_steps, last_write: Instant::now(), started_at });
             }
             Err(e) => self.fail(id, ERR_INVALID, &e.to_string()),
         }
@@ -425,13 +432,10 @@ impl Engine {
         metrics::counter!(m::IMAGES_GENERATED).increment(images.len() as u64);
         // The API logged "job queued" with this job id inside the request's span
         // (which carries x-request-id): the id ties the two log lines together.
-        let (mut queue_ms, mut compute_ms) = (0, 0);
-        if let Some(started) = self.store.get(id).ok().flatten().and_then(|r| r.started_at) {
-            queue_ms = (started - a.record.created_at).max(0);
-            compute_ms = (now_ms() - started).max(0);
-            metrics::histogram!(m::QUEUE_SECONDS).record(queue_ms as f64 / 1e3);
-            metrics::histogram!(m::COMPUTE_SECONDS).record(compute_ms as f64 / 1e3);
-        }
+        let queue_ms = (a.started_at - a.record.created_at).max(0);
+        let compute_ms = (now_ms() - a.started_at).max(0);
+        metrics::histogram!(m::QUEUE_SECONDS).record(queue_ms as f64 / 1e3);
+        metrics::histogram!(m::COMPUTE_SECONDS).record(compute_ms as f64 / 1e3);
         tracing::info!(job = %id, images = images.len(), queue_ms, compute_ms, "succeeded");
         self.emit(JobEvent::Finished { id, status: JobStatus::Succeeded });
     }
