@@ -94,6 +94,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+#[derive(Clone)]
 struct Run {
     clients: usize,
     images_per_sec: f64,
@@ -267,7 +268,7 @@ fn main() {
         );
         println!("{:>8} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10}", "clients", "images/s", "vs 1", "p50 ms", "p99 ms", "/health p99", "UNet calls");
         for clients in [1usize, 4, 16] {
-            let run = if clients == 1 { sequential.clone_run() } else { load(&base, clients, requests).await };
+            let run = if clients == 1 { sequential.clone() } else { load(&base, clients, requests).await };
             println!(
                 "{:>8} {:>10.2} {:>9.2}x {:>10.1} {:>10.1} {:>10.2}ms {:>10}",
                 run.clients,
@@ -283,10 +284,4 @@ fn main() {
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&tmp);
-}
-
-impl Run {
-    fn clone_run(&self) -> Run {
-        Run { clients: self.clients, images_per_sec: self.images_per_sec, p50: self.p50, p99: self.p99, health_p99: self.health_p99, calls: self.calls }
-    }
 }
