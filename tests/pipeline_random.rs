@@ -8,32 +8,15 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::fixture_dir;
+use common::{fixture_dir, tiny_unet_config};
 use diffusiond::diffusion::SchedulerConfig;
 use diffusiond::nn::device::{DeviceSetting, Precision};
-use diffusiond::nn::unet::{LoadedUNet, UNetConfig};
+use diffusiond::nn::unet::LoadedUNet;
 use diffusiond::pipeline::manifest::{StageEntry, TextEncoderEntry};
 use diffusiond::pipeline::stage::StageKind;
 use diffusiond::pipeline::writer::{write_stage, StageFiles};
 use diffusiond::pipeline::{Cascade, LoadOptions, Manifest, RequestSpec};
 use tch::Kind;
-
-fn unet_config(size: i64, in_channels: i64, sr: bool) -> UNetConfig {
-    let mut v = serde_json::json!({
-        "sample_size": size, "in_channels": in_channels, "out_channels": 6, "layers_per_block": 1,
-        "block_out_channels": [32, 32],
-        "down_block_types": ["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
-        "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
-        "up_block_types": ["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
-        "cross_attention_dim": 32, "encoder_hid_dim": 32, "attention_head_dim": 8,
-        "addition_embed_type": "text", "addition_embed_type_num_heads": 2, "cross_attention_norm": "group_norm",
-        "resnet_time_scale_shift": "scale_shift", "act_fn": "gelu"
-    });
-    if sr {
-        v["class_embed_type"] = "timestep".into();
-    }
-    UNetConfig::from_json(&v.to_string()).unwrap()
-}
 
 fn scheduler(json: &str) -> SchedulerConfig {
     SchedulerConfig::from_json_str(json).unwrap()
@@ -50,8 +33,8 @@ fn random_cascade() -> PathBuf {
     );
     let noising = scheduler(r#"{"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}"#);
     tch::manual_seed(3);
-    for (name, kind, size, channels) in [("base", StageKind::Base, 8, 3), ("sr", StageKind::SuperResolution, 16, 6)] {
-        let unet = LoadedUNet::random(&unet_config(size, channels, kind == StageKind::SuperResolution)).unwrap();
+    for (name, kind, size) in [("base", StageKind::Base, 8), ("sr", StageKind::SuperResolution, 16)] {
+        let unet = LoadedUNet::random(&tiny_unet_config(size, kind == StageKind::SuperResolution)).unwrap();
         let files = StageFiles {
             kind,
             unet: &unet,

@@ -4,10 +4,10 @@
 
 mod common;
 
-use common::fixture_dir;
+use common::{fixture_dir, tiny_unet_config};
 use diffusiond::diffusion::{BetaSchedule, NoiseSchedule};
 use diffusiond::nn::text::{TextEncoder, TextEncoderOptions};
-use diffusiond::nn::unet::{LoadedUNet, UNetConfig};
+use diffusiond::nn::unet::LoadedUNet;
 use diffusiond::train::dataset::Dataset;
 use diffusiond::train::loss::HybridLoss;
 use diffusiond::train::optim::{OptimConfig, Optimizer};
@@ -15,20 +15,7 @@ use diffusiond::train::trainer::{StageData, StageTrainer, StepConfig};
 use tch::Kind;
 
 fn unet(size: i64, sr: bool) -> LoadedUNet {
-    let mut v = serde_json::json!({
-        "sample_size": size, "in_channels": if sr { 6 } else { 3 }, "out_channels": 6, "layers_per_block": 1,
-        "block_out_channels": [32, 32],
-        "down_block_types": ["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
-        "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
-        "up_block_types": ["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
-        "cross_attention_dim": 32, "encoder_hid_dim": 32, "attention_head_dim": 8,
-        "addition_embed_type": "text", "addition_embed_type_num_heads": 2, "cross_attention_norm": "group_norm",
-        "resnet_time_scale_shift": "scale_shift", "act_fn": "gelu"
-    });
-    if sr {
-        v["class_embed_type"] = "timestep".into();
-    }
-    LoadedUNet::random(&UNetConfig::from_json(&v.to_string()).unwrap()).unwrap()
+    LoadedUNet::random(&tiny_unet_config(size, sr)).unwrap()
 }
 
 fn encoder() -> TextEncoder {

@@ -218,3 +218,23 @@ pub fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
     let b = b.to_device(tch::Device::Cpu).to_kind(tch::Kind::Double);
     (a - &b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]).max(f64::MIN_POSITIVE)
 }
+
+/// A tiny IF-style UNet config (diffusers' IF test shape, 32/32 channels, 32-wide
+/// text tokens like the tiny BERT fixture); `sr` makes it a super-resolution
+/// stage (6 input channels, noise level as class label).
+pub fn tiny_unet_config(size: i64, sr: bool) -> diffusiond::nn::unet::UNetConfig {
+    let mut v = serde_json::json!({
+        "sample_size": size, "in_channels": if sr { 6 } else { 3 }, "out_channels": 6, "layers_per_block": 1,
+        "block_out_channels": [32, 32],
+        "down_block_types": ["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
+        "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
+        "up_block_types": ["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
+        "cross_attention_dim": 32, "encoder_hid_dim": 32, "attention_head_dim": 8,
+        "addition_embed_type": "text", "addition_embed_type_num_heads": 2, "cross_attention_norm": "group_norm",
+        "resnet_time_scale_shift": "scale_shift", "act_fn": "gelu"
+    });
+    if sr {
+        v["class_embed_type"] = "timestep".into();
+    }
+    diffusiond::nn::unet::UNetConfig::from_json(&v.to_string()).unwrap()
+}
