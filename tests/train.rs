@@ -39,7 +39,7 @@ fn trainer<'a>(unet: &'a LoadedUNet, encoder: &'a TextEncoder, s: &'a NoiseSched
     }
 }
 
-const BASE: StageData = StageData { size: 16, low_res: None, max_noise_level: 0 };
+const BASE: StageData = StageData { size: 16, low_res: None, max_noise_level: 0, crop: None };
 
 #[test]
 fn the_loss_falls_on_a_tiny_base_stage() {
@@ -63,12 +63,28 @@ fn the_loss_falls_on_a_tiny_base_stage() {
 fn a_super_resolution_stage_trains_its_noise_level_embedding() {
     tch::manual_seed(1);
     let (unet, encoder, s) = (unet(32, true), encoder(), schedule());
-    let t = trainer(&unet, &encoder, &s, StageData { size: 32, low_res: Some(16), max_noise_level: 250 });
+    let t = trainer(&unet, &encoder, &s, StageData { size: 32, low_res: Some(16), max_noise_level: 250, crop: Some(16) });
     let mut opt = Optimizer::new(&unet.vs, OptimConfig::default());
     let r = t.step(&mut opt).unwrap();
     assert!(r.loss.is_finite() && r.vlb.is_finite());
     let grad = unet.vs.variables()["class_embedding.linear_1.weight"].grad();
     assert!(grad.abs().max().double_value(&[]) > 0.0, "the augmentation level reaches the UNet");
+}
+
+#[test]
+fn super_resolution_crops_take_the_same_window_of_image_and_condition() {
+    let (unet, encoder, s) = (unet(32, true), encoder(), schedule());
+    // Augmentation level 0 leaves the conditioning image almost clean.
+    let t = trainer(&unet, &encoder, &s, StageData { size: 32, low_res: Some(16), max_noise_level: 1, crop: Some(16) });
+    let b = t.batch(3).unwrap();
+    assert_eq!(b.images.size(), [8, 3, 16, 16]);
+    assert_eq!(b.sample.size(), [8, 6, 16, 16]);
+    let cond = b.sample.narrow(1, 3, 3);
+    let aligned = (&cond - &b.images).abs().mean(Kind::Float).double_value(&[]);
+    // The same windows paired with another sample's condition: a different picture.
+    let shuffled = (&cond.roll([1], [0]) - &b.images).abs().mean(Kind::Float).double_value(&[]);
+    println!("mean |condition - target|: aligned {aligned:.3}, mismatched {shuffled:.3}");
+    assert!(aligned < 0.1 && aligned < shuffled / 4.0, "aligned {aligned}, mismatched {shuffled}");
 }
 
 #[test]

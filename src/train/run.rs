@@ -36,6 +36,9 @@ pub struct TrainConfig {
     pub low_res: Option<u32>,
     #[serde(default)]
     pub max_noise_level: i64,
+    /// Train on random windows of this side instead of whole images.
+    #[serde(default)]
+    pub crop: Option<u32>,
     /// The UNet's diffusers `config.json` contents.
     pub unet: serde_json::Value,
     /// The stage's diffusers scheduler config (training uses its noise schedule).
@@ -122,7 +125,7 @@ impl Run {
             schedule: &schedule,
             noising: &noising,
             loss: HybridLoss::new(&schedule, c.vlb_lambda),
-            data: StageData { size: c.size, low_res: c.low_res, max_noise_level: c.max_noise_level },
+            data: StageData { size: c.size, low_res: c.low_res, max_noise_level: c.max_noise_level, crop: c.crop },
             config: StepConfig { batch: c.batch, uncond_prob: c.uncond_prob, seed: c.seed },
             dataset: Dataset::new(c.seed),
         };
