@@ -5,7 +5,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -138,7 +138,13 @@ impl Run {
             let done = opt.step_count();
             let rate = (done - first) as f64 * c.batch as f64 / started.elapsed().as_secs_f64();
             progress(done, r.loss, rate);
-            writeln!(log, "step {done} loss {:.5} mse {:.5} vlb {:.5} lr {:.2e} grad_norm {:.3} images/s {rate:.1}", r.loss, r.mse, r.vlb, r.optim.lr, r.optim.grad_norm)?;
+            // Unix time on every line: a resumed run's log still adds up to its wall time.
+            let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            writeln!(
+                log,
+                "step {done} loss {:.5} mse {:.5} vlb {:.5} lr {:.2e} grad_norm {:.3} images/s {rate:.1} unix {unix}",
+                r.loss, r.mse, r.vlb, r.optim.lr, r.optim.grad_norm
+            )?;
             if done.is_multiple_of(c.checkpoint_every) || done == end {
                 self.checkpoint(&unet, &opt)?;
             }
