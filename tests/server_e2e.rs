@@ -29,6 +29,8 @@ fn config(name: &str) -> ServerConfig {
         bind: "127.0.0.1:0".parse().unwrap(),
         model_dir: fixture_dir().join("cascade"),
         data_dir,
+        store: None,
+        shared_queue: Default::default(),
         load: CPU,
         engine: EngineConfig::default(),
         limits: QueueLimits { max_waiting_jobs: 256, retry_after_secs: 2 },

@@ -239,6 +239,8 @@ impl From<QueueError> for ApiError {
             QueueError::Full { depth, retry_after_secs } => Self::QueueFull { depth, retry_after_secs },
             // Draining: another replica (or this one, restarted) will take it.
             QueueError::Closed => Self::ShuttingDown { retry_after_secs: ApiConfig::DEFAULT_RETRY_AFTER_SECS },
+            // The shared queue (Redis) is down: a 503 that says so, not a full queue.
+            QueueError::Unavailable { retry_after_secs } => Self::NotReady { reason: "the job queue is unavailable", retry_after_secs },
         }
     }
 }

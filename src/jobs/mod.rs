@@ -8,6 +8,10 @@
 //! | `queue` | the `JobQueue` trait handlers submit through, and job events |
 //! | `embedded` | the SQLite store in a data directory (WAL, synchronous writes) |
 //! | `redis` | the Redis store several replicas share (Lua scripts, TTL retention) |
+//! | `redis_pool` | the pooled and dedicated Redis connections the store and the queue use |
+//! | `stream` | the shared work queue's protocol: a Redis stream, consumer group `workers` |
+//! | `redis_queue` | the HTTP side's `JobQueue` over that stream (cluster-wide capacity) |
+//! | `redis_events` | job events and cancellations across replicas (pub/sub, store fallback) |
 //! | `conformance` | the checks every `JobStore` backend must pass (test support) |
 
 pub mod conformance;
@@ -15,7 +19,11 @@ pub mod embedded;
 pub mod model;
 pub mod queue;
 pub mod redis;
+pub mod redis_events;
+mod redis_pool;
+pub mod redis_queue;
 pub mod store;
+pub mod stream;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -25,7 +33,10 @@ pub use self::redis::{is_redis_url, RedisOptions, RedisStore};
 pub use embedded::EmbeddedStore;
 pub use model::{now_ms, ImageInfo, JobError, JobId, JobProgress, JobRecord, JobStatus};
 pub use queue::{event_channel, EventSender, JobEvent, JobQueue, QueueError};
+pub use redis_events::{EventRelay, RelayConfig, RelayHandle, RelayTargets};
+pub use redis_queue::{RedisQueue, SharedLimits};
 pub use store::{Created, JobStore, StoreError};
+pub use stream::{Backlog, Delivery, QueueKeys, StreamOptions, WorkStream};
 
 /// Opens the store a `--store` setting names: a Redis URL (`redis://host:port/db`,
 /// `redis+unix:///path?db=N`; see [`is_redis_url`]) opens the shared store, whose

@@ -15,6 +15,9 @@ pub enum QueueError {
     /// Shutting down (draining): no new work is accepted.
     #[error("the server is shutting down")]
     Closed,
+    /// The shared queue (Redis) cannot be reached; details are in the log.
+    #[error("the job queue is unavailable")]
+    Unavailable { retry_after_secs: u64 },
 }
 
 pub trait JobQueue: Send + Sync + 'static {

@@ -15,7 +15,7 @@
 //! | `{p}:job:{id}:images` | hash | image index (decimal) → PNG bytes, written by `complete` |
 //! | `{p}:jobs:queued`, `{p}:jobs:running` | sorted set | job ids scored by `created_at` |
 //! | `{p}:jobs:succeeded`, `…:failed`, `…:canceled` | sorted set | job ids scored by `completed_at` |
-//! | `{p}:queue:…` | | reserved for the work queue (Redis Streams), which lives beside this store |
+//! | `{p}:queue`, `{p}:queue:…` | | the work queue (a Redis stream and its dead letters), which lives beside this store: see `stream` |
 //!
 //! A job hash has `spec` (JSON `{owner, request}`, never changed after create),
 //! `status`, `created_at`, `seq`, `attempts`, and, once they have values,
@@ -55,23 +55,21 @@
 //! # Connections
 //!
 //! The trait is synchronous (callers are on the blocking pool), so this uses the
-//! synchronous client with a small pool of idle connections: each call takes
-//! one (or connects), and returns it only after success. A failed connection is
-//! dropped, never reused. A pooled connection that turns out to be closed
-//! (Redis restarted, an idle timeout) is retried once on a fresh connection:
-//! the command never reached Redis. Every transition is idempotent, so even the
+//! synchronous client with a small pool of idle connections (`redis_pool`): a
+//! failed connection is dropped, a pooled one found closed is retried once on a
+//! fresh connection. Every transition is idempotent, so even the
 //! rare ambiguous retry is harmless: at worst `start` counts one extra attempt,
 //! or `complete` reports `false` for a result its first try did store. A call
 //! that times out is not retried (Redis may still be running it).
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use ::redis::{Client, Connection, RedisError, RedisResult, Script, ScriptInvocation};
+use ::redis::{Script, ScriptInvocation};
 use serde::{Deserialize, Serialize};
 
 use super::model::{ImageInfo, JobError, JobId, JobProgress, JobRecord, JobStatus};
+use super::redis_pool::Pool;
 use super::store::{Created, JobStore, Result, StatusCounts, StoreError};
 use crate::pipeline::GenerationRequest;
 
@@ -141,14 +139,10 @@ impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The address only: the URL may carry a password.
         f.debug_struct("RedisStore")
-            .field("server", &self.pool.server)
+            .field("server", &self.pool.server())
             .field("prefix", &self.keys.prefix)
             .finish_non_exhaustive()
     }
-}
-
-fn backend(context: &str) -> impl Fn(RedisError) -> StoreError + '_ {
-    move |e| StoreError::Backend(format!("redis: {context}: {e}"))
 }
 
 impl RedisStore {
@@ -156,11 +150,8 @@ impl RedisStore {
     /// `redis+unix:///path/to/socket?db=N`), checks the key layout version and
     /// records it on first use. Fails when Redis cannot be reached.
     pub fn open(url: &str, options: RedisOptions) -> Result<Self> {
-        let client = Client::open(url).map_err(backend("invalid URL"))?;
-        let info = client.get_connection_info();
-        let server = format!("{}/{}", info.addr(), info.redis_settings().db());
         let store = Self {
-            pool: Pool { client, server, idle: Mutex::new(Vec::new()), options: options.clone() },
+            pool: Pool::open(url, options.timeout, options.max_idle)?,
             keys: Keys { prefix: options.prefix.clone() },
             scripts: Scripts::new(),
             ttl_ms: options.ttl_ms(),
@@ -200,7 +191,7 @@ impl RedisStore {
         });
         if let Some(policy) = policy.ok().and_then(|mut m| m.remove("maxmemory-policy")) {
             if policy.starts_with("allkeys") {
-                tracing::warn!(server = %self.pool.server, %policy, "redis may evict unfinished jobs; use noeviction or a volatile-* policy");
+                tracing::warn!(server = %self.pool.server(), %policy, "redis may evict unfinished jobs; use noeviction or a volatile-* policy");
             }
         }
     }
@@ -616,56 +607,6 @@ for i, set in ipairs(KEYS) do
 end
 return {purged, more}
 ";
-
-/// Idle connections for reuse. Held only to push or pop one connection, never
-/// while a command runs.
-struct Pool {
-    client: Client,
-    /// `host:port/db` or `socket/db`, for messages (never the URL: it may hold a password).
-    server: String,
-    idle: Mutex<Vec<Connection>>,
-    options: RedisOptions,
-}
-
-impl Pool {
-    fn idle(&self) -> MutexGuard<'_, Vec<Connection>> {
-        // Only push and pop happen under the lock; a panic cannot leave it inconsistent.
-        self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn connect(&self) -> RedisResult<Connection> {
-        let conn = self.client.get_connection_with_timeout(self.options.timeout)?;
-        conn.set_read_timeout(Some(self.options.timeout))?;
-        conn.set_write_timeout(Some(self.options.timeout))?;
-        Ok(conn)
-    }
-
-    /// Runs `op` on a pooled connection (or a new one), retrying once on a new
-    /// connection when a pooled one turns out to be closed.
-    fn run<T>(&self, what: &str, op: impl Fn(&mut Connection) -> RedisResult<T>) -> Result<T> {
-        let pooled = self.idle().pop();
-        let outcome = match pooled {
-            Some(mut conn) => match op(&mut conn) {
-                // Closed while idle: the command never reached Redis.
-                Err(e) if e.is_connection_dropped() && !e.is_timeout() => {
-                    tracing::debug!(server = %self.server, error = %e, "redis: pooled connection was closed; reconnecting");
-                    self.connect().and_then(|mut conn| op(&mut conn).map(|v| (v, conn)))
-                }
-                other => other.map(|v| (v, conn)),
-            },
-            None => self.connect().and_then(|mut conn| op(&mut conn).map(|v| (v, conn))),
-        };
-        // A connection that failed is dropped (its replies may be out of step);
-        // only one that just succeeded goes back.
-        let (value, conn) =
-            outcome.map_err(|e| StoreError::Backend(format!("redis ({}): {what}: {e}", self.server)))?;
-        let mut idle = self.idle();
-        if idle.len() < self.options.max_idle {
-            idle.push(conn);
-        }
-        Ok(value)
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -91,6 +91,12 @@ impl LocalQueue {
     pub fn clear_waiting(&self) {
         self.lock().waiting.clear();
     }
+
+    /// Takes every waiting job out of the list, oldest first (a draining
+    /// replica hands them back to the shared queue).
+    pub fn take_waiting(&self) -> Vec<JobId> {
+        self.lock().waiting.drain(..).collect()
+    }
 }
 
 impl JobQueue for LocalQueue {
@@ -156,6 +162,10 @@ mod tests {
         assert!(q.take_canceled().is_empty());
         assert_eq!(q.pop(), Some(id(2)));
         assert_eq!(q.pop(), None);
+        q.resume(id(4));
+        q.resume(id(5));
+        assert_eq!(q.take_waiting(), vec![id(4), id(5)]);
+        assert_eq!(q.depth(), 0);
         q.close();
         assert_eq!(q.submit(id(3)), Err(QueueError::Closed));
     }

@@ -1,6 +1,7 @@
 //! Starting the compute thread: load the cascade, run one warm-up generation,
-//! put the jobs a previous run left unfinished back in the queue, announce
-//! readiness, then batch until drained.
+//! put the jobs a previous run left unfinished back in the queue (with the
+//! embedded store; a shared queue keeps its own), announce readiness, then
+//! batch until drained.
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -45,8 +46,29 @@ fn warm_up(cascade: &Cascade) -> Result<(), crate::pipeline::PipelineError> {
     cascade.generate(&cascade.plan(&spec)?, &mut |_| ControlFlow::Continue(())).map(|_| ())
 }
 
-/// Spawns the compute thread.
+/// Where the jobs a previous run left come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// This process owns the store: queue its unfinished jobs again at start.
+    FromStore,
+    /// Replicas share the store and a queue whose pending entries are the
+    /// truth (`redis_intake` feeds the worker): resume nothing here.
+    Nothing,
+}
+
+/// Spawns the compute thread, resuming the store's unfinished jobs.
 pub fn spawn(settings: WorkerSettings, store: Arc<dyn JobStore>, events: EventSender, readiness: Arc<ReadinessSender>) -> std::io::Result<WorkerHandle> {
+    spawn_with(settings, Resume::FromStore, store, events, readiness)
+}
+
+/// Spawns the compute thread.
+pub fn spawn_with(
+    settings: WorkerSettings,
+    resume: Resume,
+    store: Arc<dyn JobStore>,
+    events: EventSender,
+    readiness: Arc<ReadinessSender>,
+) -> std::io::Result<WorkerHandle> {
     let queue = Arc::new(LocalQueue::new(settings.limits));
     let stats = Arc::new(EngineStats::default());
     let (q, s) = (queue.clone(), stats.clone());
@@ -70,7 +92,7 @@ pub fn spawn(settings: WorkerSettings, store: Arc<dyn JobStore>, events: EventSe
             }
             tracing::info!(secs = t.elapsed().as_secs_f64(), "warm-up generation done");
         }
-        match store.unfinished() {
+        match if resume == Resume::FromStore { store.unfinished() } else { Ok(Vec::new()) } {
             Ok(jobs) => {
                 if !jobs.is_empty() {
                     tracing::info!(jobs = jobs.len(), "resuming unfinished jobs");
