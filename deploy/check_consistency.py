@@ -176,7 +176,8 @@ def check_overlay(name: str, docs: list[dict], body_limit: int | None) -> set[st
             want = f"redis.{redis['metadata'].get('namespace')}.svc.cluster.local:6379"
             check(meta.get("address") == want, f"{where}: trigger address {meta.get('address')!r}, want {want} (Redis's namespace)")
             check(meta.get("databaseIndex", "0") == STORE_URL.rsplit("/", 1)[1], f"{where}: trigger databaseIndex is not the store URL's")
-            check(meta.get("pendingEntriesCount") == config.get("DIFFUSIOND_MAX_ACTIVE_JOBS"), f"{where}: pendingEntriesCount is not DIFFUSIOND_MAX_ACTIVE_JOBS")
+            check("pendingEntriesCount" not in meta, f"{where}: pendingEntriesCount cannot grow past the running jobs (replicas claim only what they start); scale on lagCount")
+            check(meta.get("lagCount") == config.get("DIFFUSIOND_MAX_ACTIVE_JOBS"), f"{where}: lagCount is not DIFFUSIOND_MAX_ACTIVE_JOBS")
         check(scaled["spec"].get("minReplicaCount", 0) >= 2, f"{where}: fewer than 2 replicas at minimum (the PDB allows one down)")
     return set(config) | set(env)
 
