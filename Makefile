@@ -18,6 +18,8 @@ help:
 	@echo "make build     release build of the diffusiond binary"
 	@echo "make fixtures  regenerate the diffusers parity fixtures under tests/fixtures"
 	@echo "make bench     time samplers and the UNet against diffusers on the same torch"
+	@echo "make train     retrain the default cascade from models/default/train/*.json (resumable)"
+	@echo "make eval      prompt-adherence tables of the default cascade"
 	@echo "make encoder   fetch the default text encoder (all-MiniLM-L6-v2) into models/"
 	@echo "make refenv    create the pinned diffusers/transformers reference venv"
 
@@ -88,6 +90,23 @@ refenv: $(REFENV_STAMP)
 $(REFENV_STAMP): scripts/gen_fixtures.py | $(TORCH_STAMP)
 	$(PYTHON) scripts/gen_fixtures.py --setup
 	touch $@
+
+# Retraining the shipped cascade: each stage from its committed config, resuming
+# from runs/<stage>/checkpoint when one exists, then exporting the EMA weights
+# (f16) into models/default/<stage>. DEVICE=cuda trains on a GPU.
+STAGES := base sr64 sr128
+DEVICE ?= auto
+.PHONY: train eval
+train: build encoder
+	for stage in $(STAGES); do \
+		target/release/diffusiond train --config models/default/train/$$stage.json --out runs/$$stage \
+			--device $(DEVICE) --export models/default/$$stage || exit 1; \
+	done
+
+eval: build encoder
+	target/release/diffusiond eval --ground-truth --size 64
+	target/release/diffusiond eval --model models/default --size 64 --table steps
+	target/release/diffusiond eval --model models/default --size 64 --table guidance
 
 # Speed comparisons against diffusers on the same torch (figures and ratios, not tests).
 bench: venv refenv

@@ -64,7 +64,7 @@ pub fn run(args: DatasetArgs) -> anyhow::Result<()> {
 }
 
 /// Tiles square images row by row in a near-square grid on a mid-grey ground.
-fn grid(images: &[RgbImage], size: u32) -> RgbImage {
+pub(super) fn grid(images: &[RgbImage], size: u32) -> RgbImage {
     let n = images.len() as u32;
     let columns = (n as f64).sqrt().ceil().max(1.0) as u32;
     let rows = n.div_ceil(columns);

@@ -2,6 +2,7 @@
 
 mod dataset;
 mod env;
+mod eval;
 mod generate;
 mod info;
 mod openapi;
@@ -36,6 +37,8 @@ pub enum Command {
     Openapi(openapi::OpenApiArgs),
     /// Preview the synthetic captioned-shapes training data: a grid of samples and their captions.
     Dataset(dataset::DatasetArgs),
+    /// Score prompt adherence, GenEval-style: per-category accuracy of a cascade's samples (or of ground-truth renders).
+    Eval(eval::EvalArgs),
 }
 
 impl Cli {
@@ -49,6 +52,7 @@ impl Cli {
             Command::Train(args) => train::run(args),
             Command::Openapi(args) => openapi::run(args),
             Command::Dataset(args) => dataset::run(args),
+            Command::Eval(args) => eval::run(args),
         }
     }
 }
