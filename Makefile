@@ -46,8 +46,13 @@ serve: venv encoder
 	@test -f $(MODEL)/cascade.json || { echo "no cascade at $(MODEL) (missing $(MODEL)/cascade.json); try: make serve MODEL=tests/fixtures/cascade"; exit 2; }
 	$(CARGO) run $(CARGO_FLAGS) --release -- serve --model $(MODEL) --bind $(BIND) --data-dir $(DATA_DIR)
 
+# After the Rust suite: the deployment files (lint, render, schemas, nginx -t)
+# and the container's runtime tree, staged in a temporary folder and started.
 test: venv encoder refenv redis nginx
 	$(CARGO) test $(CARGO_FLAGS)
+	BINARY=target/debug/diffusiond scripts/check_deploy.sh
+	rt=$$(mktemp -d) && scripts/runtime_tree.sh --binary target/debug/diffusiond --model tests/fixtures/cascade $$rt/tree; \
+		status=$$?; rm -rf $$rt; exit $$status
 
 # The Redis job store tests (tests/jobs_redis.rs) start their own redis-server,
 # from the Debian package; sudo only when not root.
