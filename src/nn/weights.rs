@@ -131,7 +131,15 @@ pub fn save_tensors(tensors: &BTreeMap<String, Tensor>, file: &Path) -> Result<(
         tensors.iter().map(|(n, t)| Ok((n.clone(), OwnedView::new(n, t)?))).collect::<Result<_>>()?;
     let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
     safetensors::serialize_to_file(views, Some(metadata), file)
-        .map_err(|e| NnError::Safetensors { file: file.display().to_string(), reason: e.to_string() })
+        .map_err(|e| NnError::Safetensors { file: file.display().to_string(), reason: e.to_string() })?;
+    // The safetensors crate writes through a private (0600) temporary file;
+    // weights are read by other users too (a container's non-root server).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).map_err(|e| NnError::io(file, e))?;
+    }
+    Ok(())
 }
 
 fn map_file(file: &Path) -> Result<memmap2::Mmap> {

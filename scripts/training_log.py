@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""Summarises `diffusiond train` runs as the small training log committed next to
+the shipped weights: per stage the steps, images seen, wall time, throughput and
+losses (means over windows of steps, so the curve is readable).
+
+    scripts/training_log.py runs/base runs/sr64 runs/sr128 > models/default/TRAINING.md
+
+A resumed run repeats the steps after its last checkpoint; the later line wins.
+Wall time adds up the gaps between consecutive time-stamped lines (a gap over
+ten minutes is a pause, not training); lines written before time stamps
+existed are counted at the run's mean step time and marked as estimated.
+"""
+
+import json
+import os
+import platform
+import sys
+
+WINDOW = 250
+PAUSE = 600
+
+
+def read(run):
+    steps = {}
+    for line in open(os.path.join(run, "train.log")):
+        f = line.split()
+        fields = dict(zip(f[0::2], f[1::2]))
+        steps[int(fields["step"])] = fields
+    return [steps[k] for k in sorted(steps)]
+
+
+def cpu():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} threads"
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main(runs):
+    print("# Training log of the default cascade\n")
+    print(f"Hardware: {cpu()}; libtorch CPU, f32.\n")
+    print("Made by `scripts/training_log.py` from each run's `train.log`; configs in `train/`.")
+    print("Stages that trained at the same time shared the machine, so each one's images/s is its share.\n")
+    for run in runs:
+        name = os.path.basename(os.path.normpath(run))
+        config = json.load(open(os.path.join("models/default/train", f"{name}.json")))
+        # Steps a stopped run took past its last checkpoint are not in the weights.
+        rows = [r for r in read(run) if int(r["step"]) <= config["steps"]]
+        stamps = [int(r["unix"]) for r in rows if "unix" in r]
+        gaps = [b - a for a, b in zip(stamps, stamps[1:]) if 0 < b - a < PAUSE]
+        per_step = sum(gaps) / len(gaps) if gaps else 0.0
+        unstamped = sum(1 for r in rows if "unix" not in r)
+        wall = sum(gaps) + unstamped * per_step
+        last = rows[-WINDOW // 2 :]
+        mean = lambda key, rs: sum(float(r[key]) for r in rs) / len(rs)
+        print(f"## {name}\n")
+        print(f"- steps: {len(rows)} of batch {config['batch']} ({len(rows) * config['batch']} images), lr {config['lr']}, EMA {config['ema_decay']}")
+        estimate = f" ({unstamped} early steps estimated at the mean step time)" if unstamped else ""
+        print(f"- wall time: {wall / 3600:.2f} h{estimate}; {config['batch'] / per_step if per_step else 0:.1f} images/s on average")
+        print(f"- final losses (mean of the last {len(last)} steps): total {mean('loss', last):.4f}, ε-MSE {mean('mse', last):.4f}, λ·L_vlb {mean('vlb', last):.5f}\n")
+        print("| steps | ε-MSE | total |\n|---:|---:|---:|")
+        for start in range(0, len(rows), WINDOW):
+            window = rows[start : start + WINDOW]
+            print(f"| {int(window[0]['step'])}–{int(window[-1]['step'])} | {mean('mse', window):.4f} | {mean('loss', window):.4f} |")
+        print()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
