@@ -108,10 +108,14 @@ train: build encoder
 			--device $(DEVICE) --export models/default/$$stage || exit 1; \
 	done
 
+# The figures in the README: the detector on ground truth, the base stage's
+# sweeps at 32 px, the whole cascade at 128 px. EVAL_N prompts per category.
+EVAL_N ?= 4
 eval: build encoder
-	target/release/diffusiond eval --ground-truth --size 64
-	target/release/diffusiond eval --model models/default --size 64 --table steps
-	target/release/diffusiond eval --model models/default --size 64 --table guidance
+	target/release/diffusiond eval --ground-truth --size 32 --per-category 50
+	target/release/diffusiond eval --model models/default --size 32 --per-category $(EVAL_N) --images 1 --table steps
+	target/release/diffusiond eval --model models/default --size 32 --per-category $(EVAL_N) --images 1 --table guidance
+	target/release/diffusiond eval --model models/default --size 128 --per-category $(EVAL_N) --images 1
 
 # Speed comparisons against diffusers on the same torch (figures and ratios, not tests).
 bench: venv refenv
