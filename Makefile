@@ -51,7 +51,7 @@ serve: venv encoder
 test: venv encoder refenv redis nginx
 	$(CARGO) test $(CARGO_FLAGS)
 	BINARY=target/debug/diffusiond scripts/check_deploy.sh
-	rt=$$(mktemp -d) && scripts/runtime_tree.sh --binary target/debug/diffusiond --model tests/fixtures/cascade $$rt/tree; \
+	rt=$$(mktemp -d) && chmod 755 $$rt && scripts/runtime_tree.sh --binary target/debug/diffusiond --model tests/fixtures/cascade $$rt/tree; \
 		status=$$?; rm -rf $$rt; exit $$status
 
 # The Redis job store tests (tests/jobs_redis.rs) start their own redis-server,

@@ -188,7 +188,7 @@ def check_server_variables(binary: Path, used: set[str]) -> None:
     except (OSError, subprocess.SubprocessError) as e:
         failures.append(f"{binary} serve --help: {e}")
         return
-    known = set(re.findall(r"\[env: (DIFFUSIOND_\w+)=", help_text))
+    known = set(re.findall(r"\[env: (DIFFUSIOND_\w+)[=\]]", help_text))  # `NAME]` when the value is hidden
     has_store = "--store" in help_text
     for name in sorted(v for v in used if v.startswith("DIFFUSIOND_")):
         if name == "DIFFUSIOND_STORE" and not has_store:
