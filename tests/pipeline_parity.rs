@@ -10,7 +10,7 @@ use diffusiond::nn::device::{DeviceSetting, Precision};
 use diffusiond::pipeline::{Cascade, LoadOptions};
 use tch::Tensor;
 
-/// The bound: max |ours − diffusers| over the stage output, in [-1, 1] units.
+/// The agreed bound: max |ours − diffusers| over the stage output, in [-1, 1] units.
 const TOLERANCE: f64 = 1e-3;
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
