@@ -43,7 +43,9 @@ pub trait JobQueue: Send + Sync + 'static {
 /// What happened to a job, for Server-Sent Events and for sync requests waiting
 /// on their result. Every state change is also in the store: a listener that
 /// lags behind re-reads the record instead of relying on the stream.
-#[derive(Debug, Clone, PartialEq)]
+/// Serialised (tagged by `event`) when replicas relay events over Redis.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
 pub enum JobEvent {
     Queued { id: JobId },
     Started { id: JobId },

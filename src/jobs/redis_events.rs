@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::{self, error::RecvError};
 
-use super::model::{JobId, JobProgress, JobStatus};
+use super::model::JobId;
 use super::queue::{EventSender, JobEvent};
 use super::store::JobStore;
 use super::stream::WorkStream;
@@ -58,41 +58,7 @@ pub struct RelayConfig {
 struct Envelope {
     origin: String,
     #[serde(flatten)]
-    event: WireEvent,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-enum WireEvent {
-    Queued { id: JobId },
-    Started { id: JobId },
-    Progress { id: JobId, progress: JobProgress },
-    StageDone { id: JobId, stage: usize, stage_name: String },
-    Finished { id: JobId, status: JobStatus },
-}
-
-impl From<JobEvent> for WireEvent {
-    fn from(e: JobEvent) -> Self {
-        match e {
-            JobEvent::Queued { id } => Self::Queued { id },
-            JobEvent::Started { id } => Self::Started { id },
-            JobEvent::Progress { id, progress } => Self::Progress { id, progress },
-            JobEvent::StageDone { id, stage, stage_name } => Self::StageDone { id, stage, stage_name },
-            JobEvent::Finished { id, status } => Self::Finished { id, status },
-        }
-    }
-}
-
-impl From<WireEvent> for JobEvent {
-    fn from(e: WireEvent) -> Self {
-        match e {
-            WireEvent::Queued { id } => Self::Queued { id },
-            WireEvent::Started { id } => Self::Started { id },
-            WireEvent::Progress { id, progress } => Self::Progress { id, progress },
-            WireEvent::StageDone { id, stage, stage_name } => Self::StageDone { id, stage, stage_name },
-            WireEvent::Finished { id, status } => Self::Finished { id, status },
-        }
-    }
+    event: JobEvent,
 }
 
 /// What the publisher sends.
@@ -288,7 +254,7 @@ fn publish(shared: &Shared, outgoing: &Receiver<Outgoing>) {
         for m in &batch {
             match m {
                 Outgoing::Event(e) => {
-                    let envelope = Envelope { origin: shared.origin.clone(), event: e.clone().into() };
+                    let envelope = Envelope { origin: shared.origin.clone(), event: e.clone() };
                     let json = serde_json::to_string(&envelope).expect("events serialise");
                     pipe.cmd("PUBLISH").arg(&keys.events).arg(json).ignore();
                 }
@@ -364,7 +330,7 @@ fn subscribe(shared: &Shared, store: &dyn JobStore, events: &EventSender, cancel
             }
             match serde_json::from_slice::<Envelope>(payload) {
                 Ok(envelope) => {
-                    let event = JobEvent::from(envelope.event);
+                    let event = envelope.event;
                     if let JobEvent::Finished { id, .. } = &event {
                         shared.watched().remove(id);
                     }
@@ -411,6 +377,7 @@ fn poll_if_due(shared: &Shared, store: &dyn JobStore, events: &EventSender, next
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jobs::model::{JobProgress, JobStatus};
 
     #[test]
     fn events_round_trip_through_the_wire_format() {
@@ -424,11 +391,11 @@ mod tests {
             JobEvent::Finished { id, status: JobStatus::Canceled },
         ];
         for event in all {
-            let json = serde_json::to_string(&Envelope { origin: "a".into(), event: event.clone().into() }).unwrap();
+            let json = serde_json::to_string(&Envelope { origin: "a".into(), event: event.clone() }).unwrap();
             let back: Envelope = serde_json::from_str(&json).unwrap();
-            assert_eq!((back.origin.as_str(), JobEvent::from(back.event)), ("a", event), "{json}");
+            assert_eq!((back.origin.as_str(), back.event), ("a", event), "{json}");
         }
-        let json = serde_json::to_string(&Envelope { origin: "b".into(), event: WireEvent::Finished { id, status: JobStatus::Succeeded } }).unwrap();
+        let json = serde_json::to_string(&Envelope { origin: "b".into(), event: JobEvent::Finished { id, status: JobStatus::Succeeded } }).unwrap();
         assert_eq!(json, format!(r#"{{"origin":"b","event":"finished","id":"{id}","status":"succeeded"}}"#));
     }
 }
