@@ -23,6 +23,8 @@ PAUSE = 600
 def read(run):
     steps = {}
     for line in open(os.path.join(run, "train.log")):
+        if line.startswith("#"):
+            continue  # a run's start or resume, or a skipped mixed-precision step
         f = line.split()
         fields = dict(zip(f[0::2], f[1::2]))
         steps[int(fields["step"])] = fields

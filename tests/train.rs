@@ -11,7 +11,7 @@ use diffusiond::nn::unet::LoadedUNet;
 use diffusiond::train::dataset::Dataset;
 use diffusiond::train::loss::HybridLoss;
 use diffusiond::train::optim::{OptimConfig, Optimizer};
-use diffusiond::train::trainer::{StageData, StageTrainer, StepConfig};
+use diffusiond::train::trainer::{BatchSource, Precision, StageData, StageTrainer, StepConfig};
 use tch::Kind;
 
 fn unet(size: i64, sr: bool) -> LoadedUNet {
@@ -33,9 +33,9 @@ fn trainer<'a>(unet: &'a LoadedUNet, encoder: &'a TextEncoder, s: &'a NoiseSched
         schedule: s,
         noising: s,
         loss: HybridLoss::new(s, 0.001),
-        data,
-        config: StepConfig { batch: 8, uncond_prob: 0.1, seed: 5 },
-        dataset: Dataset::new(1),
+        source: BatchSource { data, config: StepConfig { batch: 8, uncond_prob: 0.1, seed: 5 }, dataset: Dataset::new(1), train_steps: s.len() as i64 },
+        precision: Precision::F32,
+        prefetch: None,
     }
 }
 
@@ -132,7 +132,7 @@ fn an_interrupted_run_resumes_exactly() {
 
 #[test]
 fn a_run_checkpoints_resumes_and_exports_a_stage_folder() {
-    use diffusiond::train::run::{Run, TrainConfig};
+    use diffusiond::train::run::{Run, RunOptions, TrainConfig};
     let dir = std::env::temp_dir().join(format!("diffusiond-train-run-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -144,17 +144,78 @@ fn a_run_checkpoints_resumes_and_exports_a_stage_folder() {
         "steps": 4, "batch": 4, "lr": 1e-3, "warmup_steps": 2, "ema_decay": 0.9, "checkpoint_every": 2
     });
     std::fs::write(dir.join("train.json"), config.to_string()).unwrap();
-    let run = Run { config: TrainConfig::from_file(&dir.join("train.json")).unwrap(), out: dir.join("run"), device: tch::Device::Cpu };
+    let run = Run {
+        config: TrainConfig::from_file(&dir.join("train.json")).unwrap(),
+        out: dir.join("run"),
+        device: tch::Device::Cpu,
+        options: RunOptions::default(),
+    };
     assert_eq!(run.train(Some(3), &mut |_, _, _| {}).unwrap(), 3);
     // A second invocation resumes from the step-3 checkpoint and stops at the configured end.
     let mut seen = Vec::new();
     assert_eq!(run.train(None, &mut |step, _, _| seen.push(step)).unwrap(), 4);
     assert_eq!(seen, [4]);
     let log = std::fs::read_to_string(dir.join("run/train.log")).unwrap();
-    assert_eq!(log.lines().count(), 4, "{log}");
+    assert_eq!(log.lines().filter(|l| l.starts_with("step ")).count(), 4, "{log}");
     run.export(&dir.join("stage")).unwrap();
     let exported = LoadedUNet::load(&dir.join("stage/unet"), tch::Device::Cpu, Kind::Float).unwrap();
     assert_eq!(exported.parameter_count(), unet(16, false).parameter_count());
     assert!(dir.join("stage/scheduler/scheduler_config.json").is_file() && dir.join("stage/model_index.json").is_file());
+
+    // A run that starts from the exported weights: with a zero learning rate its
+    // first checkpoint holds exactly those weights.
+    let mut tuned = config.clone();
+    tuned["init"] = serde_json::json!("stage");
+    tuned["lr"] = serde_json::json!(0.0);
+    tuned["steps"] = serde_json::json!(1);
+    tuned["scheduler"]["prediction_type"] = serde_json::json!("v_prediction");
+    std::fs::write(dir.join("tune.json"), tuned.to_string()).unwrap();
+    let tune = Run { config: TrainConfig::from_file(&dir.join("tune.json")).unwrap(), out: dir.join("tune"), device: tch::Device::Cpu, options: RunOptions::default() };
+    assert_eq!(tune.train(None, &mut |_, _, _| {}).unwrap(), 1);
+    let start = LoadedUNet::load(&dir.join("tune/checkpoint"), tch::Device::Cpu, Kind::Float).unwrap();
+    let (a, b) = (exported.vs.variables(), start.vs.variables());
+    assert!(a.keys().all(|k| a[k].equal(&b[k])), "the run did not start from the init weights");
+    tuned["init"] = serde_json::json!("no-such-stage");
+    std::fs::write(dir.join("bad.json"), tuned.to_string()).unwrap();
+    let bad = Run { config: TrainConfig::from_file(&dir.join("bad.json")).unwrap(), out: dir.join("bad"), device: tch::Device::Cpu, options: RunOptions::default() };
+    assert!(bad.train(None, &mut |_, _, _| {}).is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn prefetching_threads_and_a_time_limit_leave_the_numbers_unchanged() {
+    use diffusiond::train::run::{Run, RunOptions, TrainConfig};
+    let dir = std::env::temp_dir().join(format!("diffusiond-train-prefetch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    tch::manual_seed(4);
+    let init = unet(16, true);
+    let unet_config: serde_json::Value = serde_json::from_str(&init.model.config().to_json()).unwrap();
+    let config = serde_json::json!({
+        "seed": 7, "encoder": std::fs::canonicalize(fixture_dir().join("text/tiny-bert")).unwrap(), "max_length": 16,
+        "size": 16, "low_res": 8, "max_noise_level": 100, "crop": 8, "unet": unet_config,
+        "scheduler": {"_class_name": "DDPMScheduler", "beta_schedule": "squaredcos_cap_v2", "variance_type": "learned_range"},
+        "steps": 5, "batch": 4, "lr": 1e-3, "warmup_steps": 2, "ema_decay": 0.9, "checkpoint_every": 100
+    });
+    std::fs::write(dir.join("train.json"), config.to_string()).unwrap();
+    let run = |name: &str, options: RunOptions| {
+        // Both runs start from the same weights: a checkpoint-less run would draw its own.
+        let out = dir.join(name);
+        init.save(&out.join("checkpoint"), Kind::Float).unwrap();
+        let fresh = Optimizer::new(&init.vs, OptimConfig::default());
+        fresh.save(&out.join("checkpoint/optimizer.safetensors")).unwrap();
+        let run = Run { config: TrainConfig::from_file(&dir.join("train.json")).unwrap(), out: out.clone(), device: tch::Device::Cpu, options };
+        let step = run.train(None, &mut |_, _, _| {}).unwrap();
+        (step, LoadedUNet::load(&out.join("checkpoint"), tch::Device::Cpu, Kind::Float).unwrap())
+    };
+    let (inline_steps, inline) = run("inline", RunOptions::default());
+    let (threaded_steps, threaded) = run("threaded", RunOptions { data_threads: 3, ..Default::default() });
+    assert_eq!((inline_steps, threaded_steps), (5, 5));
+    let (a, b) = (inline.vs.variables(), threaded.vs.variables());
+    let differing: Vec<&String> = a.keys().filter(|k| !a[*k].equal(&b[*k])).collect();
+    assert!(differing.is_empty(), "prefetched batches changed the weights: {differing:?}");
+    // A time limit stops the run before its next step.
+    let (stopped, _) = run("limited", RunOptions { max_seconds: Some(1e-9), ..Default::default() });
+    assert_eq!(stopped, 0, "no time for a step");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 use diffusiond::nn::device::DeviceSetting;
-use diffusiond::train::run::{Run, TrainConfig};
+use diffusiond::train::run::{Run, RunOptions, TrainConfig};
+use diffusiond::train::trainer::Precision;
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Debug, Args)]
@@ -22,15 +23,53 @@ pub struct TrainArgs {
     /// Stop at this step (a bounded burst); the run resumes from there later.
     #[arg(long)]
     pub until: Option<u64>,
+    /// Stop after this many seconds of training (with a checkpoint); resumable.
+    #[arg(long)]
+    pub max_seconds: Option<f64>,
+    /// auto (fp16 mixed precision on CUDA, f32 on the CPU), f32 or fp16.
+    #[arg(long, default_value = "auto")]
+    pub precision: PrecisionSetting,
+    /// Threads that render batches ahead of the training loop (default: 4 on
+    /// CUDA, none on the CPU, where they would take cores from libtorch).
+    #[arg(long)]
+    pub data_threads: Option<usize>,
     /// Write the EMA weights as a stage folder here when done.
     #[arg(long)]
     pub export: Option<PathBuf>,
 }
 
+#[derive(Debug, Clone, Copy)]
+pub enum PrecisionSetting {
+    Auto,
+    Fixed(Precision),
+}
+
+impl std::str::FromStr for PrecisionSetting {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            Ok(PrecisionSetting::Auto)
+        } else {
+            s.parse().map(PrecisionSetting::Fixed)
+        }
+    }
+}
+
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let config = TrainConfig::from_file(&args.config)?;
     let total = args.until.unwrap_or(config.steps).min(config.steps);
-    let run = Run { config, out: args.out.clone(), device: args.device.resolve() };
+    let device = args.device.resolve();
+    let precision = match args.precision {
+        PrecisionSetting::Fixed(p) => p,
+        PrecisionSetting::Auto if device.is_cuda() => Precision::Fp16,
+        PrecisionSetting::Auto => Precision::F32,
+    };
+    if let Some(s) = args.max_seconds.filter(|s| !(s.is_finite() && *s > 0.0)) {
+        anyhow::bail!("--max-seconds {s}: expected a positive number of seconds");
+    }
+    let data_threads = args.data_threads.unwrap_or(if device.is_cuda() { 4 } else { 0 });
+    let options = RunOptions { precision, max_seconds: args.max_seconds, data_threads };
+    let run = Run { config, out: args.out.clone(), device, options };
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template("[{bar:30}] {pos}/{len} steps {elapsed_precise} {msg}").expect("valid template").progress_chars("=> "),

@@ -12,10 +12,19 @@
 //! L_t is the KL between the true posterior q(x_{t-1} | x_t, x_0) and
 //! p_θ(x_{t-1} | x_t) for t > 0, and the discretized Gaussian decoder's negative
 //! log-likelihood of x_0 for t = 0, in bits per dimension.
+//!
+//! The mean channels may predict ε or v = √ᾱ ε − √(1−ᾱ) x_0 (Salimans & Ho
+//! 2022); L_simple is then the MSE of that target. The v error equals the ε
+//! error divided by √ᾱ_t, so the v loss weighs the high-noise steps by 1/ᾱ_t
+//! more than the ε loss does. That matters for pictures with large flat
+//! areas: near t = T an ε model's x̂_0 = (x_t − √(1−ᾱ) ε̂)/√ᾱ amplifies every
+//! error of ε̂ by 1/√ᾱ, so a sampler's first steps commit to a random overall
+//! colour (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps
+//! are Flawed"), while a v model predicts x̂_0 ≈ −v directly there.
 
 use tch::{Kind, Tensor};
 
-use crate::diffusion::forward::per_sample;
+use crate::diffusion::forward::{per_sample, PredictionType};
 use crate::diffusion::NoiseSchedule;
 
 /// The loss of one batch and its parts (for logging).
@@ -31,8 +40,10 @@ pub struct LossTerms {
 /// ADM's hybrid loss for ε-prediction with learned-range variance.
 #[derive(Debug, Clone)]
 pub struct HybridLoss {
-    /// λ; 0 trains ε only (the variance channels then get no gradient).
+    /// λ; 0 trains the mean only (the variance channels then get no gradient).
     pub lambda: f64,
+    /// What the mean channels predict (ε or v).
+    pub prediction: PredictionType,
     coef1: Vec<f64>,
     coef2: Vec<f64>,
     /// log β̃_t, clipped at t = 0 to log β̃_1 (β̃_0 = 0), as ADM does.
@@ -72,6 +83,7 @@ impl HybridLoss {
         let log_beta = schedule.betas().iter().map(|&b| (b as f64).ln()).collect();
         Self {
             lambda,
+            prediction: PredictionType::Epsilon,
             coef1: schedule.posterior_mean_coef1(),
             coef2: schedule.posterior_mean_coef2(),
             log_posterior_var: schedule.posterior_log_variance_clipped(),
@@ -80,24 +92,41 @@ impl HybridLoss {
         }
     }
 
+    /// The same loss for a model whose mean channels predict `prediction`.
+    pub fn with_prediction(mut self, prediction: PredictionType) -> Self {
+        self.prediction = prediction;
+        self
+    }
+
     fn pick(values: &[f64], timesteps: &[i64], like: &Tensor) -> Tensor {
         let v: Vec<f32> = timesteps.iter().map(|&t| values[t as usize] as f32).collect();
         per_sample(&v, like)
     }
 
-    /// `output`: the model's `[B, 2C, H, W]` (ε, then v in [-1, 1]) for `x_t`,
-    /// noised from `x0` with `noise` at `timesteps`.
+    /// `output`: the model's `[B, 2C, H, W]` (the prediction, then the
+    /// variance interpolation in [-1, 1]) for `x_t`, noised from `x0` with
+    /// `noise` at `timesteps`.
     pub fn compute(&self, output: &Tensor, x0: &Tensor, x_t: &Tensor, noise: &Tensor, timesteps: &[i64]) -> LossTerms {
         let c = x0.size()[1];
         let output = output.to_kind(Kind::Float);
-        let eps = output.narrow(1, 0, c);
+        let pred = output.narrow(1, 0, c);
         let v = output.narrow(1, c, c);
-        let mse = (&eps - noise).square().mean(Kind::Float);
-
-        // The variational term sees ε without gradient: it trains only the variance.
-        let eps = eps.detach();
         let ab = Self::pick(&self.alpha_bar, timesteps, x0);
-        let x0_pred = (x_t - (-&ab + 1.0).sqrt() * &eps) / ab.sqrt();
+        let (a, b) = (ab.sqrt(), (-&ab + 1.0).sqrt());
+        let target = match self.prediction {
+            PredictionType::Epsilon => noise.shallow_clone(),
+            PredictionType::VPrediction => &a * noise - &b * x0,
+            PredictionType::Sample => x0.shallow_clone(),
+        };
+        let mse = (&pred - target).square().mean(Kind::Float);
+
+        // The variational term sees the prediction without gradient: it trains only the variance.
+        let pred = pred.detach();
+        let x0_pred = match self.prediction {
+            PredictionType::Epsilon => (x_t - &b * &pred) / &a,
+            PredictionType::VPrediction => &a * x_t - &b * &pred,
+            PredictionType::Sample => pred,
+        };
         let (c1, c2) = (Self::pick(&self.coef1, timesteps, x0), Self::pick(&self.coef2, timesteps, x0));
         let model_mean = &c1 * &x0_pred + &c2 * x_t;
         let true_mean = &c1 * x0 + &c2 * x_t;
@@ -148,6 +177,22 @@ mod tests {
         // A wrong variance costs something.
         let wrong = Tensor::cat(&[&noise, &noise.full_like(1.0)], 1);
         assert!(loss.compute(&wrong, &x0, &x_t, &noise, &t).vlb.double_value(&[]) > 1e-3);
+    }
+
+    #[test]
+    fn the_exact_v_gives_zero_mse_and_kl() {
+        let (schedule, x0, noise, _) = setup();
+        let t = vec![1, 10, 500, 999];
+        let x_t = q_sample(&schedule, &x0, &t, &noise).unwrap();
+        let loss = HybridLoss::new(&schedule, 0.001).with_prediction(PredictionType::VPrediction);
+        let v = crate::diffusion::forward::velocity(&schedule, &x0, &t, &noise).unwrap();
+        let output = Tensor::cat(&[&v, &v.full_like(-1.0)], 1);
+        let terms = loss.compute(&output, &x0, &x_t, &noise, &t);
+        assert!(terms.mse.double_value(&[]) < 1e-12);
+        assert!(terms.vlb.double_value(&[]).abs() < 1e-3, "kl {}", terms.vlb.double_value(&[]));
+        // The exact ε is the wrong answer for a v model (except where ᾱ ≈ 1).
+        let eps_output = Tensor::cat(&[&noise, &noise.full_like(-1.0)], 1);
+        assert!(loss.compute(&eps_output, &x0, &x_t, &noise, &t).mse.double_value(&[]) > 0.1);
     }
 
     #[test]

@@ -13,9 +13,11 @@ use tch::{Device, Kind, Tensor};
 
 use super::dataset::Dataset;
 use super::loss::HybridLoss;
-use super::optim::{OptimConfig, Optimizer};
-use super::trainer::{StageData, StageTrainer, StepConfig};
+use super::optim::{LossScale, OptimConfig, Optimizer};
+use super::trainer::{BatchSource, Precision, Prefetcher, StageData, StageTrainer, StepConfig};
+use crate::diffusion::forward::PredictionType;
 use crate::diffusion::{NoiseSchedule, SamplerKind, SchedulerConfig};
+use crate::nn::weights;
 use crate::nn::text::{TextEncoder, TextEncoderOptions};
 use crate::nn::unet::{LoadedUNet, UNetConfig};
 use crate::pipeline::stage::StageKind;
@@ -46,6 +48,11 @@ pub struct TrainConfig {
     /// SR: the conditioning image's noising scheduler.
     #[serde(default)]
     pub noising: Option<serde_json::Value>,
+    /// A stage folder (or its `unet/`) whose weights start the run instead of
+    /// a random initialisation, relative to the config file: fine-tuning, for
+    /// instance to another prediction type. Its architecture must be `unet`'s.
+    #[serde(default)]
+    pub init: Option<PathBuf>,
     pub steps: u64,
     pub batch: usize,
     pub lr: f64,
@@ -70,8 +77,12 @@ impl TrainConfig {
     pub fn from_file(file: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
         let mut config: TrainConfig = serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+        let dir = file.parent().unwrap_or(Path::new("."));
         if config.encoder.is_relative() {
-            config.encoder = file.parent().unwrap_or(Path::new(".")).join(&config.encoder);
+            config.encoder = dir.join(&config.encoder);
+        }
+        if let Some(init) = config.init.as_mut().filter(|p| p.is_relative()) {
+            *init = dir.join(&*init);
         }
         Ok(config)
     }
@@ -89,7 +100,29 @@ pub struct Run {
     pub config: TrainConfig,
     pub out: PathBuf,
     pub device: Device,
+    pub options: RunOptions,
 }
+
+/// How a run uses the machine: none of it changes what a step computes in
+/// f32, so a run may resume with other options (mixed precision changes the
+/// arithmetic, not the data).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub precision: Precision,
+    /// Stop (with a checkpoint) once this much wall time has passed.
+    pub max_seconds: Option<f64>,
+    /// Threads drawing batches ahead; 0 draws them inline.
+    pub data_threads: usize,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self { precision: Precision::F32, max_seconds: None, data_threads: 0 }
+    }
+}
+
+/// A run whose loss scale fell this low has non-finite gradients at any scale.
+const MIN_LOSS_SCALE: f64 = 1.0 / 1024.0;
 
 impl Run {
     fn checkpoint_dir(&self) -> PathBuf {
@@ -102,7 +135,11 @@ impl Run {
         let c = &self.config;
         std::fs::create_dir_all(&self.out)?;
         let unet_config = UNetConfig::from_json(&c.unet.to_string())?;
-        let (_, schedule) = scheduler(&c.scheduler)?;
+        let (sched_config, schedule) = scheduler(&c.scheduler)?;
+        let prediction = sched_config.resolve(sched_config.native_kind().unwrap_or(SamplerKind::Ddpm))?.prediction_type;
+        if prediction == PredictionType::Sample {
+            anyhow::bail!("prediction_type \"sample\": training supports epsilon and v_prediction");
+        }
         let noising = match &c.noising {
             Some(v) => scheduler(v)?.1,
             None => schedule.clone(),
@@ -111,45 +148,106 @@ impl Run {
         encoder.to(self.device, Kind::Float)?;
         let ckpt = self.checkpoint_dir();
         let resuming = ckpt.join("optimizer.safetensors").is_file();
-        let mut unet = if resuming { LoadedUNet::load(&ckpt, self.device, Kind::Float)? } else { LoadedUNet::random(&unet_config)? };
+        let mut unet = if resuming {
+            LoadedUNet::load(&ckpt, self.device, Kind::Float)?
+        } else {
+            let unet = LoadedUNet::random(&unet_config)?;
+            if let Some(init) = &c.init {
+                let dir = if init.join("unet").is_dir() { init.join("unet") } else { init.clone() };
+                let files = weights::checkpoint_files(&dir, "diffusion_pytorch_model")
+                    .with_context(|| format!("the init weights in {}", dir.display()))?;
+                // Strict: every variable, by name and shape.
+                weights::load_into(&unet.vs, &files, &|_| false).with_context(|| format!("the init weights in {}", dir.display()))?;
+            }
+            unet
+        };
         unet.unfreeze();
         unet.vs.set_device(self.device);
         let optim = OptimConfig { lr: c.lr, warmup_steps: c.warmup_steps, ema_decay: c.ema_decay, ..Default::default() };
         let mut opt = Optimizer::new(&unet.vs, optim);
+        let precision = self.options.precision;
+        if precision == Precision::Fp16 {
+            if !self.device.is_cuda() {
+                anyhow::bail!("fp16 mixed precision needs a CUDA device (training on {:?})", self.device);
+            }
+            opt = opt.with_loss_scaling(LossScale::default());
+        }
         if resuming {
             opt.load(&ckpt.join("optimizer.safetensors"))?;
         }
+        let source = BatchSource {
+            data: StageData { size: c.size, low_res: c.low_res, max_noise_level: c.max_noise_level, crop: c.crop },
+            config: StepConfig { batch: c.batch, uncond_prob: c.uncond_prob, seed: c.seed },
+            dataset: Dataset::new(c.seed),
+            train_steps: schedule.len() as i64,
+        };
+        let first = opt.step_count();
+        let prefetch = (self.options.data_threads > 0).then(|| Prefetcher::spawn(source.clone(), first, self.options.data_threads));
         let trainer = StageTrainer {
             unet: &unet,
             encoder: &encoder,
             schedule: &schedule,
             noising: &noising,
-            loss: HybridLoss::new(&schedule, c.vlb_lambda),
-            data: StageData { size: c.size, low_res: c.low_res, max_noise_level: c.max_noise_level, crop: c.crop },
-            config: StepConfig { batch: c.batch, uncond_prob: c.uncond_prob, seed: c.seed },
-            dataset: Dataset::new(c.seed),
+            loss: HybridLoss::new(&schedule, c.vlb_lambda).with_prediction(prediction),
+            source,
+            precision,
+            prefetch,
         };
         let end = until.unwrap_or(c.steps).min(c.steps);
         let mut log = std::fs::OpenOptions::new().create(true).append(true).open(self.out.join("train.log"))?;
+        // Unix time on every line: a resumed run's log still adds up to its wall time.
+        let unix = || SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        writeln!(
+            log,
+            "# {} at step {first} on {:?}, precision {}, {} data threads, unix {}",
+            if resuming { "resumed" } else { "started" },
+            self.device,
+            precision.name(),
+            self.options.data_threads,
+            unix()
+        )?;
+        if self.device.is_cuda() {
+            // Every step has the same shapes: let cuDNN pick the fastest convolutions once.
+            tch::Cuda::cudnn_set_benchmark(true);
+        }
         let started = Instant::now();
-        let first = opt.step_count();
-        while opt.step_count() < end {
+        let out_of_time = || self.options.max_seconds.is_some_and(|s| started.elapsed().as_secs_f64() >= s);
+        while opt.step_count() < end && !out_of_time() {
             let r = trainer.step(&mut opt)?;
             let done = opt.step_count();
+            if !r.optim.applied {
+                let scale = opt.loss_scale();
+                writeln!(log, "# step {} skipped: gradients overflowed, loss scale now {scale}", done + 1)?;
+                if scale < MIN_LOSS_SCALE {
+                    self.checkpoint(&unet, &opt)?;
+                    anyhow::bail!("training diverged: the gradients overflow even at loss scale {scale}");
+                }
+                continue;
+            }
             let rate = (done - first) as f64 * c.batch as f64 / started.elapsed().as_secs_f64();
             progress(done, r.loss, rate);
-            // Unix time on every line: a resumed run's log still adds up to its wall time.
-            let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let scale = r.optim.loss_scale.map(|s| format!(" loss_scale {s}")).unwrap_or_default();
             writeln!(
                 log,
-                "step {done} loss {:.5} mse {:.5} vlb {:.5} lr {:.2e} grad_norm {:.3} images/s {rate:.1} unix {unix}",
-                r.loss, r.mse, r.vlb, r.optim.lr, r.optim.grad_norm
+                "step {done} loss {:.5} mse {:.5} vlb {:.5} lr {:.2e} grad_norm {:.3} images/s {rate:.1} wait_ms {:.1}{scale} unix {}",
+                r.loss,
+                r.mse,
+                r.vlb,
+                r.optim.lr,
+                r.optim.grad_norm,
+                r.data_wait_ms,
+                unix()
             )?;
             if done.is_multiple_of(c.checkpoint_every) || done == end {
                 self.checkpoint(&unet, &opt)?;
             }
         }
-        Ok(opt.step_count())
+        let done = opt.step_count();
+        if done > first && !done.is_multiple_of(c.checkpoint_every) && done != end {
+            // Stopped by the time limit between checkpoints.
+            self.checkpoint(&unet, &opt)?;
+        }
+        Ok(done)
     }
 
     /// Writes the checkpoint to a fresh folder, then renames it into place: a

@@ -14,8 +14,20 @@
 //! 128×128 renders runs on whole 128×128 images, at a quarter of the cost per
 //! training sample. Every random choice comes from a stream
 //! seeded by (run seed, step), so a resumed run draws exactly what an
-//! uninterrupted one would.
+//! uninterrupted one would. That makes the host-side half of a batch (render,
+//! captions, draws) a pure function of the step, which [`Prefetcher`] threads
+//! compute ahead while the device trains on the current one.
+//!
+//! With [`Precision::Fp16`] the UNet's forward pass runs under CUDA autocast
+//! and the loss, computed in f32, is scaled for the backward pass by the
+//! optimiser's dynamic loss scale (see [`super::optim`]).
 
+use std::str::FromStr;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail};
 use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use tch::{Kind, Tensor};
@@ -50,12 +62,42 @@ pub struct StepConfig {
     pub seed: u64,
 }
 
+/// The arithmetic of the forward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    /// fp16 autocast with f32 master weights and dynamic loss scaling (CUDA only).
+    Fp16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Fp16 => "fp16",
+        }
+    }
+}
+
+impl FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" | "fp32" => Ok(Precision::F32),
+            "fp16" | "f16" => Ok(Precision::Fp16),
+            _ => Err(format!("unknown precision {s:?}: expected f32 or fp16")),
+        }
+    }
+}
+
 /// The results of one step, for logging.
 pub struct StepResult {
     pub loss: f64,
     pub mse: f64,
     pub vlb: f64,
     pub optim: StepReport,
+    /// Time spent waiting for the step's host-side batch, in milliseconds.
+    pub data_wait_ms: f64,
 }
 
 /// One step's data: clean targets, the noise and noised images, and what the
@@ -68,6 +110,47 @@ pub struct TrainBatch {
     pub class_labels: Option<Tensor>,
     pub text: Tensor,
     pub timesteps: Vec<i64>,
+}
+
+/// The host-side half of a step's batch, on the CPU: everything drawn from
+/// (seed, step), before text encoding and the move to the device.
+pub struct HostBatch {
+    pub step: u64,
+    /// Targets, already cropped.
+    images: Tensor,
+    /// SR: the conditioning image upsampled to the output size, cropped alike.
+    upsampled: Option<Tensor>,
+    prompts: Vec<String>,
+    timesteps: Vec<i64>,
+    noise: Tensor,
+    levels: Vec<i64>,
+    aug: Option<Tensor>,
+}
+
+impl HostBatch {
+    fn shallow_clone(&self) -> Self {
+        Self {
+            step: self.step,
+            images: self.images.shallow_clone(),
+            upsampled: self.upsampled.as_ref().map(Tensor::shallow_clone),
+            prompts: self.prompts.clone(),
+            timesteps: self.timesteps.clone(),
+            noise: self.noise.shallow_clone(),
+            levels: self.levels.clone(),
+            aug: self.aug.as_ref().map(Tensor::shallow_clone),
+        }
+    }
+}
+
+/// Everything the host-side half of a batch depends on: plain data that
+/// prefetch threads can own.
+#[derive(Debug, Clone)]
+pub struct BatchSource {
+    pub data: StageData,
+    pub config: StepConfig,
+    pub dataset: Dataset,
+    /// The number of diffusion timesteps drawn from.
+    pub train_steps: i64,
 }
 
 /// The per-step random stream: a function of (seed, step) only.
@@ -83,41 +166,16 @@ fn randn(rng: &mut Xoshiro256PlusPlus, shape: &[i64]) -> Tensor {
     Tensor::from_slice(&values).view(shape)
 }
 
-pub struct StageTrainer<'a> {
-    pub unet: &'a LoadedUNet,
-    pub encoder: &'a TextEncoder,
-    pub schedule: &'a NoiseSchedule,
-    /// The schedule that noises the conditioning image (SR stages).
-    pub noising: &'a NoiseSchedule,
-    pub loss: HybridLoss,
-    pub data: StageData,
-    pub config: StepConfig,
-    pub dataset: Dataset,
-}
-
-impl StageTrainer<'_> {
-    /// The loss of the batch for `step` (no optimiser update): the same inputs
-    /// every time it is called with the same step.
-    pub fn loss(&self, step: u64) -> anyhow::Result<LossTerms> {
-        let b = self.batch(step)?;
-        let t = Tensor::from_slice(&b.timesteps).to_device(b.sample.device());
-        let input = UNetInput { sample: &b.sample, timesteps: &t, encoder_hidden_states: &b.text, class_labels: b.class_labels.as_ref() };
-        let output = self.unet.model.forward_t(&input, true)?;
-        Ok(self.loss.compute(&output, &b.images, &b.x_t, &b.noise, &b.timesteps))
-    }
-
-    /// The UNet inputs and loss targets for `step`.
-    pub fn batch(&self, step: u64) -> anyhow::Result<TrainBatch> {
+impl BatchSource {
+    /// The host-side batch of `step`: the same every time.
+    pub fn draw(&self, step: u64) -> anyhow::Result<HostBatch> {
         let mut rng = step_rng(self.config.seed, step);
         let b = self.config.batch;
         let indices: Vec<u64> = (0..b as u64).map(|i| step * b as u64 + i).collect();
-        let device = self.unet.vs.device();
         let (full, captions) = self.dataset.batch(&indices, self.data.size)?;
-        let prompts: Vec<&str> =
-            captions.iter().map(|c| if rng.random::<f64>() < self.config.uncond_prob { "" } else { c.as_str() }).collect();
-        let text = tch::no_grad(|| self.encoder.encode(&prompts))?.hidden.to_kind(Kind::Float);
-        let train_steps = self.schedule.len() as i64;
-        let timesteps: Vec<i64> = (0..b).map(|_| rng.random_range(0..train_steps)).collect();
+        let prompts: Vec<String> =
+            captions.into_iter().map(|c| if rng.random::<f64>() < self.config.uncond_prob { String::new() } else { c }).collect();
+        let timesteps: Vec<i64> = (0..b).map(|_| rng.random_range(0..self.train_steps)).collect();
         let full_side = self.data.size as i64;
         let s = self.data.crop.map_or(full_side, |c| (c as i64).min(full_side));
         // Drawn only when cropping, so whole-image runs keep their random stream.
@@ -133,36 +191,147 @@ impl StageTrainer<'_> {
             let parts: Vec<Tensor> = windows.iter().enumerate().map(|(i, &(top, left))| x.get(i as i64).narrow(1, top, s).narrow(2, left, s)).collect();
             Tensor::stack(&parts, 0)
         };
-        let images = crop(&full).to_device(device);
+        let images = crop(&full);
         let b64 = b as i64;
-        let noise = randn(&mut rng, &[b64, 3, s, s]).to_device(device);
-        let x_t = q_sample(self.schedule, &images, &timesteps, &noise)?;
-        let (sample, class_labels) = match self.data.low_res {
-            None => (x_t.shallow_clone(), None),
+        let noise = randn(&mut rng, &[b64, 3, s, s]);
+        let (upsampled, levels, aug) = match self.data.low_res {
+            None => (None, Vec::new(), None),
             Some(low) => {
                 let (small, _) = self.dataset.batch(&indices, low)?;
                 // Upsampled whole, then cropped: exactly what inference feeds a window of the image.
-                let up = crop(&small.upsample_bilinear2d([full_side, full_side], true, None, None)).to_device(device);
+                let up = crop(&small.upsample_bilinear2d([full_side, full_side], true, None, None));
                 let levels: Vec<i64> = (0..b).map(|_| rng.random_range(0..self.data.max_noise_level.max(1))).collect();
-                let aug = randn(&mut rng, &[b64, 3, s, s]).to_device(device);
-                let noised = q_sample(self.noising, &up, &levels, &aug)?;
-                (Tensor::cat(&[&x_t, &noised], 1), Some(Tensor::from_slice(&levels).to_device(device)))
+                let aug = randn(&mut rng, &[b64, 3, s, s]);
+                (Some(up), levels, Some(aug))
             }
         };
-        Ok(TrainBatch { images, noise, x_t, sample, class_labels, text, timesteps })
+        Ok(HostBatch { step, images, upsampled, prompts, timesteps, noise, levels, aug })
+    }
+}
+
+/// Threads that draw host-side batches ahead of the training loop, in step
+/// order: thread k of n draws steps first + k, first + k + n, … into a
+/// channel of depth 2. The same step may be taken again (a step skipped for a
+/// gradient overflow is retried on the same batch).
+pub struct Prefetcher {
+    first: u64,
+    receivers: Vec<Receiver<anyhow::Result<HostBatch>>>,
+    /// The next step expected, and the last batch handed out.
+    state: Mutex<(u64, Option<HostBatch>)>,
+}
+
+impl Prefetcher {
+    pub fn spawn(source: BatchSource, first: u64, threads: usize) -> Self {
+        let n = threads.max(1) as u64;
+        let receivers = (0..n)
+            .map(|k| {
+                let (tx, rx) = sync_channel(2);
+                let source = source.clone();
+                std::thread::spawn(move || {
+                    let mut step = first + k;
+                    // Ends when the prefetcher (the receiving side) is dropped.
+                    while tx.send(source.draw(step)).is_ok() {
+                        step += n;
+                    }
+                });
+                rx
+            })
+            .collect();
+        Self { first, receivers, state: Mutex::new((first, None)) }
+    }
+
+    /// The host-side batch of `step`, which must be the next step or the last one taken.
+    pub fn take(&self, step: u64) -> anyhow::Result<HostBatch> {
+        let mut state = self.state.lock().map_err(|_| anyhow!("a data thread panicked"))?;
+        if let Some(last) = state.1.as_ref().filter(|b| b.step == step) {
+            return Ok(last.shallow_clone());
+        }
+        if step != state.0 {
+            bail!("batches are prefetched in order: asked for step {step}, next is {}", state.0);
+        }
+        let k = ((step - self.first) % self.receivers.len() as u64) as usize;
+        let batch = self.receivers[k].recv().map_err(|_| anyhow!("the data thread for step {step} stopped"))??;
+        state.0 = step + 1;
+        state.1 = Some(batch.shallow_clone());
+        Ok(batch)
+    }
+}
+
+pub struct StageTrainer<'a> {
+    pub unet: &'a LoadedUNet,
+    pub encoder: &'a TextEncoder,
+    pub schedule: &'a NoiseSchedule,
+    /// The schedule that noises the conditioning image (SR stages).
+    pub noising: &'a NoiseSchedule,
+    pub loss: HybridLoss,
+    pub source: BatchSource,
+    pub precision: Precision,
+    /// Draws batches ahead on other threads; without it they are drawn inline.
+    pub prefetch: Option<Prefetcher>,
+}
+
+impl StageTrainer<'_> {
+    /// The loss of the batch for `step` (no optimiser update): the same inputs
+    /// every time it is called with the same step.
+    pub fn loss(&self, step: u64) -> anyhow::Result<LossTerms> {
+        self.loss_of(&self.batch(step)?)
+    }
+
+    fn loss_of(&self, b: &TrainBatch) -> anyhow::Result<LossTerms> {
+        let t = Tensor::from_slice(&b.timesteps).to_device(b.sample.device());
+        let input = UNetInput { sample: &b.sample, timesteps: &t, encoder_hidden_states: &b.text, class_labels: b.class_labels.as_ref() };
+        let output = tch::autocast(self.precision == Precision::Fp16, || self.unet.model.forward_t(&input, true))?;
+        // The loss (a log-likelihood with small differences of logs) in f32.
+        Ok(self.loss.compute(&output.to_kind(Kind::Float), &b.images, &b.x_t, &b.noise, &b.timesteps))
+    }
+
+    /// The UNet inputs and loss targets for `step`.
+    pub fn batch(&self, step: u64) -> anyhow::Result<TrainBatch> {
+        self.assemble(self.source.draw(step)?)
+    }
+
+    /// Text encoding, the move to the device and the noising of a host batch.
+    fn assemble(&self, host: HostBatch) -> anyhow::Result<TrainBatch> {
+        let device = self.unet.vs.device();
+        let prompts: Vec<&str> = host.prompts.iter().map(String::as_str).collect();
+        let text = tch::no_grad(|| self.encoder.encode(&prompts))?.hidden.to_kind(Kind::Float);
+        let images = host.images.to_device(device);
+        let noise = host.noise.to_device(device);
+        let x_t = q_sample(self.schedule, &images, &host.timesteps, &noise)?;
+        let (sample, class_labels) = match (host.upsampled, host.aug) {
+            (Some(up), Some(aug)) => {
+                let noised = q_sample(self.noising, &up.to_device(device), &host.levels, &aug.to_device(device))?;
+                (Tensor::cat(&[&x_t, &noised], 1), Some(Tensor::from_slice(&host.levels).to_device(device)))
+            }
+            _ => (x_t.shallow_clone(), None),
+        };
+        Ok(TrainBatch { images, noise, x_t, sample, class_labels, text, timesteps: host.timesteps })
     }
 
     /// One optimisation step on the batch for the optimiser's next step.
     pub fn step(&self, optimizer: &mut Optimizer) -> anyhow::Result<StepResult> {
-        let terms = self.loss(optimizer.step_count())?;
+        let step = optimizer.step_count();
+        let waiting = Instant::now();
+        let host = match &self.prefetch {
+            Some(p) => p.take(step)?,
+            None => self.source.draw(step)?,
+        };
+        let data_wait_ms = waiting.elapsed().as_secs_f64() * 1e3;
+        let terms = self.loss_of(&self.assemble(host)?)?;
         optimizer.zero_grad();
-        terms.total.backward();
+        let scale = optimizer.loss_scale();
+        if scale == 1.0 {
+            terms.total.backward();
+        } else {
+            (&terms.total * scale).backward();
+        }
         let optim = optimizer.step();
         Ok(StepResult {
             loss: terms.total.double_value(&[]),
             mse: terms.mse.double_value(&[]),
             vlb: terms.vlb.double_value(&[]),
             optim,
+            data_wait_ms,
         })
     }
 }
