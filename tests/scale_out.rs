@@ -104,12 +104,13 @@ async fn succeeded_count(client: &reqwest::Client, replica: &Replica) -> f64 {
     metric(&text, r#"diffusiond_jobs_total{status="succeeded"}"#)
 }
 
-/// Job ids of the engine log lines with `message` in a replica's JSON log.
+/// Job ids of the engine log lines with `message` in a replica's JSON log
+/// (the worker logs a job's lines in its `job` span).
 fn logged(log: &str, message: &str) -> Vec<String> {
     log.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(|v| v["fields"]["message"] == message)
-        .filter_map(|v| v["fields"]["job"].as_str().map(str::to_owned))
+        .filter_map(|v| v["span"]["job"].as_str().or(v["fields"]["job"].as_str()).map(str::to_owned))
         .collect()
 }
 

@@ -20,6 +20,19 @@ use crate::metrics::{HTTP_REQUESTS, LABEL_ROUTE, LABEL_STATUS};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// The longest request id a job keeps (a client may send a long header).
+const MAX_STORED_REQUEST_ID: usize = 128;
+
+/// The request's `x-request-id`, as a new job records it (shortened to 128 bytes).
+pub fn request_id(headers: &axum::http::HeaderMap) -> Option<String> {
+    let id = headers.get(&REQUEST_ID)?.to_str().ok()?;
+    let mut end = id.len().min(MAX_STORED_REQUEST_ID);
+    while !id.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(id[..end].to_owned())
+}
+
 /// Sets `x-request-id` on requests that lack one (outermost layer).
 pub fn set_request_id() -> SetRequestIdLayer<MakeRequestUuid> {
     SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid)

@@ -89,6 +89,10 @@ pub struct JobRecord {
     pub images: Vec<ImageInfo>,
     /// How many times a worker has started it (a restart mid-run starts it again).
     pub attempts: u32,
+    /// The `x-request-id` of the request that created the job: the worker's
+    /// log lines for the job carry it, on whichever replica runs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 impl JobRecord {
@@ -106,7 +110,20 @@ impl JobRecord {
             error: None,
             images: Vec::new(),
             attempts: 0,
+            request_id: None,
         }
+    }
+
+    /// The same job, tagged with the id of the request that created it.
+    pub fn with_request_id(mut self, request_id: Option<String>) -> Self {
+        self.request_id = request_id;
+        self
+    }
+
+    /// The span the worker logs this job's lines in: the job id and the id of
+    /// the request that created it.
+    pub fn span(&self) -> tracing::Span {
+        tracing::info_span!("job", job = %self.id, request_id = self.request_id.as_deref().unwrap_or("-"))
     }
 }
 

@@ -378,6 +378,8 @@ impl Keys {
 struct Spec {
     owner: Option<String>,
     request: GenerationRequest,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    request_id: Option<String>,
 }
 
 fn to_json<T: Serialize + ?Sized>(id: JobId, value: &T) -> Result<Vec<u8>> {
@@ -386,7 +388,7 @@ fn to_json<T: Serialize + ?Sized>(id: JobId, value: &T) -> Result<Vec<u8>> {
 
 /// The hash fields of a record (absent options are left out).
 fn encode(job: &JobRecord) -> Result<Vec<(&'static str, Vec<u8>)>> {
-    let spec = Spec { owner: job.owner.clone(), request: job.request.clone() };
+    let spec = Spec { owner: job.owner.clone(), request: job.request.clone(), request_id: job.request_id.clone() };
     let int = |n: i64| n.to_string().into_bytes();
     let mut fields = vec![
         ("spec", to_json(job.id, &spec)?),
@@ -427,6 +429,7 @@ fn decode(id: JobId, stored: HashMap<String, Vec<u8>>) -> Result<Option<Decoded>
         owner: spec.owner,
         status,
         request: spec.request,
+        request_id: spec.request_id,
         created_at: fields.required("created_at", Fields::int)?,
         started_at: fields.int("started_at")?,
         completed_at: fields.int("completed_at")?,

@@ -26,7 +26,7 @@ use tch::Tensor;
 
 use super::queue::LocalQueue;
 use crate::metrics as m;
-use crate::jobs::{now_ms, EventSender, ImageInfo, JobError, JobEvent, JobId, JobProgress, JobRecord, JobStatus, JobStore};
+use crate::jobs::{now_ms, EventSender, ImageInfo, JobError, JobEvent, JobProgress, JobRecord, JobStatus, JobStore};
 use crate::pipeline::denoise::{ModelRows, StageJob};
 use crate::pipeline::{Cascade, PipelineError};
 
@@ -127,7 +127,7 @@ impl Engine {
                     let message = panic_message(panic);
                     tracing::error!(%message, jobs = self.active.len(), "worker iteration panicked; failing the running jobs");
                     for a in std::mem::take(&mut self.active) {
-                        self.fail(a.record.id, ERR_INTERNAL, "the model failed on this batch");
+                        self.fail(&a.record, ERR_INTERNAL, "the model failed on this batch");
                     }
                 }
             }
@@ -168,7 +168,7 @@ impl Engine {
             if let Err(e) = self.store.cancel(a.record.id, now_ms()) {
                 tracing::error!(job = %a.record.id, error = %e, "recording a cancellation failed");
             }
-            tracing::info!(job = %a.record.id, "canceled while running");
+            a.record.span().in_scope(|| tracing::info!("canceled while running"));
             metrics::counter!(m::JOBS, m::LABEL_STATUS => "canceled").increment(1);
             self.emit(JobEvent::Finished { id: a.record.id, status: JobStatus::Canceled });
         }
@@ -190,7 +190,7 @@ impl Engine {
         }
         if let Err(e) = self.cache_prompts(&new) {
             for record in new {
-                self.fail(record.id, ERR_INTERNAL, &format!("text encoding failed: {e}"));
+                self.fail(&record, ERR_INTERNAL, &format!("text encoding failed: {e}"));
             }
             return;
         }
@@ -228,7 +228,7 @@ impl Engine {
         let id = record.id;
         if record.attempts >= self.config.max_attempts {
             let msg = format!("the job was interrupted {} times and will not be retried", record.attempts);
-            self.fail(id, ERR_INTERNAL, &msg);
+            self.fail(&record, ERR_INTERNAL, &msg);
             return;
         }
         let now = now_ms();
@@ -244,24 +244,27 @@ impl Engine {
             }
         }
         let Some(text) = self.text_for(&record) else {
-            self.fail(id, ERR_INTERNAL, "prompt embedding missing from the cache");
+            self.fail(&record, ERR_INTERNAL, "prompt embedding missing from the cache");
             return;
         };
         match self.cascade.start_stage(&record.request, 0, (&text.0, &text.1), None) {
             Ok(job) => {
                 let total_steps = record.request.stages.iter().map(|s| s.sampler.steps).sum::<usize>().max(1);
-                tracing::info!(job = %id, images = record.request.n, stages = record.request.stages.len(), "started");
+                record.span().in_scope(|| tracing::info!(images = record.request.n, stages = record.request.stages.len(), "started"));
                 self.emit(JobEvent::Started { id });
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 self.active.push(Active { record, k: 0, job, text, seq, steps_before: 0, total_steps, last_write: Instant::now(), started_at });
             }
-            Err(e) => self.fail(id, ERR_INVALID, &e.to_string()),
+            Err(e) => self.fail(&record, ERR_INVALID, &e.to_string()),
         }
     }
 
-    fn fail(&self, id: JobId, kind: &str, message: &str) {
-        tracing::warn!(job = %id, kind, message, "job failed");
+    /// Records `record`'s failure; the log line goes in the job's span (which
+    /// carries the id of the request that created it).
+    fn fail(&self, record: &JobRecord, kind: &str, message: &str) {
+        let id = record.id;
+        record.span().in_scope(|| tracing::warn!(kind, message, "job failed"));
         metrics::counter!(m::JOBS, m::LABEL_STATUS => "failed").increment(1);
         let error = JobError { kind: kind.to_owned(), message: message.to_owned() };
         if let Err(e) = self.store.fail(id, &error, now_ms()) {
@@ -301,7 +304,7 @@ impl Engine {
                 Ok(()) => self.after_step(i),
                 Err(msg) => {
                     let a = self.active.remove(i);
-                    self.fail(a.record.id, ERR_INTERNAL, &msg);
+                    self.fail(&a.record, ERR_INTERNAL, &msg);
                 }
             }
         }
@@ -396,7 +399,7 @@ impl Engine {
                 }
                 Err(e) => {
                     let a = self.active.remove(i);
-                    self.fail(a.record.id, ERR_INTERNAL, &e.to_string());
+                    self.fail(&a.record, ERR_INTERNAL, &e.to_string());
                 }
             }
             return;
@@ -418,25 +421,24 @@ impl Engine {
         });
         let images = match encoded {
             Ok(images) => images,
-            Err(e) => return self.fail(id, ERR_INTERNAL, &format!("encoding the images failed: {e}")),
+            Err(e) => return self.fail(&a.record, ERR_INTERNAL, &format!("encoding the images failed: {e}")),
         };
         let t = Instant::now();
         let stored = self.store.complete(id, &images, now_ms());
         self.stats.store_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         if let Err(e) = stored {
-            tracing::error!(job = %id, error = %e, "storing the result failed");
-            return self.fail(id, ERR_INTERNAL, "storing the result failed");
+            a.record.span().in_scope(|| tracing::error!(error = %e, "storing the result failed"));
+            return self.fail(&a.record, ERR_INTERNAL, "storing the result failed");
         }
         self.stats.jobs_finished.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(m::JOBS, m::LABEL_STATUS => "succeeded").increment(1);
         metrics::counter!(m::IMAGES_GENERATED).increment(images.len() as u64);
-        // The API logged "job queued" with this job id inside the request's span
-        // (which carries x-request-id): the id ties the two log lines together.
+        // In the job's span: the request id ties these lines to the request's.
         let queue_ms = (a.started_at - a.record.created_at).max(0);
         let compute_ms = (now_ms() - a.started_at).max(0);
         metrics::histogram!(m::QUEUE_SECONDS).record(queue_ms as f64 / 1e3);
         metrics::histogram!(m::COMPUTE_SECONDS).record(compute_ms as f64 / 1e3);
-        tracing::info!(job = %id, images = images.len(), queue_ms, compute_ms, "succeeded");
+        a.record.span().in_scope(|| tracing::info!(images = images.len(), queue_ms, compute_ms, "succeeded"));
         self.emit(JobEvent::Finished { id, status: JobStatus::Succeeded });
     }
 }

@@ -22,6 +22,7 @@ use crate::api::admit::{admit, record_outcome, validate};
 use crate::api::auth::Caller;
 use crate::api::errors::{ApiError, ErrorBody};
 use crate::api::extract::{ApiJson, JobPath};
+use crate::api::observe::request_id;
 use crate::api::schemas::{GenerateBody, GenerateResult, JobDocument, ResultImage, Timings};
 use crate::api::state::AppState;
 use crate::api::sync::{self, CancelOnDrop};
@@ -92,7 +93,7 @@ async fn generate_inner(
 ) -> Result<Response, ApiError> {
     let ApiJson(body) = body?;
     let request = validate(state, &body)?;
-    let job = JobRecord::new(Uuid::new_v4(), caller.owner, request, now_ms());
+    let job = JobRecord::new(Uuid::new_v4(), caller.owner, request, now_ms()).with_request_id(request_id(headers));
     if prefers_async(headers) {
         let created = admit(state, job).await?;
         let mut response = document_response(state, &created.record, StatusCode::ACCEPTED);
@@ -161,14 +162,21 @@ pub async fn put_job(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     path: JobPath,
+    headers: HeaderMap,
     body: Result<ApiJson<GenerateBody>, ApiError>,
 ) -> Result<Response, ApiError> {
-    let result = put_inner(&state, caller, path, body).await;
+    let result = put_inner(&state, caller, path, &headers, body).await;
     record_outcome(&result);
     result
 }
 
-async fn put_inner(state: &AppState, caller: Caller, path: JobPath, body: Result<ApiJson<GenerateBody>, ApiError>) -> Result<Response, ApiError> {
+async fn put_inner(
+    state: &AppState,
+    caller: Caller,
+    path: JobPath,
+    headers: &HeaderMap,
+    body: Result<ApiJson<GenerateBody>, ApiError>,
+) -> Result<Response, ApiError> {
     let ApiJson(body) = body?;
     let request = validate(state, &body)?;
     let id = path.id;
@@ -176,7 +184,8 @@ async fn put_inner(state: &AppState, caller: Caller, path: JobPath, body: Result
     if let Some(existing) = state.with_store(move |s| s.get(id)).await? {
         return existing_response(state, &caller, &existing);
     }
-    let created = admit(state, JobRecord::new(id, caller.owner.clone(), request, now_ms())).await?;
+    let job = JobRecord::new(id, caller.owner.clone(), request, now_ms()).with_request_id(request_id(headers));
+    let created = admit(state, job).await?;
     if created.created {
         Ok(document_response(state, &created.record, StatusCode::CREATED))
     } else {

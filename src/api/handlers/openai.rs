@@ -6,6 +6,7 @@
 //! `POST /generate`, including cancel-on-disconnect and the sync timeout.
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::{Extension, Json};
 use base64::Engine;
 use uuid::Uuid;
@@ -15,6 +16,7 @@ use crate::api::admit::{record_outcome, validate};
 use crate::api::auth::Caller;
 use crate::api::errors::{ApiError, OpenAiError, OpenAiErrorBody};
 use crate::api::extract::ApiJson;
+use crate::api::observe::request_id;
 use crate::api::schemas::job::image_url;
 use crate::api::schemas::{ImageData, ImagesRequest, ImagesResponse, ResponseFormat};
 use crate::api::state::AppState;
@@ -45,17 +47,19 @@ use crate::jobs::{now_ms, JobRecord};
 pub async fn images_generations(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
     body: Result<ApiJson<ImagesRequest>, ApiError>,
 ) -> Result<Json<ImagesResponse>, OpenAiError> {
-    let result = generate(&state, caller, body).await;
+    let result = generate(&state, caller, &headers, body).await;
     record_outcome(&result);
     Ok(Json(result?))
 }
 
-async fn generate(state: &AppState, caller: Caller, body: Result<ApiJson<ImagesRequest>, ApiError>) -> Result<ImagesResponse, ApiError> {
+async fn generate(state: &AppState, caller: Caller, headers: &HeaderMap, body: Result<ApiJson<ImagesRequest>, ApiError>) -> Result<ImagesResponse, ApiError> {
     let ApiJson(body) = body?;
     let request = validate(state, &body.to_generate())?;
-    let record = run_sync(state, JobRecord::new(Uuid::new_v4(), caller.owner, request, now_ms())).await?;
+    let job = JobRecord::new(Uuid::new_v4(), caller.owner, request, now_ms()).with_request_id(request_id(headers));
+    let record = run_sync(state, job).await?;
     let data = match body.response_format.unwrap_or_default() {
         ResponseFormat::Url => {
             record.images.iter().map(|i| ImageData { b64_json: None, url: Some(image_url(record.id, i.index)), seed: i.seed }).collect()
