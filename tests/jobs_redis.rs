@@ -4,154 +4,27 @@
 //! reconnected to.
 //!
 //! Each test starts its own `redis-server` (no persistence) in a temporary
-//! directory. Without `redis-server` these tests fail, saying how to install
-//! it, unless `DIFFUSIOND_SKIP_REDIS=1` is set.
+//! directory, with the harness the scale-out tests use (`cluster::Redis`).
+//! Without `redis-server` these tests fail, saying how to install it, unless
+//! `DIFFUSIOND_SKIP_REDIS=1` is set.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod cluster;
+
+use std::path::Path;
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
+use cluster::{Listen, Redis};
 use diffusiond::jobs::conformance::{self, sample_job};
 use diffusiond::jobs::{
     open_store, ImageInfo, JobError, JobId, JobProgress, JobStatus, JobStore, RedisOptions, RedisStore,
 };
 
-const SKIP_ENV: &str = "DIFFUSIOND_SKIP_REDIS";
+/// The database of the TCP tests: not the default, so that the store is seen
+/// to use the one in its URL and to name it in errors.
+const TCP_DB: u8 = 3;
 
-/// Where a test server listens.
-enum Listen {
-    Socket(PathBuf),
-    Tcp(u16),
-}
-
-/// A `redis-server` of this test's own, killed and its directory removed on drop.
-struct RedisServer {
-    child: Option<Child>,
-    dir: PathBuf,
-    listen: Listen,
-}
-
-impl RedisServer {
-    /// A server on a Unix socket; `None` only when the tests are skipped.
-    fn start() -> Option<Self> {
-        let dir = Self::temp_dir()?;
-        let socket = dir.join("redis.sock");
-        let mut server = Self { child: None, dir, listen: Listen::Socket(socket) };
-        server.spawn();
-        Some(server)
-    }
-
-    /// A server on a free loopback TCP port (the way replicas reach Redis).
-    fn start_tcp() -> Option<Self> {
-        let dir = Self::temp_dir()?;
-        let mut server = Self { child: None, dir, listen: Listen::Tcp(0) };
-        // The port is free when picked but could be taken before Redis binds it.
-        for _ in 0..5 {
-            let port =
-                std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
-            server.listen = Listen::Tcp(port);
-            if server.try_spawn().is_ok() {
-                return Some(server);
-            }
-        }
-        panic!("redis-server could not bind a loopback port; see {}", server.log().display());
-    }
-
-    /// Checks that redis-server is installed, then makes a fresh directory.
-    fn temp_dir() -> Option<PathBuf> {
-        if std::env::var(SKIP_ENV).is_ok_and(|v| v == "1") {
-            eprintln!("{SKIP_ENV}=1: skipping the Redis job store tests");
-            return None;
-        }
-        match Command::new("redis-server").arg("--version").output() {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => panic!("`redis-server --version` failed: {}", String::from_utf8_lossy(&out.stderr)),
-            Err(e) => panic!(
-                "redis-server is needed by the Redis job store tests but cannot be run ({e}). \
-                 `make test` installs it; or run `apt-get install -y redis-server`. \
-                 Set {SKIP_ENV}=1 to skip these tests."
-            ),
-        }
-        let dir = std::env::temp_dir().join(format!("diffusiond-redis-{}", JobId::new_v4()));
-        std::fs::create_dir_all(&dir).expect("create the server directory");
-        Some(dir)
-    }
-
-    fn log(&self) -> PathBuf {
-        self.dir.join("redis.log")
-    }
-
-    fn url(&self) -> String {
-        match &self.listen {
-            Listen::Socket(path) => format!("redis+unix://{}", path.display()),
-            Listen::Tcp(port) => format!("redis://127.0.0.1:{port}/3"),
-        }
-    }
-
-    fn spawn(&mut self) {
-        if let Err(e) = self.try_spawn() {
-            panic!("{e}");
-        }
-    }
-
-    /// Starts redis-server and waits until it answers PING.
-    fn try_spawn(&mut self) -> Result<(), String> {
-        let mut command = Command::new("redis-server");
-        command.args(["--save", "", "--appendonly", "no", "--daemonize", "no"]);
-        command.arg("--dir").arg(&self.dir).arg("--logfile").arg(self.log());
-        match &self.listen {
-            Listen::Socket(path) => {
-                command.args(["--port", "0", "--unixsocketperm", "700", "--unixsocket"]).arg(path);
-            }
-            Listen::Tcp(port) => {
-                command.args(["--bind", "127.0.0.1", "--port", &port.to_string()]);
-            }
-        }
-        let mut child = command.stdin(Stdio::null()).stdout(Stdio::null()).spawn().expect("spawn redis-server");
-        let client = redis::Client::open(self.url()).expect("test server URL");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = child.try_wait().expect("poll redis-server") {
-                let log = std::fs::read_to_string(self.log()).unwrap_or_default();
-                return Err(format!("redis-server exited at start ({status}):\n{log}"));
-            }
-            let ping = client.get_connection().and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
-            if ping.is_ok() {
-                self.child = Some(child);
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("redis-server did not answer within 10 s; see {}", self.log().display()));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Kills the server at once (no clean shutdown), as a crash or failover would.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// A raw connection, for looking at keys and TTLs.
-    fn raw(&self) -> redis::Connection {
-        redis::Client::open(self.url()).and_then(|c| c.get_connection()).expect("raw connection")
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn open(server: &RedisServer, prefix: &str, retention: Option<Duration>) -> RedisStore {
+fn open(server: &Redis, prefix: &str, retention: Option<Duration>) -> RedisStore {
     let options = RedisOptions { prefix: prefix.into(), retention, ..RedisOptions::default() };
     RedisStore::open(&server.url(), options).expect("open the Redis store")
 }
@@ -175,7 +48,7 @@ fn count(store: &dyn JobStore, status: JobStatus) -> u64 {
 
 #[test]
 fn redis_store_passes_conformance() {
-    let Some(server) = RedisServer::start() else { return };
+    let Some(server) = Redis::start_alone(Listen::Socket) else { return };
     let counter = std::sync::atomic::AtomicUsize::new(0);
     conformance::run_all(&|| {
         // A fresh prefix is a fresh, empty store on the same server.
@@ -186,7 +59,7 @@ fn redis_store_passes_conformance() {
 
 #[test]
 fn replicas_on_one_redis_share_jobs() {
-    let Some(server) = RedisServer::start_tcp() else { return };
+    let Some(server) = Redis::start_alone(Listen::Tcp { db: TCP_DB }) else { return };
     let scratch = std::env::temp_dir().join("diffusiond-unused-data-dir");
     // Replica A opens the way `--store redis://…` will; B with explicit options.
     let a = open_store(Some(&server.url()), &scratch, Duration::from_secs(3600)).expect("open_store");
@@ -226,7 +99,7 @@ fn replicas_on_one_redis_share_jobs() {
 #[test]
 fn racing_completions_keep_exactly_one_result() {
     const REPLICAS: usize = 4;
-    let Some(server) = RedisServer::start() else { return };
+    let Some(server) = Redis::start_alone(Listen::Socket) else { return };
     let replicas: Vec<RedisStore> = (0..REPLICAS).map(|_| open(&server, "race", None)).collect();
     for round in 0..10 {
         let job = sample_job(None, round);
@@ -278,8 +151,8 @@ fn racing_completions_keep_exactly_one_result() {
 
 #[test]
 fn finished_jobs_expire_with_the_retention_ttl() {
-    let Some(server) = RedisServer::start() else { return };
-    let mut raw = server.raw();
+    let Some(server) = Redis::start_alone(Listen::Socket) else { return };
+    let mut raw = server.connection();
     let hour = Duration::from_secs(3600);
     let store = open(&server, "ttl", Some(hour));
     let job_key = |id: JobId| format!("ttl:job:{id}");
@@ -334,14 +207,14 @@ fn finished_jobs_expire_with_the_retention_ttl() {
 
 /// Kills and restarts `server` under a store and checks that the store
 /// reconnects by itself and fails fast (and cleanly) while Redis is down.
-fn check_reconnects(mut server: RedisServer, address: &str) {
+fn check_reconnects(mut server: Redis, address: &str) {
     let store = open(&server, "restart", None);
     let job = sample_job(None, 1);
     store.create(&job).expect("create");
 
     // Its pooled connection is now closed; the next call reconnects by itself.
     server.kill();
-    server.spawn();
+    server.respawn();
     assert_eq!(store.get(job.id).expect("get after a restart"), None, "the restarted server has no data");
     assert!(store.create(&job).expect("create after a restart").created);
 
@@ -351,28 +224,28 @@ fn check_reconnects(mut server: RedisServer, address: &str) {
     assert!(started.elapsed() < Duration::from_secs(5), "a refused connection must fail fast");
     assert!(matches!(err, diffusiond::jobs::StoreError::Backend(_)), "{err:?}");
     assert!(err.to_string().contains(address), "the error names the server ({address}): {err}");
-    server.spawn();
+    server.respawn();
     assert_eq!(store.counts().expect("counts after Redis is back").len(), 5);
 }
 
 #[test]
 fn a_restarted_redis_is_reconnected_over_a_socket() {
-    let Some(server) = RedisServer::start() else { return };
+    let Some(server) = Redis::start_alone(Listen::Socket) else { return };
     check_reconnects(server, "redis.sock");
 }
 
 #[test]
 fn a_restarted_redis_is_reconnected_over_tcp() {
-    let Some(server) = RedisServer::start_tcp() else { return };
-    let Listen::Tcp(port) = server.listen else { unreachable!("a TCP server") };
-    check_reconnects(server, &format!("127.0.0.1:{port}/3"));
+    let Some(server) = Redis::start_alone(Listen::Tcp { db: TCP_DB }) else { return };
+    let address = format!("127.0.0.1:{}/{TCP_DB}", server.port);
+    check_reconnects(server, &address);
 }
 
 #[test]
 fn a_newer_key_layout_is_refused() {
-    let Some(server) = RedisServer::start() else { return };
+    let Some(server) = Redis::start_alone(Listen::Socket) else { return };
     drop(open(&server, "layout", None));
-    let mut raw = server.raw();
+    let mut raw = server.connection();
     assert_eq!(redis::cmd("HGET").arg("layout:meta").arg("schema").query::<String>(&mut raw).expect("HGET"), "1");
     let _: () = redis::cmd("HSET").arg("layout:meta").arg("schema").arg(99).query(&mut raw).expect("HSET");
     let err = RedisStore::open(&server.url(), RedisOptions { prefix: "layout".into(), ..RedisOptions::default() })

@@ -1,7 +1,8 @@
-//! A small cluster on loopback for the scale-out tests and benchmark: a
-//! private `redis-server`, `diffusiond serve` replicas as child processes, and
-//! nginx balancing them round-robin. Everything lives in one temporary
-//! directory and is killed on drop.
+//! Private servers on loopback for the tests and benchmark that need Redis:
+//! a `redis-server` of the test's own (also the Redis job store tests'), and,
+//! for the scale-out tests, `diffusiond serve` replicas as child processes and
+//! nginx balancing them round-robin. Everything lives in a temporary directory
+//! and is killed on drop.
 //!
 //! redis-server and nginx come from Debian (`make test` installs them). Without
 //! them these tests fail saying how to install them, unless
@@ -20,19 +21,22 @@ pub fn free_port() -> u16 {
 }
 
 /// Whether the tests that need redis-server (and nginx) should run; panics
-/// with installation advice when a tool is missing.
+/// with installation advice when a tool is missing, so that a machine without
+/// them does not pass these tests by running none of them.
 pub fn tools_present(tools: &[&str]) -> bool {
     if std::env::var(SKIP_ENV).is_ok_and(|v| v == "1") {
         eprintln!("{SKIP_ENV}=1: skipping the tests that need {}", tools.join(" and "));
         return false;
     }
     for tool in tools {
-        let found = Command::new(program(tool)).arg("-v").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
-        assert!(
-            found,
-            "{tool} is needed by the scale-out tests but cannot be run. `make test` installs it; \
-             or run `apt-get install -y redis-server nginx`. Set {SKIP_ENV}=1 to skip these tests."
-        );
+        match Command::new(program(tool)).arg("-v").output() {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => panic!("`{tool} -v` failed: {}", String::from_utf8_lossy(&out.stderr)),
+            Err(e) => panic!(
+                "{tool} is needed by these tests but cannot be run ({e}). `make test` installs it; \
+                 or run `apt-get install -y {tool}`. Set {SKIP_ENV}=1 to skip these tests."
+            ),
+        }
     }
     true
 }
@@ -96,52 +100,137 @@ fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
     }
 }
 
-/// A private redis-server on a loopback port, without persistence.
+/// Where a private redis-server listens, which decides its URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    /// A Unix socket, `redis.sock` in the server's directory: no port to race
+    /// other processes for.
+    Socket,
+    /// A free loopback port, the way replicas reach Redis; URLs name database
+    /// `db` (a test can pick one other than 0 to see it used and named).
+    Tcp { db: u8 },
+}
+
+/// A private redis-server without persistence, killed on drop.
+///
+/// It can be killed at once ([`Redis::kill`], as a crash or failover would)
+/// and started again, empty, on the same address ([`Redis::respawn`]), so
+/// that tests can watch clients reconnect to it.
 pub struct Redis {
+    /// The loopback port; 0 on a Unix socket.
     pub port: u16,
+    listen: Listen,
+    /// Holds its log (and its socket).
+    dir: PathBuf,
+    // Declared before `scratch`: the server is killed before its directory is removed.
     process: Killed,
+    /// The directory of a server started alone, removed on drop.
+    scratch: Option<Scratch>,
 }
 
 impl Redis {
+    /// On a loopback port, database 0, in `dir/redis`: the shared store of a
+    /// cluster whose replicas and nginx live in `dir` too.
     pub fn start(dir: &Path) -> Self {
+        Self::start_in(dir, Listen::Tcp { db: 0 })
+    }
+
+    /// In a scratch directory of its own, for tests that need Redis and
+    /// nothing else; `None` when these tests are skipped (see [`tools_present`]).
+    pub fn start_alone(listen: Listen) -> Option<Self> {
+        if !tools_present(&["redis-server"]) {
+            return None;
+        }
+        let scratch = Scratch::new("redis");
+        let mut redis = Self::start_in(&scratch.0, listen);
+        redis.scratch = Some(scratch);
+        Some(redis)
+    }
+
+    fn start_in(dir: &Path, listen: Listen) -> Self {
         let dir = dir.join("redis");
         std::fs::create_dir_all(&dir).expect("redis directory");
-        for _ in 0..5 {
-            let port = free_port();
-            let child = Command::new(program("redis-server"))
-                .args(["--save", "", "--appendonly", "no", "--bind", "127.0.0.1", "--port", &port.to_string()])
-                .arg("--dir")
-                .arg(&dir)
-                .arg("--logfile")
-                .arg(dir.join("redis.log"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("spawn redis-server");
-            let mut process = Killed(Some(child));
-            let client = redis::Client::open(format!("redis://127.0.0.1:{port}/0")).expect("URL");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if process.0.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some()) {
-                    break; // exited: the port was taken; try another
-                }
-                let ping = client.get_connection().and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
-                if ping.is_ok() {
-                    return Self { port, process };
-                }
-                std::thread::sleep(Duration::from_millis(10));
+        let mut redis = Self { port: 0, listen, dir, process: Killed(None), scratch: None };
+        // A port is free when picked but could be taken before Redis binds it:
+        // then another is tried. A socket path is ours alone.
+        let tries = if listen == Listen::Socket { 1 } else { 5 };
+        let mut error = String::new();
+        for _ in 0..tries {
+            if listen != Listen::Socket {
+                redis.port = free_port();
             }
-            process.kill();
+            match redis.try_spawn() {
+                Ok(()) => return redis,
+                Err(e) => error = e,
+            }
         }
-        panic!("redis-server did not start; see {}", dir.join("redis.log").display());
+        panic!("redis-server did not start: {error}");
     }
 
+    /// What a store or replica is given: `redis://127.0.0.1:PORT/DB`, or
+    /// `redis+unix://…/redis.sock`.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        match self.listen {
+            Listen::Socket => format!("redis+unix://{}", self.dir.join("redis.sock").display()),
+            Listen::Tcp { db } => format!("redis://127.0.0.1:{}/{db}", self.port),
+        }
     }
 
+    /// A plain connection of the test's own, for looking at keys directly.
     pub fn connection(&self) -> redis::Connection {
         redis::Client::open(self.url()).and_then(|c| c.get_connection()).expect("redis connection")
+    }
+
+    /// SIGKILL, no clean shutdown: as a crash or failover would.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// Starts the server again on the same address after [`Redis::kill`]. It
+    /// comes back empty (no persistence), as a restarted cache would.
+    pub fn respawn(&mut self) {
+        assert!(self.process.0.is_none(), "respawn a killed redis-server only");
+        if let Err(e) = self.try_spawn() {
+            panic!("redis-server did not start again: {e}");
+        }
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("redis.log")
+    }
+
+    /// Starts redis-server on its address and waits until it answers PING.
+    fn try_spawn(&mut self) -> Result<(), String> {
+        let mut command = Command::new(program("redis-server"));
+        command.args(["--save", "", "--appendonly", "no", "--daemonize", "no"]);
+        command.arg("--dir").arg(&self.dir).arg("--logfile").arg(self.log_path());
+        match self.listen {
+            Listen::Socket => {
+                command.args(["--port", "0", "--unixsocketperm", "700", "--unixsocket"]).arg(self.dir.join("redis.sock"));
+            }
+            Listen::Tcp { .. } => {
+                command.args(["--bind", "127.0.0.1", "--port", &self.port.to_string()]);
+            }
+        }
+        let child = command.stdin(Stdio::null()).stdout(Stdio::null()).spawn().expect("spawn redis-server");
+        let mut process = Killed(Some(child));
+        let client = redis::Client::open(self.url()).expect("redis URL");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = process.0.as_mut().and_then(|c| c.try_wait().expect("poll redis-server")) {
+                let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+                return Err(format!("redis-server exited at start ({status}):\n{log}"));
+            }
+            let ping = client.get_connection().and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
+            if ping.is_ok() {
+                self.process = process;
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("redis-server did not answer within 10 s; see {}", self.log_path().display()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
