@@ -54,7 +54,7 @@ test: venv encoder refenv redis nginx
 	rt=$$(mktemp -d) && chmod 755 $$rt && scripts/runtime_tree.sh --binary target/debug/diffusiond --model tests/fixtures/cascade $$rt/tree; \
 		status=$$?; rm -rf $$rt; exit $$status
 
-# The Redis job store tests (tests/jobs_redis.rs) start their own redis-server,
+# The Redis tests (tests/jobs_redis.rs, redis_queue.rs, scale_out.rs) start their own redis-server,
 # from the Debian package; sudo only when not root.
 .PHONY: redis
 redis:
@@ -98,14 +98,19 @@ $(REFENV_STAMP): scripts/gen_fixtures.py | $(TORCH_STAMP)
 
 # Retraining the shipped cascade: each stage from its committed config, resuming
 # from runs/<stage>/checkpoint when one exists, then exporting the EMA weights
-# (f16) into models/default/<stage>. DEVICE=cuda trains on a GPU.
-STAGES := base sr64 sr128
+# (f16) to runs/<stage>/stage and, for a shipped stage, into models/default.
+# base-eps trains the base stage with the ε objective; base fine-tunes it to v
+# (its config's `init`). DEVICE=cuda trains on a GPU (fp16 mixed precision).
+STAGES := base-eps base sr64 sr128
 DEVICE ?= auto
 .PHONY: train eval
 train: build encoder
 	for stage in $(STAGES); do \
 		target/release/diffusiond train --config models/default/train/$$stage.json --out runs/$$stage \
-			--device $(DEVICE) --export models/default/$$stage || exit 1; \
+			--device $(DEVICE) --export runs/$$stage/stage || exit 1; \
+		if [ -f models/default/$$stage/model_index.json ]; then \
+			rm -rf models/default/$$stage && cp -r runs/$$stage/stage models/default/$$stage || exit 1; \
+		fi; \
 	done
 
 # The figures in the README: the detector on ground truth, the base stage's

@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Summarises `diffusiond train` runs as the small training log committed next to
-the shipped weights: per stage the steps, images seen, wall time, throughput and
-losses (means over windows of steps, so the curve is readable).
+the shipped weights: per stage the hardware, steps, images seen, wall time,
+throughput and losses (means over windows of steps, so the curve is readable).
 
-    scripts/training_log.py runs/base runs/sr64 runs/sr128 > models/default/TRAINING.md
+    scripts/training_log.py runs/base-eps runs/base runs/sr64 runs/sr128 > models/default/TRAINING.md
+
+A run's hardware is read from `<run>/hardware.txt` when there is one (a run
+made on another machine), else it is this machine's CPU.
 
 A resumed run repeats the steps after its last checkpoint; the later line wins.
 Wall time adds up the gaps between consecutive time-stamped lines (a gap over
@@ -43,27 +46,33 @@ def cpu():
 
 def main(runs):
     print("# Training log of the default cascade\n")
-    print(f"Hardware: {cpu()}; libtorch CPU, f32.\n")
     print("Made by `scripts/training_log.py` from each run's `train.log`; configs in `train/`.")
     print("Stages that trained at the same time shared the machine, so each one's images/s is its share.\n")
     for run in runs:
         name = os.path.basename(os.path.normpath(run))
         config = json.load(open(os.path.join("models/default/train", f"{name}.json")))
+        hardware_file = os.path.join(run, "hardware.txt")
+        hardware = open(hardware_file).read().strip() if os.path.exists(hardware_file) else f"{cpu()}; libtorch CPU, f32"
+        target = "v" if config["scheduler"].get("prediction_type") == "v_prediction" else "ε"
         # Steps a stopped run took past its last checkpoint are not in the weights.
         rows = [r for r in read(run) if int(r["step"]) <= config["steps"]]
         stamps = [int(r["unix"]) for r in rows if "unix" in r]
-        gaps = [b - a for a, b in zip(stamps, stamps[1:]) if 0 < b - a < PAUSE]
+        gaps = [b - a for a, b in zip(stamps, stamps[1:]) if 0 <= b - a < PAUSE]
         per_step = sum(gaps) / len(gaps) if gaps else 0.0
         unstamped = sum(1 for r in rows if "unix" not in r)
         wall = sum(gaps) + unstamped * per_step
         last = rows[-WINDOW // 2 :]
         mean = lambda key, rs: sum(float(r[key]) for r in rs) / len(rs)
         print(f"## {name}\n")
+        print(f"- hardware: {hardware}")
+        if config.get("init"):
+            print(f"- starts from the weights of `{os.path.basename(os.path.normpath(os.path.dirname(config['init'])))}` (`init`)")
+        print(f"- prediction: {target}; schedule {config['scheduler']['beta_schedule']}")
         print(f"- steps: {len(rows)} of batch {config['batch']} ({len(rows) * config['batch']} images), lr {config['lr']}, EMA {config['ema_decay']}")
         estimate = f" ({unstamped} early steps estimated at the mean step time)" if unstamped else ""
         print(f"- wall time: {wall / 3600:.2f} h{estimate}; {config['batch'] / per_step if per_step else 0:.1f} images/s on average")
-        print(f"- final losses (mean of the last {len(last)} steps): total {mean('loss', last):.4f}, ε-MSE {mean('mse', last):.4f}, λ·L_vlb {mean('vlb', last):.5f}\n")
-        print("| steps | ε-MSE | total |\n|---:|---:|---:|")
+        print(f"- final losses (mean of the last {len(last)} steps): total {mean('loss', last):.4f}, {target}-MSE {mean('mse', last):.4f}, λ·L_vlb {mean('vlb', last):.5f}\n")
+        print(f"| steps | {target}-MSE | total |\n|---:|---:|---:|")
         for start in range(0, len(rows), WINDOW):
             window = rows[start : start + WINDOW]
             print(f"| {int(window[0]['step'])}–{int(window[-1]['step'])} | {mean('mse', window):.4f} | {mean('loss', window):.4f} |")

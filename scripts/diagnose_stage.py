@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Checks a trained base stage with diffusers, independently of diffusiond's
+samplers (run it with the reference venv, `.venv-fixtures/bin/python`).
+
+    scripts/diagnose_stage.py sample STAGE_DIR OUT.png [--guidance 3] [--no-threshold]
+    scripts/diagnose_stage.py x0 STAGE_DIR
+
+`sample` draws six prompts with diffusers' DDIMScheduler (50 steps, the stage's
+scheduler config, optionally without dynamic thresholding) and MiniLM
+embeddings from transformers, padded to 32 tokens as diffusiond pads them.
+`x0` noises eight dataset renders (`diffusiond dataset`) to several timesteps
+and prints the model's x̂₀ error next to that of each image's own mean colour:
+an ε model's x̂₀ degrades sharply near t = T, where the overall colour of a
+sample is decided.
+"""
+
+import argparse
+import os
+import subprocess
+import tempfile
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from PIL import Image
+from transformers import AutoModel, AutoTokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENCODER = os.path.join(ROOT, "models/all-MiniLM-L6-v2")
+PROMPTS = ["a red circle", "a blue square on a white background", "a green triangle on a black background",
+           "two yellow stars", "a red circle above a blue square", "a pink heart on the left"]
+
+
+def embed(prompts):
+    tok = AutoTokenizer.from_pretrained(ENCODER)
+    enc = AutoModel.from_pretrained(ENCODER).eval()
+    ids = tok(prompts, padding="max_length", max_length=32, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        return enc(**ids).last_hidden_state
+
+
+def to_eps(sched, out, x, t):
+    """The ε a model output implies, whatever the stage predicts."""
+    if sched.config.prediction_type == "v_prediction":
+        a = sched.alphas_cumprod[t]
+        return a.sqrt() * out + (1 - a).sqrt() * x
+    return out
+
+
+def sample(args):
+    unet = UNet2DConditionModel.from_pretrained(args.stage, subfolder="unet").eval()
+    sched = DDIMScheduler.from_pretrained(args.stage, subfolder="scheduler")
+    if args.no_threshold:
+        sched = DDIMScheduler.from_config(sched.config, thresholding=False)
+    cond, uncond = embed(PROMPTS), embed([""] * len(PROMPTS))
+    torch.manual_seed(0)
+    x = torch.randn(len(PROMPTS), 3, unet.config.sample_size, unet.config.sample_size)
+    sched.set_timesteps(50)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample[:, :3]
+            u, c = out.chunk(2)
+            x = sched.step(u + args.guidance * (c - u), t, x).prev_sample
+    img = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    side = 2 * img.shape[1]
+    grid = Image.new("RGB", (len(PROMPTS) * (side + 2), side + 2), "white")
+    for i, a in enumerate(img):
+        grid.paste(Image.fromarray(a).resize((side, side), Image.NEAREST), (i * (side + 2), 1))
+    grid.save(args.out)
+    print(f"wrote {args.out}: " + "; ".join(PROMPTS))
+
+
+def x0_error(args):
+    unet = UNet2DConditionModel.from_pretrained(args.stage, subfolder="unet").eval()
+    sched = DDPMScheduler.from_pretrained(args.stage, subfolder="scheduler")
+    side = unet.config.sample_size
+    binary = os.path.join(ROOT, "target/release/diffusiond")
+    images, captions = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(8):
+            png = os.path.join(tmp, f"{i}.png")
+            subprocess.run([binary, "dataset", "--preview", "--start", str(i), "-n", "1", "--size", str(side), "-o", png],
+                           check=True, capture_output=True)
+            # A one-image grid has a 2-pixel frame.
+            images.append(np.array(Image.open(png).convert("RGB"))[2:2 + side, 2:2 + side])
+            captions.append(open(png[:-4] + ".txt").read().split(". ", 1)[1].strip())
+    x0 = torch.stack([torch.from_numpy(a).permute(2, 0, 1).float() / 127.5 - 1 for a in images])
+    cond = embed(captions)
+    own_mean = ((x0 - x0.mean(dim=(2, 3), keepdim=True)) ** 2).mean().item()
+    torch.manual_seed(0)
+    for t in [50, 200, 400, 600, 800, 950]:
+        eps = torch.randn_like(x0)
+        ts = torch.full((len(x0),), t, dtype=torch.long)
+        xt = sched.add_noise(x0, eps, ts)
+        with torch.no_grad():
+            e = to_eps(sched, unet(xt, ts, encoder_hidden_states=cond).sample[:, :3], xt, t)
+        a = sched.alphas_cumprod[t]
+        x0_hat = (xt - (1 - a).sqrt() * e) / a.sqrt()
+        print(f"t = {t:3d}: ε MSE {((e - eps) ** 2).mean():.4f}, x̂₀ MSE {((x0_hat - x0) ** 2).mean():.4f} "
+              f"(each image's own mean colour: {own_mean:.4f})")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("sample")
+    s.add_argument("stage")
+    s.add_argument("out")
+    s.add_argument("--guidance", type=float, default=3.0)
+    s.add_argument("--no-threshold", action="store_true")
+    x = sub.add_parser("x0")
+    x.add_argument("stage")
+    args = p.parse_args()
+    torch.set_grad_enabled(False)
+    (sample if args.command == "sample" else x0_error)(args)
+
+
+if __name__ == "__main__":
+    main()
