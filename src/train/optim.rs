@@ -185,20 +185,12 @@ impl Optimizer {
         let c = self.config;
         tch::no_grad(|| {
             let device = self.flat.device();
-            let mut all_defined = true;
-            let parts: Vec<Tensor> = self
-                .params
+            let grads: Vec<Tensor> = self.params.iter().map(Tensor::grad).collect();
+            let defined: Vec<bool> = grads.iter().map(Tensor::defined).collect();
+            let parts: Vec<Tensor> = grads
                 .iter()
                 .zip(&self.segments)
-                .map(|(p, s)| {
-                    let g = p.grad();
-                    if g.defined() {
-                        g.to_kind(Kind::Float).reshape([-1])
-                    } else {
-                        all_defined = false;
-                        Tensor::zeros([s.numel()], (Kind::Float, device))
-                    }
-                })
+                .map(|(g, s)| if g.defined() { g.to_kind(Kind::Float).reshape([-1]) } else { Tensor::zeros([s.numel()], (Kind::Float, device)) })
                 .collect();
             let mut g = Tensor::cat(&parts, 0);
             let scale = self.loss_scale();
@@ -232,13 +224,9 @@ impl Optimizer {
             let update = (&m / bc1) / ((&v / bc2).sqrt() + c.eps);
             let mut p = &self.flat * (1.0 - lr * c.weight_decay) - update * lr;
             let mut ema = &self.ema * ema_decay + &p * (1.0 - ema_decay);
-            if !all_defined {
-                let active: Vec<Tensor> = self
-                    .params
-                    .iter()
-                    .zip(&self.segments)
-                    .map(|(q, s)| Tensor::full([s.numel()], i64::from(q.grad().defined()), (Kind::Bool, device)))
-                    .collect();
+            if defined.contains(&false) {
+                let active: Vec<Tensor> =
+                    defined.iter().zip(&self.segments).map(|(&d, s)| Tensor::full([s.numel()], i64::from(d), (Kind::Bool, device))).collect();
                 let active = Tensor::cat(&active, 0);
                 m = m.where_self(&active, &self.m);
                 v = v.where_self(&active, &self.v);

@@ -88,11 +88,12 @@ impl TrainConfig {
     }
 }
 
-fn scheduler(value: &serde_json::Value) -> anyhow::Result<(SchedulerConfig, NoiseSchedule)> {
+/// A stage's scheduler config, its noise schedule and what its model predicts.
+fn scheduler(value: &serde_json::Value) -> anyhow::Result<(SchedulerConfig, NoiseSchedule, PredictionType)> {
     let config = SchedulerConfig::from_json_str(&value.to_string())?;
     let resolved = config.resolve(config.native_kind().unwrap_or(SamplerKind::Ddpm))?;
     let schedule = NoiseSchedule::from_config(&resolved)?;
-    Ok((config, schedule))
+    Ok((config, schedule, resolved.prediction_type))
 }
 
 /// Where a run keeps its state: `out/checkpoint/` (resumable) and `out/stage/` (exported).
@@ -135,8 +136,7 @@ impl Run {
         let c = &self.config;
         std::fs::create_dir_all(&self.out)?;
         let unet_config = UNetConfig::from_json(&c.unet.to_string())?;
-        let (sched_config, schedule) = scheduler(&c.scheduler)?;
-        let prediction = sched_config.resolve(sched_config.native_kind().unwrap_or(SamplerKind::Ddpm))?.prediction_type;
+        let (_, schedule, prediction) = scheduler(&c.scheduler)?;
         if prediction == PredictionType::Sample {
             anyhow::bail!("prediction_type \"sample\": training supports epsilon and v_prediction");
         }
@@ -284,8 +284,8 @@ impl Run {
                 var.shallow_clone().copy_(value);
             }
         });
-        let (sched, _) = scheduler(&c.scheduler)?;
-        let noising = c.noising.as_ref().map(scheduler).transpose()?.map(|(cfg, _)| cfg);
+        let (sched, _, _) = scheduler(&c.scheduler)?;
+        let noising = c.noising.as_ref().map(scheduler).transpose()?.map(|(cfg, _, _)| cfg);
         let kind = if c.low_res.is_some() { StageKind::SuperResolution } else { StageKind::Base };
         let files = StageFiles { kind, unet: &unet, scheduler: &sched, noising: noising.as_ref(), weights: Kind::Half };
         write_stage(dir, &files)?;
