@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use cluster::{tools_present, Redis, Scratch};
 use common::fixture_dir;
+use common::server::start;
 use diffusiond::api::ApiConfig;
 use diffusiond::jobs::conformance::sample_job;
 use diffusiond::jobs::{
@@ -22,7 +23,7 @@ use diffusiond::jobs::{
 };
 use diffusiond::nn::device::{DeviceSetting, Precision};
 use diffusiond::pipeline::{Cascade, LoadOptions, RequestSpec};
-use diffusiond::server::{self, RunningServer, ServerConfig};
+use diffusiond::server::ServerConfig;
 use diffusiond::worker::{EngineConfig, LocalQueue, QueueLimits, SharedQueueConfig};
 use serde_json::{json, Value};
 
@@ -262,17 +263,6 @@ fn replica_config(redis: &Redis, name: &str) -> ServerConfig {
         drain_timeout: Duration::from_secs(10),
         retention: Duration::from_secs(3600),
     }
-}
-
-async fn start(config: ServerConfig) -> (RunningServer, String) {
-    let server = server::start(config).await.unwrap();
-    let base = format!("http://{}", server.addr);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while reqwest::get(format!("{base}/ready")).await.map(|r| r.status() != 200).unwrap_or(true) {
-        assert!(Instant::now() < deadline, "replica not ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    (server, base)
 }
 
 async fn submit(client: &reqwest::Client, base: &str, body: Value) -> Value {

@@ -13,10 +13,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::fixture_dir;
+use common::server::start;
 use diffusiond::api::ApiConfig;
 use diffusiond::nn::device::{DeviceSetting, Precision};
 use diffusiond::pipeline::{Cascade, LoadOptions, RequestSpec};
-use diffusiond::server::{self, RunningServer, ServerConfig};
+use diffusiond::server::ServerConfig;
 use diffusiond::worker::{EngineConfig, QueueLimits};
 use serde_json::{json, Value};
 
@@ -39,18 +40,6 @@ fn config(name: &str) -> ServerConfig {
         drain_timeout: Duration::from_secs(30),
         retention: Duration::from_secs(3600),
     }
-}
-
-async fn start(config: ServerConfig) -> (RunningServer, String) {
-    let server = server::start(config).await.unwrap();
-    let base = format!("http://{}", server.addr);
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while client.get(format!("{base}/ready")).send().await.map(|r| r.status() != 200).unwrap_or(true) {
-        assert!(Instant::now() < deadline, "server not ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    (server, base)
 }
 
 async fn wait_done(client: &reqwest::Client, base: &str, id: &str) -> Value {
