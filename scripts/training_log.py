@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Summarises `diffusiond train` runs as the small training log committed next to
 the shipped weights: per stage the hardware, steps, images seen, wall time,
-throughput and losses (means over windows of steps, so the curve is readable).
+throughput and losses (means over windows of steps, so the curve is readable),
+and the held-out validation lines (`val step ...`) when the run wrote any.
 
     scripts/training_log.py runs/base-eps runs/base runs/sr64 runs/sr128 > models/default/TRAINING.md
 
@@ -24,14 +25,18 @@ PAUSE = 600
 
 
 def read(run):
-    steps = {}
+    """The step lines by step, and the validation lines by step."""
+    steps, validations = {}, {}
     for line in open(os.path.join(run, "train.log")):
         if line.startswith("#"):
             continue  # a run's start or resume, or a skipped mixed-precision step
         f = line.split()
+        held_out = f[0] == "val"
+        if held_out:
+            f = f[1:]
         fields = dict(zip(f[0::2], f[1::2]))
-        steps[int(fields["step"])] = fields
-    return [steps[k] for k in sorted(steps)]
+        (validations if held_out else steps)[int(fields["step"])] = fields
+    return [steps[k] for k in sorted(steps)], [validations[k] for k in sorted(validations)]
 
 
 def cpu():
@@ -55,7 +60,9 @@ def main(runs):
         hardware = open(hardware_file).read().strip() if os.path.exists(hardware_file) else f"{cpu()}; libtorch CPU, f32"
         target = "v" if config["scheduler"].get("prediction_type") == "v_prediction" else "ε"
         # Steps a stopped run took past its last checkpoint are not in the weights.
-        rows = [r for r in read(run) if int(r["step"]) <= config["steps"]]
+        rows, validations = read(run)
+        rows = [r for r in rows if int(r["step"]) <= config["steps"]]
+        validations = [v for v in validations if int(v["step"]) <= config["steps"]]
         stamps = [int(r["unix"]) for r in rows if "unix" in r]
         gaps = [b - a for a, b in zip(stamps, stamps[1:]) if 0 <= b - a < PAUSE]
         per_step = sum(gaps) / len(gaps) if gaps else 0.0
@@ -77,6 +84,15 @@ def main(runs):
             window = rows[start : start + WINDOW]
             print(f"| {int(window[0]['step'])}–{int(window[-1]['step'])} | {mean('mse', window):.4f} | {mean('loss', window):.4f} |")
         print()
+        if validations:
+            levels = [k[3:] for k in validations[0] if k.startswith("x0_") and k != "x0_mean"]
+            print("Held-out x̂₀ MSE of the EMA at timestep t, with the caption / with the empty prompt:\n")
+            print("| step | " + " | ".join(f"t = {t}" for t in levels) + " | mean |")
+            print("|---:|" + "---:|" * (len(levels) + 1))
+            for v in validations:
+                cells = [f"{float(v['x0_' + t]):.4f} / {float(v['null_' + t]):.4f}" for t in levels]
+                print(f"| {v['step']} | " + " | ".join(cells) + f" | {float(v['x0_mean']):.4f} / {float(v['null_mean']):.4f} |")
+            print()
 
 
 if __name__ == "__main__":

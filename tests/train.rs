@@ -141,7 +141,8 @@ fn a_run_checkpoints_resumes_and_exports_a_stage_folder() {
         "seed": 3, "encoder": std::fs::canonicalize(fixture_dir().join("text/tiny-bert")).unwrap(), "max_length": 16,
         "size": 16, "unet": unet_config,
         "scheduler": {"_class_name": "DDPMScheduler", "beta_schedule": "squaredcos_cap_v2", "variance_type": "learned_range"},
-        "steps": 4, "batch": 4, "lr": 1e-3, "warmup_steps": 2, "ema_decay": 0.9, "checkpoint_every": 2
+        "steps": 4, "batch": 4, "lr": 1e-3, "warmup_steps": 2, "ema_decay": 0.9, "checkpoint_every": 2,
+        "validate_every": 2, "validate_samples": 6
     });
     std::fs::write(dir.join("train.json"), config.to_string()).unwrap();
     let run = Run {
@@ -157,6 +158,16 @@ fn a_run_checkpoints_resumes_and_exports_a_stage_folder() {
     assert_eq!(seen, [4]);
     let log = std::fs::read_to_string(dir.join("run/train.log")).unwrap();
     assert_eq!(log.lines().filter(|l| l.starts_with("step ")).count(), 4, "{log}");
+    // Held-out validation: when the fresh run starts, every 2 steps, and at each invocation's last step.
+    let validations: Vec<Vec<&str>> = log.lines().filter_map(|l| l.strip_prefix("val ")).map(|l| l.split(' ').collect()).collect();
+    let at: Vec<&str> = validations.iter().map(|f| f[1]).collect();
+    assert_eq!(at, ["0", "2", "3", "4"], "{log}");
+    for f in &validations {
+        let value = |key: &str| -> f64 { f[f.iter().position(|k| *k == key).unwrap_or_else(|| panic!("{key} in {f:?}")) + 1].parse().unwrap() };
+        let (low, high) = (value("x0_100"), value("x0_900"));
+        assert!(low.is_finite() && high.is_finite() && low < high, "x̂0 is easier to recover at t = 100 than at 900: {f:?}");
+        assert_ne!(value("x0_500"), value("null_500"), "the caption changes the prediction: {f:?}");
+    }
     run.export(&dir.join("stage")).unwrap();
     let exported = LoadedUNet::load(&dir.join("stage/unet"), tch::Device::Cpu, Kind::Float).unwrap();
     assert_eq!(exported.parameter_count(), unet(16, false).parameter_count());
@@ -209,6 +220,15 @@ fn prefetching_threads_and_a_time_limit_leave_the_numbers_unchanged() {
         (step, LoadedUNet::load(&out.join("checkpoint"), tch::Device::Cpu, Kind::Float).unwrap())
     };
     let (inline_steps, inline) = run("inline", RunOptions::default());
+    // Validating the EMA every step swaps weights in and out: the trained numbers must not move.
+    let mut validated = config.clone();
+    validated["validate_every"] = serde_json::json!(1);
+    std::fs::write(dir.join("train.json"), validated.to_string()).unwrap();
+    let (_, checked) = run("validated", RunOptions::default());
+    let (a, b) = (inline.vs.variables(), checked.vs.variables());
+    assert!(a.keys().all(|k| a[k].equal(&b[k])), "validation changed the weights");
+    assert_eq!(std::fs::read_to_string(dir.join("validated/train.log")).unwrap().lines().filter(|l| l.starts_with("val ")).count(), 6, "steps 0 to 5");
+    std::fs::write(dir.join("train.json"), config.to_string()).unwrap();
     let (threaded_steps, threaded) = run("threaded", RunOptions { data_threads: 3, ..Default::default() });
     assert_eq!((inline_steps, threaded_steps), (5, 5));
     let (a, b) = (inline.vs.variables(), threaded.vs.variables());

@@ -21,6 +21,14 @@
 //! error of ε̂ by 1/√ᾱ, so a sampler's first steps commit to a random overall
 //! colour (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps
 //! are Flawed"), while a v model predicts x̂_0 ≈ −v directly there.
+//!
+//! Min-SNR-γ weighting (Hang et al. 2023, "Efficient Diffusion Training via
+//! Min-SNR Weighting Strategy") optionally reweighs L_simple per sample so that
+//! its x_0 error is weighted by min(SNR_t, γ): the low-noise steps, where the
+//! sample's fine detail is already visible and the loss is easy, stop
+//! dominating the gradient, and the capacity goes to the high-noise steps that
+//! decide layout and shape. With SNR = ᾱ/(1 − ᾱ), an ε loss is multiplied by
+//! min(SNR, γ)/SNR and a v loss by min(SNR, γ)/(SNR + 1).
 
 use tch::{Kind, Tensor};
 
@@ -31,7 +39,8 @@ use crate::diffusion::NoiseSchedule;
 pub struct LossTerms {
     /// What to minimise: `mse + λ·T·vlb`.
     pub total: Tensor,
-    /// L_simple: mean squared error of ε.
+    /// L_simple: mean squared error of the prediction, unweighted (what the
+    /// log compares across runs, whatever their weighting).
     pub mse: Tensor,
     /// Mean L_t over the batch, bits per dimension (no gradient to ε).
     pub vlb: Tensor,
@@ -44,6 +53,8 @@ pub struct HybridLoss {
     pub lambda: f64,
     /// What the mean channels predict (ε or v).
     pub prediction: PredictionType,
+    /// γ of Min-SNR-γ weighting; `None` weighs every sample alike.
+    pub min_snr_gamma: Option<f64>,
     coef1: Vec<f64>,
     coef2: Vec<f64>,
     /// log β̃_t, clipped at t = 0 to log β̃_1 (β̃_0 = 0), as ADM does.
@@ -84,6 +95,7 @@ impl HybridLoss {
         Self {
             lambda,
             prediction: PredictionType::Epsilon,
+            min_snr_gamma: None,
             coef1: schedule.posterior_mean_coef1(),
             coef2: schedule.posterior_mean_coef2(),
             log_posterior_var: schedule.posterior_log_variance_clipped(),
@@ -96,6 +108,35 @@ impl HybridLoss {
     pub fn with_prediction(mut self, prediction: PredictionType) -> Self {
         self.prediction = prediction;
         self
+    }
+
+    /// The same loss with Min-SNR-γ weighting of L_simple (`None`: unweighted).
+    pub fn with_min_snr(mut self, gamma: Option<f64>) -> Self {
+        self.min_snr_gamma = gamma;
+        self
+    }
+
+    /// The weight of L_simple at timestep `t`: 1 without Min-SNR-γ.
+    pub fn weight(&self, t: i64) -> f64 {
+        let Some(gamma) = self.min_snr_gamma else { return 1.0 };
+        let ab = self.alpha_bar[t as usize];
+        let snr = ab / (1.0 - ab);
+        match self.prediction {
+            PredictionType::Epsilon => snr.min(gamma) / snr,
+            PredictionType::VPrediction => snr.min(gamma) / (snr + 1.0),
+            PredictionType::Sample => snr.min(gamma),
+        }
+    }
+
+    /// x̂_0 from the mean channels `pred` of a model output for `x_t`.
+    pub fn predicted_x0(&self, pred: &Tensor, x_t: &Tensor, timesteps: &[i64]) -> Tensor {
+        let ab = Self::pick(&self.alpha_bar, timesteps, x_t);
+        let (a, b) = (ab.sqrt(), (-&ab + 1.0).sqrt());
+        match self.prediction {
+            PredictionType::Epsilon => (x_t - &b * pred) / &a,
+            PredictionType::VPrediction => &a * x_t - &b * pred,
+            PredictionType::Sample => pred.shallow_clone(),
+        }
     }
 
     fn pick(values: &[f64], timesteps: &[i64], like: &Tensor) -> Tensor {
@@ -118,15 +159,17 @@ impl HybridLoss {
             PredictionType::VPrediction => &a * noise - &b * x0,
             PredictionType::Sample => x0.shallow_clone(),
         };
-        let mse = (&pred - target).square().mean(Kind::Float);
+        let squared = (&pred - target).square();
+        let mse = squared.mean(Kind::Float);
+        let simple = if self.min_snr_gamma.is_some() {
+            let w: Vec<f32> = timesteps.iter().map(|&t| self.weight(t) as f32).collect();
+            (squared * per_sample(&w, x0)).mean(Kind::Float)
+        } else {
+            mse.shallow_clone()
+        };
 
         // The variational term sees the prediction without gradient: it trains only the variance.
-        let pred = pred.detach();
-        let x0_pred = match self.prediction {
-            PredictionType::Epsilon => (x_t - &b * &pred) / &a,
-            PredictionType::VPrediction => &a * x_t - &b * &pred,
-            PredictionType::Sample => pred,
-        };
+        let x0_pred = self.predicted_x0(&pred.detach(), x_t, timesteps);
         let (c1, c2) = (Self::pick(&self.coef1, timesteps, x0), Self::pick(&self.coef2, timesteps, x0));
         let model_mean = &c1 * &x0_pred + &c2 * x_t;
         let true_mean = &c1 * x0 + &c2 * x_t;
@@ -142,7 +185,7 @@ impl HybridLoss {
         let terms = (&is_zero * nll + (-&is_zero + 1.0) * kl) / std::f64::consts::LN_2;
         let vlb = terms.mean(Kind::Float);
         let steps = self.alpha_bar.len() as f64;
-        let total = &mse + &vlb * (self.lambda * steps);
+        let total = &simple + &vlb * (self.lambda * steps);
         LossTerms { total, mse, vlb }
     }
 }
@@ -193,6 +236,48 @@ mod tests {
         // The exact ε is the wrong answer for a v model (except where ᾱ ≈ 1).
         let eps_output = Tensor::cat(&[&noise, &noise.full_like(-1.0)], 1);
         assert!(loss.compute(&eps_output, &x0, &x_t, &noise, &t).mse.double_value(&[]) > 0.1);
+    }
+
+    #[test]
+    fn min_snr_weights_cap_the_x0_weight_at_gamma() {
+        let (schedule, x0, noise, t) = setup();
+        let ab = |t: usize| schedule.alphas_cumprod()[t] as f64;
+        for prediction in [PredictionType::Epsilon, PredictionType::VPrediction] {
+            let loss = HybridLoss::new(&schedule, 0.0).with_prediction(prediction).with_min_snr(Some(5.0));
+            for &t in &[1usize, 200, 500, 900, 999] {
+                let snr = ab(t) / (1.0 - ab(t));
+                // An ε error is an x_0 error times √SNR, a v error one times √(SNR + 1):
+                // weighted, every x_0 error counts min(SNR, 5) times.
+                let per_x0 = match prediction {
+                    PredictionType::Epsilon => loss.weight(t as i64) * snr,
+                    _ => loss.weight(t as i64) * (snr + 1.0),
+                };
+                assert!((per_x0 - snr.min(5.0)).abs() < 1e-9 * snr.max(1.0), "{prediction:?} t {t}: {per_x0} vs SNR {snr}");
+            }
+            assert_eq!(HybridLoss::new(&schedule, 0.0).with_prediction(prediction).weight(3), 1.0);
+        }
+        // The weighted total is the per-sample weighted mean; the logged MSE stays unweighted.
+        let x_t = q_sample(&schedule, &x0, &t, &noise).unwrap();
+        let output = Tensor::cat(&[&noise.zeros_like(), &noise.full_like(-1.0)], 1);
+        let plain = HybridLoss::new(&schedule, 0.0).compute(&output, &x0, &x_t, &noise, &t);
+        let weighted_loss = HybridLoss::new(&schedule, 0.0).with_min_snr(Some(5.0));
+        let weighted = weighted_loss.compute(&output, &x0, &x_t, &noise, &t);
+        assert_eq!(weighted.mse.double_value(&[]), plain.mse.double_value(&[]));
+        let per_sample_mse = noise.square().mean_dim(&[1i64, 2, 3][..], false, Kind::Float);
+        let want: f64 = t.iter().enumerate().map(|(i, &ti)| weighted_loss.weight(ti) * per_sample_mse.double_value(&[i as i64])).sum::<f64>() / 4.0;
+        assert!((weighted.total.double_value(&[]) - want).abs() < 1e-5, "{} vs {want}", weighted.total.double_value(&[]));
+    }
+
+    #[test]
+    fn predicted_x0_inverts_the_forward_process() {
+        let (schedule, x0, noise, t) = setup();
+        let x_t = q_sample(&schedule, &x0, &t, &noise).unwrap();
+        let v = crate::diffusion::forward::velocity(&schedule, &x0, &t, &noise).unwrap();
+        let eps = HybridLoss::new(&schedule, 0.0).predicted_x0(&noise, &x_t, &t);
+        let from_v = HybridLoss::new(&schedule, 0.0).with_prediction(PredictionType::VPrediction).predicted_x0(&v, &x_t, &t);
+        // ε at t = 999 divides by √ᾱ ≈ 0.006: allow for the f32 amplification there.
+        assert!((eps.narrow(0, 0, 3) - x0.narrow(0, 0, 3)).abs().max().double_value(&[]) < 1e-3);
+        assert!((from_v - &x0).abs().max().double_value(&[]) < 1e-5);
     }
 
     #[test]

@@ -10,9 +10,10 @@
 //! | [`layout`] | sampling a scene together with the description it must satisfy |
 //! | [`caption`] | wording a description: templates and synonyms |
 //! | [`dataset`] | the seeded, endless, indexable stream of samples and batches |
-//! | [`loss`] | ADM's hybrid loss: L_simple (ε or v) + λ·L_vlb with learned-range variance |
+//! | [`loss`] | ADM's hybrid loss: L_simple (ε or v, optionally Min-SNR-γ weighted) + λ·L_vlb with learned-range variance |
 //! | [`optim`] | flat-buffer AdamW with saved moments, warm-up, clipping, EMA, loss scale: exact resume |
 //! | [`trainer`] | one training step of a base or super-resolution stage (f32 or fp16 autocast), batches drawn ahead |
+//! | [`validate`] | held-out x̂_0 error per noise level, with and without the caption |
 //! | [`run`] | a stage's training run: config, init weights, loop, time limit, checkpoints, resume, export |
 
 pub mod caption;
@@ -26,3 +27,4 @@ pub mod render;
 pub mod run;
 pub mod scene;
 pub mod sdf;
+pub mod validate;

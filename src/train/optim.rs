@@ -240,6 +240,17 @@ impl Optimizer {
         })
     }
 
+    /// Exchanges the live weights and the EMA weights in place; calling it
+    /// again restores both. Validation scores the EMA (what a run exports)
+    /// without a second copy of the model.
+    pub fn swap_ema(&mut self) {
+        tch::no_grad(|| {
+            let live = self.flat.copy();
+            self.flat.copy_(&self.ema);
+            self.ema.copy_(&live);
+        });
+    }
+
     /// The EMA weights by variable name (what a checkpoint for sampling holds).
     pub fn ema(&self) -> BTreeMap<String, Tensor> {
         self.segments.iter().map(|s| (s.name.clone(), s.of(&self.ema))).collect()
@@ -410,6 +421,25 @@ mod tests {
         assert!(used.double_value(&[0]) < 1.0);
         assert!(unused.equal(&Tensor::ones([2], (Kind::Float, Device::Cpu))));
         assert!(opt.ema()["unused"].equal(&Tensor::ones([2], (Kind::Float, Device::Cpu))));
+    }
+
+    #[test]
+    fn swapping_in_the_ema_twice_restores_both() {
+        let config = OptimConfig { lr: 1e-1, warmup_steps: 1, ema_decay: 0.9, ..Default::default() };
+        let (vs, lin, x, y) = problem(5);
+        let mut opt = Optimizer::new(&vs, config);
+        for _ in 0..5 {
+            opt.zero_grad();
+            loss(&lin, &x, &y).backward();
+            opt.step();
+        }
+        let (live, ema) = (lin.ws.copy(), opt.ema()["lin.weight"].copy());
+        assert!(!live.equal(&ema), "the test needs an EMA that lags");
+        opt.swap_ema();
+        // The model's own variables now hold the EMA.
+        assert!(lin.ws.equal(&ema) && opt.ema()["lin.weight"].equal(&live));
+        opt.swap_ema();
+        assert!(lin.ws.equal(&live) && opt.ema()["lin.weight"].equal(&ema));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! A training run of one stage: its config file, the loop, checkpoints every N
 //! steps (weights, optimiser moments, EMA, step) written atomically, automatic
-//! resumption from the last checkpoint, a log of losses and throughput, and the
+//! resumption from the last checkpoint, a log of losses and throughput, held-out
+//! validation of the EMA every N steps (see [`super::validate`]), and the
 //! export of the EMA weights as a stage folder the pipeline and diffusers load.
 
 use std::io::Write;
@@ -15,6 +16,7 @@ use super::dataset::Dataset;
 use super::loss::HybridLoss;
 use super::optim::{LossScale, OptimConfig, Optimizer};
 use super::trainer::{BatchSource, Precision, Prefetcher, StageData, StageTrainer, StepConfig};
+use super::validate::Validation;
 use crate::diffusion::forward::PredictionType;
 use crate::diffusion::{NoiseSchedule, SamplerKind, SchedulerConfig};
 use crate::nn::weights;
@@ -62,7 +64,25 @@ pub struct TrainConfig {
     pub vlb_lambda: f64,
     #[serde(default = "default_uncond")]
     pub uncond_prob: f64,
+    /// γ of Min-SNR-γ loss weighting (Hang et al. 2023); absent: unweighted.
+    #[serde(default)]
+    pub min_snr_gamma: Option<f64>,
     pub checkpoint_every: u64,
+    /// Score the EMA on held-out samples every this many steps (and when a
+    /// fresh run starts, and at its last step); 0 never does.
+    #[serde(default = "default_validate_every")]
+    pub validate_every: u64,
+    /// Held-out samples per validation (rounded up to whole batches).
+    #[serde(default = "default_validate_samples")]
+    pub validate_samples: usize,
+}
+
+fn default_validate_every() -> u64 {
+    1000
+}
+
+fn default_validate_samples() -> usize {
+    64
 }
 
 fn default_lambda() -> f64 {
@@ -188,7 +208,7 @@ impl Run {
             encoder: &encoder,
             schedule: &schedule,
             noising: &noising,
-            loss: HybridLoss::new(&schedule, c.vlb_lambda).with_prediction(prediction),
+            loss: HybridLoss::new(&schedule, c.vlb_lambda).with_prediction(prediction).with_min_snr(c.min_snr_gamma),
             source,
             precision,
             prefetch,
@@ -209,6 +229,19 @@ impl Run {
         if self.device.is_cuda() {
             // Every step has the same shapes: let cuDNN pick the fastest convolutions once.
             tch::Cuda::cudnn_set_benchmark(true);
+        }
+        let validation = (c.validate_every > 0).then(|| Validation::new(&trainer.source, c.validate_samples));
+        let validate = |opt: &mut Optimizer, log: &mut std::fs::File| -> anyhow::Result<()> {
+            let Some(v) = &validation else { return Ok(()) };
+            opt.swap_ema();
+            let report = v.run(&trainer);
+            opt.swap_ema();
+            writeln!(log, "{} unix {}", report?.log_line(opt.step_count()), unix())?;
+            Ok(())
+        };
+        if first == 0 {
+            // The starting point: random, or the init weights being fine-tuned.
+            validate(&mut opt, &mut log)?;
         }
         let started = Instant::now();
         let out_of_time = || self.options.max_seconds.is_some_and(|s| started.elapsed().as_secs_f64() >= s);
@@ -240,6 +273,9 @@ impl Run {
             )?;
             if done.is_multiple_of(c.checkpoint_every) || done == end {
                 self.checkpoint(&unet, &opt)?;
+            }
+            if c.validate_every > 0 && (done.is_multiple_of(c.validate_every) || done == end) {
+                validate(&mut opt, &mut log)?;
             }
         }
         let done = opt.step_count();

@@ -112,6 +112,25 @@ pub struct TrainBatch {
     pub timesteps: Vec<i64>,
 }
 
+/// Squared x̂_0 errors of a batch: over all its pixels, and over the pixels
+/// that differ from the background (the objects).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct X0Error {
+    pub sum: f64,
+    pub count: f64,
+    pub object_sum: f64,
+    pub object_count: f64,
+}
+
+impl std::ops::AddAssign for X0Error {
+    fn add_assign(&mut self, o: Self) {
+        self.sum += o.sum;
+        self.count += o.count;
+        self.object_sum += o.object_sum;
+        self.object_count += o.object_count;
+    }
+}
+
 /// The host-side half of a step's batch, on the CPU: everything drawn from
 /// (seed, step), before text encoding and the move to the device.
 pub struct HostBatch {
@@ -128,6 +147,16 @@ pub struct HostBatch {
 }
 
 impl HostBatch {
+    /// The same batch noised at `t` for every sample (validation's fixed grid).
+    pub(super) fn at_timestep(&self, t: i64) -> Self {
+        Self { timesteps: vec![t; self.timesteps.len()], ..self.shallow_clone() }
+    }
+
+    /// The same batch with every caption replaced by the empty prompt.
+    pub(super) fn unconditional(&self) -> Self {
+        Self { prompts: vec![String::new(); self.prompts.len()], ..self.shallow_clone() }
+    }
+
     fn shallow_clone(&self) -> Self {
         Self {
             step: self.step,
@@ -283,6 +312,31 @@ impl StageTrainer<'_> {
         let output = tch::autocast(self.precision == Precision::Fp16, || self.unet.model.forward_t(&input, true))?;
         // The loss (a log-likelihood with small differences of logs) in f32.
         Ok(self.loss.compute(&output.to_kind(Kind::Float), &b.images, &b.x_t, &b.noise, &b.timesteps))
+    }
+
+    /// The squared error of x̂_0 summed over `host`'s pixels, and over its
+    /// objects' pixels, without gradients and in eval mode: what validation
+    /// measures.
+    pub(super) fn x0_error(&self, host: HostBatch) -> anyhow::Result<X0Error> {
+        let b = self.assemble(host)?;
+        let t = Tensor::from_slice(&b.timesteps).to_device(b.sample.device());
+        let input = UNetInput { sample: &b.sample, timesteps: &t, encoder_hidden_states: &b.text, class_labels: b.class_labels.as_ref() };
+        let output = tch::no_grad(|| tch::autocast(self.precision == Precision::Fp16, || self.unet.model.forward_t(&input, false)))?;
+        let c = b.images.size()[1];
+        let pred = output.to_kind(Kind::Float).narrow(1, 0, c);
+        let x0 = self.loss.predicted_x0(&pred, &b.x_t, &b.timesteps);
+        let squared = (x0 - &b.images).square();
+        // A render's background is its most common colour, which the per-channel
+        // median finds whenever the objects cover under half of the picture.
+        let (n, c, h, w) = b.images.size4()?;
+        let background = b.images.view([n, c, h * w]).median_dim(2, true).0.view([n, c, 1, 1]);
+        let object = (&b.images - background).abs().amax([1i64].as_slice(), true).gt(0.1).to_kind(Kind::Float);
+        Ok(X0Error {
+            sum: squared.sum(Kind::Double).double_value(&[]),
+            count: b.images.numel() as f64,
+            object_sum: (&squared * &object).sum(Kind::Double).double_value(&[]),
+            object_count: object.sum(Kind::Double).double_value(&[]) * c as f64,
+        })
     }
 
     /// The UNet inputs and loss targets for `step`.
