@@ -4,7 +4,7 @@ the shipped weights: per stage the hardware, steps, images seen, wall time,
 throughput and losses (means over windows of steps, so the curve is readable),
 and the held-out validation lines (`val step ...`) when the run wrote any.
 
-    scripts/training_log.py runs/base-eps runs/base runs/sr64 runs/sr128 > models/default/TRAINING.md
+    scripts/training_log.py runs/base-eps runs/base-v runs/base runs/sr64 runs/sr128 > models/default/TRAINING.md
 
 A run's hardware is read from `<run>/hardware.txt` when there is one (a run
 made on another machine), else it is this machine's CPU.
@@ -37,6 +37,23 @@ def read(run):
         fields = dict(zip(f[0::2], f[1::2]))
         (validations if held_out else steps)[int(fields["step"])] = fields
     return [steps[k] for k in sorted(steps)], [validations[k] for k in sorted(validations)]
+
+
+def learning_rates(rows, config):
+    """The configured rate, or each rate the log shows after warm-up with its
+    steps when a resumed run changed it."""
+    spans = []
+    for r in rows:
+        if int(r["step"]) <= config["warmup_steps"] or "lr" not in r:
+            continue
+        lr = float(r["lr"])
+        if spans and spans[-1][0] == lr:
+            spans[-1][2] = r["step"]
+        else:
+            spans.append([lr, r["step"], r["step"]])
+    if len(spans) <= 1:
+        return config["lr"]
+    return ", then ".join(f"{lr:g} (steps {a}–{b})" for lr, a, b in spans)
 
 
 def cpu():
@@ -75,7 +92,9 @@ def main(runs):
         if config.get("init"):
             print(f"- starts from the weights of `{os.path.basename(os.path.normpath(os.path.dirname(config['init'])))}` (`init`)")
         print(f"- prediction: {target}; schedule {config['scheduler']['beta_schedule']}")
-        print(f"- steps: {len(rows)} of batch {config['batch']} ({len(rows) * config['batch']} images), lr {config['lr']}, EMA {config['ema_decay']}")
+        print(f"- steps: {len(rows)} of batch {config['batch']} ({len(rows) * config['batch']} images), lr {learning_rates(rows, config)}, EMA {config['ema_decay']}")
+        if config.get("min_snr_gamma"):
+            print(f"- loss weighting: Min-SNR-γ, γ = {config['min_snr_gamma']}")
         estimate = f" ({unstamped} early steps estimated at the mean step time)" if unstamped else ""
         print(f"- wall time: {wall / 3600:.2f} h{estimate}; {config['batch'] / per_step if per_step else 0:.1f} images/s on average")
         print(f"- final losses (mean of the last {len(last)} steps): total {mean('loss', last):.4f}, {target}-MSE {mean('mse', last):.4f}, λ·L_vlb {mean('vlb', last):.5f}\n")

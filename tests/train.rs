@@ -239,3 +239,40 @@ fn prefetching_threads_and_a_time_limit_leave_the_numbers_unchanged() {
     assert_eq!(stopped, 0, "no time for a step");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The committed training configs are the record of how `models/default` was
+/// made: each must parse, each `init` must name an earlier run of the chain,
+/// and a shipped stage's architecture and schedule must be its config's.
+#[test]
+fn the_shipped_stages_match_their_committed_training_configs() {
+    use diffusiond::train::run::TrainConfig;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(root.join("train")).unwrap() {
+        let path = entry.unwrap().path();
+        let config = TrainConfig::from_file(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
+        if let Some(init) = &config.init {
+            // runs/<earlier>/stage, relative to the config.
+            let run = init.parent().and_then(|p| p.file_name()).and_then(|n| n.to_str()).unwrap();
+            assert!(root.join("train").join(format!("{run}.json")).is_file(), "{name}: init names {run}, which has no config");
+            assert_ne!(run, name, "{name} starts from itself");
+        }
+        let shipped = root.join(&name);
+        if shipped.join("model_index.json").is_file() {
+            let read = |file: &str| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(shipped.join(file)).unwrap()).unwrap() };
+            let unet = read("unet/config.json");
+            for (key, value) in config.unet.as_object().unwrap() {
+                assert_eq!(&unet[key], value, "{name}: unet {key}");
+            }
+            let scheduler = read("scheduler/scheduler_config.json");
+            for (key, value) in config.scheduler.as_object().unwrap() {
+                assert_eq!(&scheduler[key], value, "{name}: scheduler {key}");
+            }
+        }
+        names.push(name);
+    }
+    for stage in ["base", "sr64", "sr128"] {
+        assert!(names.iter().any(|n| n == stage), "no training config for the shipped {stage} stage");
+    }
+}
