@@ -84,7 +84,7 @@ fn eval_prints_tables() {
     let out = eval(&["--ground-truth", "--per-category", "3", "--size", "96"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let table = String::from_utf8(out.stdout).unwrap();
-    assert!(table.starts_with("| setting | single_object | colour | two_objects | counting | position | colour_attribution | overall | images |"), "{table}");
+    assert!(table.starts_with("| setting | single_object | colour | two_objects | counting | position | colour_attribution | overall | 95% interval | images |"), "{table}");
     assert!(table.contains("| ground truth, 96 px | 100.0 | 100.0 | 100.0 | 100.0 | 100.0 | 100.0 | 100.0 | 18 |"), "{table}");
 
     // A random-weight cascade: the plumbing, not the accuracy.

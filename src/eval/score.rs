@@ -110,21 +110,46 @@ impl Tally {
         (!known.is_empty()).then(|| known.iter().sum::<f64>() / known.len() as f64)
     }
 
+    /// The 95% Wilson score interval of [`Tally::overall`]: how far the figure
+    /// can be from the model's true accuracy by the luck of the draw. The
+    /// overall figure is a mean of category proportions; it is treated as one
+    /// proportion over n = K² / Σ 1/n_c images, which is all of them when the
+    /// K categories have the same number (as the suite draws them).
+    pub fn overall_interval(&self) -> Option<(f64, f64)> {
+        let p = self.overall()?;
+        let totals: Vec<f64> = self.counts.iter().filter(|c| c.1 > 0).map(|c| c.1 as f64).collect();
+        let k = totals.len() as f64;
+        let n = k * k / totals.iter().map(|t| 1.0 / t).sum::<f64>();
+        Some(wilson(p, n))
+    }
+
     /// Images judged in all.
     pub fn images(&self) -> usize {
         self.counts.iter().map(|c| c.1).sum()
     }
 }
 
+/// The 95% Wilson score interval of a proportion `p` observed over `n` trials
+/// (Wilson 1927): unlike p ± 1.96·√(p(1−p)/n) it stays inside [0, 1] and is
+/// not empty at p = 0, where small evaluations often sit.
+pub fn wilson(p: f64, n: f64) -> (f64, f64) {
+    const Z: f64 = 1.959_963_984_540_054;
+    let z2 = Z * Z;
+    let denominator = 1.0 + z2 / n;
+    let centre = (p + z2 / (2.0 * n)) / denominator;
+    let half = Z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / denominator;
+    ((centre - half).max(0.0), (centre + half).min(1.0))
+}
+
 /// A markdown table: one row per setting, a column per category, then the
-/// overall mean and the number of images; accuracies in percent.
+/// overall mean, its 95% interval and the number of images; accuracies in percent.
 pub fn markdown(rows: &[(String, Tally)]) -> String {
     let mut out = String::from("| setting |");
     for c in Category::ALL {
         let _ = write!(out, " {} |", c.name());
     }
-    out.push_str(" overall | images |\n|---|");
-    out.push_str(&"---:|".repeat(Category::ALL.len() + 2));
+    out.push_str(" overall | 95% interval | images |\n|---|");
+    out.push_str(&"---:|".repeat(Category::ALL.len() + 3));
     out.push('\n');
     let percent = |a: Option<f64>| a.map_or("–".to_owned(), |a| format!("{:.1}", 100.0 * a));
     for (label, tally) in rows {
@@ -132,7 +157,8 @@ pub fn markdown(rows: &[(String, Tally)]) -> String {
         for c in Category::ALL {
             let _ = write!(out, " {} |", percent(tally.accuracy(c)));
         }
-        let _ = writeln!(out, " {} | {} |", percent(tally.overall()), tally.images());
+        let interval = tally.overall_interval().map_or("–".to_owned(), |(lo, hi)| format!("{:.1}–{:.1}", 100.0 * lo, 100.0 * hi));
+        let _ = writeln!(out, " {} | {interval} | {} |", percent(tally.overall()), tally.images());
     }
     out
 }
@@ -183,6 +209,28 @@ mod tests {
     }
 
     #[test]
+    fn wilson_intervals_match_the_textbook_values() {
+        // 0 of 24: [0, z²/(n + z²)] = [0, 0.1380]; 12 of 24: 0.5 ± 0.1857.
+        let (lo, hi) = wilson(0.0, 24.0);
+        assert!(lo < 1e-12 && (hi - 0.13797).abs() < 1e-4, "{lo} {hi}");
+        let (lo, hi) = wilson(0.5, 24.0);
+        assert!((lo - 0.31428).abs() < 1e-4 && (hi - 0.68572).abs() < 1e-4, "{lo} {hi}");
+        // All passed: the upper end is 1, the lower one below it.
+        let (lo, hi) = wilson(1.0, 300.0);
+        assert!(hi > 1.0 - 1e-12 && (lo - 300.0 / (300.0 + 1.96f64.powi(2))).abs() < 1e-4, "{lo} {hi}");
+        // Equal categories: the interval is that of the pooled proportion.
+        let mut t = Tally::default();
+        for (i, &c) in Category::ALL.iter().enumerate() {
+            for j in 0..4 {
+                t.add(c, j < i % 3);
+            }
+        }
+        let (passed, total) = Category::ALL.iter().map(|&c| t.count(c)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        assert_eq!(t.overall_interval(), Some(wilson(passed as f64 / total as f64, total as f64)));
+        assert!(markdown(&[("x".into(), t)]).contains(" | overall | 95% interval | images |"));
+    }
+
+    #[test]
     fn tallies_average_over_categories() {
         let mut t = Tally::default();
         for passed in [true, true, true, false] {
@@ -196,6 +244,7 @@ mod tests {
         let table = markdown(&[("default".into(), t)]);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 3);
-        assert!(lines[2].starts_with("| default | – | – | – | 75.0 | 0.0 | – | 37.5 | 5 |"), "{table}");
+        // Unequal categories (4 and 1 images) count as 4²/(1/4 + 1) = 3.2 images.
+        assert!(lines[2].starts_with("| default | – | – | – | 75.0 | 0.0 | – | 37.5 | 7.9–80.7 | 5 |"), "{table}");
     }
 }
