@@ -4,6 +4,7 @@ samplers (run it with the reference venv, `.venv-fixtures/bin/python`).
 
     scripts/diagnose_stage.py sample STAGE_DIR OUT.png [--guidance 3] [--no-threshold]
     scripts/diagnose_stage.py x0 STAGE_DIR
+    scripts/diagnose_stage.py x0grid STAGE_DIR OUT.png [--seed 77]
 
 `sample` draws six prompts with diffusers' DDIMScheduler (50 steps, the stage's
 scheduler config, optionally without dynamic thresholding) and MiniLM
@@ -11,7 +12,9 @@ embeddings from transformers, padded to 32 tokens as diffusiond pads them.
 `x0` noises eight dataset renders (`diffusiond dataset`) to several timesteps
 and prints the model's x̂₀ error next to that of each image's own mean colour:
 an ε model's x̂₀ degrades sharply near t = T, where the overall colour of a
-sample is decided.
+sample is decided. `x0grid` draws what the model recovers from held-out renders
+at each noise level, with the caption and without: where shapes turn into
+blobs, and how much the caption changes the answer.
 """
 
 import argparse
@@ -70,21 +73,49 @@ def sample(args):
     print(f"wrote {args.out}: " + "; ".join(PROMPTS))
 
 
-def x0_error(args):
-    unet = UNet2DConditionModel.from_pretrained(args.stage, subfolder="unet").eval()
-    sched = DDPMScheduler.from_pretrained(args.stage, subfolder="scheduler")
-    side = unet.config.sample_size
+def renders(side, n=8, seed=0):
+    """Dataset samples 0..n of `seed` at `side` px ([n, 3, side, side] in [-1, 1]) and their captions."""
     binary = os.path.join(ROOT, "target/release/diffusiond")
     images, captions = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(8):
+        for i in range(n):
             png = os.path.join(tmp, f"{i}.png")
-            subprocess.run([binary, "dataset", "--preview", "--start", str(i), "-n", "1", "--size", str(side), "-o", png],
-                           check=True, capture_output=True)
+            subprocess.run([binary, "dataset", "--preview", "--seed", str(seed), "--start", str(i), "-n", "1",
+                            "--size", str(side), "-o", png], check=True, capture_output=True)
             # A one-image grid has a 2-pixel frame.
             images.append(np.array(Image.open(png).convert("RGB"))[2:2 + side, 2:2 + side])
             captions.append(open(png[:-4] + ".txt").read().split(". ", 1)[1].strip())
-    x0 = torch.stack([torch.from_numpy(a).permute(2, 0, 1).float() / 127.5 - 1 for a in images])
+    return torch.stack([torch.from_numpy(a).permute(2, 0, 1).float() / 127.5 - 1 for a in images]), captions
+
+
+def predict_x0(unet, sched, xt, t, text):
+    e = to_eps(sched, unet(xt, torch.full((len(xt),), t), encoder_hidden_states=text).sample[:, :3], xt, t)
+    a = sched.alphas_cumprod[t]
+    return (xt - (1 - a).sqrt() * e) / a.sqrt()
+
+
+def x0_grid(args):
+    """Rows: held-out renders. Columns: the render, x_t at t = 700, x̂₀ at t = 300, 500, 700, 900 with the
+    caption, and x̂₀ at 500 and 700 with the empty prompt."""
+    unet = UNet2DConditionModel.from_pretrained(args.stage, subfolder="unet").eval()
+    sched = DDPMScheduler.from_pretrained(args.stage, subfolder="scheduler")
+    x0, captions = renders(unet.config.sample_size, seed=args.seed)
+    cond, null = embed(captions), embed([""] * len(captions))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    noised = lambda t: sched.add_noise(x0, noise, torch.full((len(x0),), t, dtype=torch.long))
+    columns = [x0, noised(700)]
+    columns += [predict_x0(unet, sched, noised(t), t, cond) for t in [300, 500, 700, 900]]
+    columns += [predict_x0(unet, sched, noised(t), t, null) for t in [500, 700]]
+    rows = torch.cat([torch.cat([c[i].clamp(-1, 1) for c in columns], 2) for i in range(len(x0))], 1)
+    img = ((rows + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(img).resize((img.shape[1] * 4, img.shape[0] * 4), Image.NEAREST).save(args.out)
+    print(f"wrote {args.out}; rows:\n" + "\n".join(captions))
+
+
+def x0_error(args):
+    unet = UNet2DConditionModel.from_pretrained(args.stage, subfolder="unet").eval()
+    sched = DDPMScheduler.from_pretrained(args.stage, subfolder="scheduler")
+    x0, captions = renders(unet.config.sample_size)
     cond = embed(captions)
     own_mean = ((x0 - x0.mean(dim=(2, 3), keepdim=True)) ** 2).mean().item()
     torch.manual_seed(0)
@@ -92,8 +123,7 @@ def x0_error(args):
         eps = torch.randn_like(x0)
         ts = torch.full((len(x0),), t, dtype=torch.long)
         xt = sched.add_noise(x0, eps, ts)
-        with torch.no_grad():
-            e = to_eps(sched, unet(xt, ts, encoder_hidden_states=cond).sample[:, :3], xt, t)
+        e = to_eps(sched, unet(xt, ts, encoder_hidden_states=cond).sample[:, :3], xt, t)
         a = sched.alphas_cumprod[t]
         x0_hat = (xt - (1 - a).sqrt() * e) / a.sqrt()
         print(f"t = {t:3d}: ε MSE {((e - eps) ** 2).mean():.4f}, x̂₀ MSE {((x0_hat - x0) ** 2).mean():.4f} "
@@ -110,9 +140,14 @@ def main():
     s.add_argument("--no-threshold", action="store_true")
     x = sub.add_parser("x0")
     x.add_argument("stage")
+    g = sub.add_parser("x0grid")
+    g.add_argument("stage")
+    g.add_argument("out")
+    g.add_argument("--seed", type=int, default=77, help="dataset seed (the training runs use small ones)")
     args = p.parse_args()
     torch.set_grad_enabled(False)
-    (sample if args.command == "sample" else x0_error)(args)
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()))
+    {"sample": sample, "x0": x0_error, "x0grid": x0_grid}[args.command](args)
 
 
 if __name__ == "__main__":
