@@ -283,6 +283,10 @@ impl Run {
             // Stopped by the time limit between checkpoints.
             self.checkpoint(&unet, &opt)?;
         }
+        if c.validate_every > 0 && done > first && !done.is_multiple_of(c.validate_every) && done != end {
+            // Likewise between validations: the log ends with the scores of the weights it stopped with.
+            validate(&mut opt, &mut log)?;
+        }
         Ok(done)
     }
 
