@@ -5,6 +5,7 @@ samplers (run it with the reference venv, `.venv-fixtures/bin/python`).
     scripts/diagnose_stage.py sample STAGE_DIR OUT.png [--guidance 3] [--no-threshold]
     scripts/diagnose_stage.py x0 STAGE_DIR
     scripts/diagnose_stage.py x0grid STAGE_DIR OUT.png [--seed 77]
+    scripts/diagnose_stage.py words STAGE_DIR [--out OUT.png]
 
 `sample` draws six prompts with diffusers' DDIMScheduler (50 steps, the stage's
 scheduler config, optionally without dynamic thresholding) and MiniLM
@@ -14,7 +15,8 @@ and prints the model's x̂₀ error next to that of each image's own mean colour
 an ε model's x̂₀ degrades sharply near t = T, where the overall colour of a
 sample is decided. `x0grid` draws what the model recovers from held-out renders
 at each noise level, with the caption and without: where shapes turn into
-blobs, and how much the caption changes the answer.
+blobs, and how much the caption changes the answer. `words` measures how much
+the shape word of a prompt changes x̂₀, against the colour word.
 """
 
 import argparse
@@ -112,6 +114,33 @@ def x0_grid(args):
     print(f"wrote {args.out}; rows:\n" + "\n".join(captions))
 
 
+def word_sensitivity(args):
+    """How much the model's x̂₀ depends on the shape word against the colour word: from a plain white
+    canvas noised to t, the prompt "a large COLOUR SHAPE in the centre on a white background" for 8 shapes
+    (red) and for 8 colours (circle); the mean distance of each x̂₀ to the others' mean, per noise level."""
+    unet = UNet2DConditionModel.from_pretrained(args.stage, subfolder="unet").eval()
+    sched = DDPMScheduler.from_pretrained(args.stage, subfolder="scheduler")
+    side = unet.config.sample_size
+    shapes = ["circle", "square", "triangle", "star", "heart", "cross", "ring", "diamond"]
+    colours = ["red", "green", "blue", "yellow", "purple", "orange", "black", "pink"]
+    by_shape = embed([f"a large red {s} in the centre on a white background" for s in shapes])
+    by_colour = embed([f"a large {c} circle in the centre on a white background" for c in colours])
+    noise = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(1)).repeat(8, 1, 1, 1)
+    white = torch.ones(8, 3, side, side)
+    spread = lambda x: (x - x.mean(0, keepdim=True)).pow(2).mean().sqrt().item()
+    panels = []
+    for t in [500, 700, 900]:
+        xt = sched.add_noise(white, noise, torch.full((8,), t, dtype=torch.long))
+        s, c = predict_x0(unet, sched, xt, t, by_shape), predict_x0(unet, sched, xt, t, by_colour)
+        print(f"t = {t}: RMS spread of x̂₀ over shape words {spread(s):.4f}, over colour words {spread(c):.4f}")
+        panels.append(s)
+    if args.out:
+        rows = torch.cat([torch.cat([p[i].clamp(-1, 1) for p in panels], 2) for i in range(8)], 1)
+        img = ((rows + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(img).resize((img.shape[1] * 4, img.shape[0] * 4), Image.NEAREST).save(args.out)
+        print(f"wrote {args.out}: rows {', '.join(shapes)}; columns t = 500, 700, 900")
+
+
 def x0_error(args):
     unet = UNet2DConditionModel.from_pretrained(args.stage, subfolder="unet").eval()
     sched = DDPMScheduler.from_pretrained(args.stage, subfolder="scheduler")
@@ -144,10 +173,13 @@ def main():
     g.add_argument("stage")
     g.add_argument("out")
     g.add_argument("--seed", type=int, default=77, help="dataset seed (the training runs use small ones)")
+    w = sub.add_parser("words")
+    w.add_argument("stage")
+    w.add_argument("--out", help="a PNG of the shape prompts' x̂₀")
     args = p.parse_args()
     torch.set_grad_enabled(False)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()))
-    {"sample": sample, "x0": x0_error, "x0grid": x0_grid}[args.command](args)
+    {"sample": sample, "x0": x0_error, "x0grid": x0_grid, "words": word_sensitivity}[args.command](args)
 
 
 if __name__ == "__main__":
