@@ -4,7 +4,7 @@ the shipped weights: per stage the hardware, steps, images seen, wall time,
 throughput and losses (means over windows of steps, so the curve is readable),
 and the held-out validation lines (`val step ...`) when the run wrote any.
 
-    scripts/training_log.py runs/base-eps runs/base-v runs/base runs/sr64 runs/sr128 > models/default/TRAINING.md
+    scripts/training_log.py runs/base-eps runs/base-v runs/base runs/sr64-eps runs/sr64 runs/sr128 > models/default/TRAINING.md
 
 A run's hardware is read from `<run>/hardware.txt` when there is one (a run
 made on another machine), else it is this machine's CPU.
@@ -105,13 +105,16 @@ def main(runs):
         print()
         if validations:
             levels = [k[3:] for k in validations[0] if k.startswith("x0_") and k != "x0_mean"]
-            print("Held-out x̂₀ MSE of the EMA at timestep t, with the caption / with the empty prompt:\n")
-            print("| step | " + " | ".join(f"t = {t}" for t in levels) + " | mean |")
-            print("|---:|" + "---:|" * (len(levels) + 1))
-            for v in validations:
-                cells = [f"{float(v['x0_' + t]):.4f} / {float(v['null_' + t]):.4f}" for t in levels]
-                print(f"| {v['step']} | " + " | ".join(cells) + f" | {float(v['x0_mean']):.4f} / {float(v['null_mean']):.4f} |")
-            print()
+            for what, cond, null in [("all pixels", "x0_", "null_"), ("the objects' pixels", "obj_", "objnull_")]:
+                if cond + "mean" not in validations[0]:
+                    continue
+                print(f"Held-out x̂₀ MSE of the EMA over {what} at timestep t, with the caption / with the empty prompt:\n")
+                print("| step | " + " | ".join(f"t = {t}" for t in levels) + " | mean |")
+                print("|---:|" + "---:|" * (len(levels) + 1))
+                for v in validations:
+                    cells = [f"{float(v[cond + t]):.4f} / {float(v[null + t]):.4f}" for t in levels + ["mean"]]
+                    print(f"| {v['step']} | " + " | ".join(cells) + " |")
+                print()
 
 
 if __name__ == "__main__":
