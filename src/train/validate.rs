@@ -14,8 +14,8 @@
 //! classifier-free guidance (which amplifies exactly this difference) then
 //! has nothing to amplify. Both are also reported over the objects' pixels
 //! alone: the flat background is most of a render and is easy to infer from
-//! x_t itself, so the whole-image error hides how well shapes are drawn. Scores use the EMA weights, which are what a run
-//! exports.
+//! x_t itself, so the whole-image error hides how well shapes are drawn.
+//! Scores use the EMA weights, which are what a run exports.
 
 use std::fmt::Write as _;
 
@@ -87,10 +87,6 @@ impl Validation {
         let t = train.train_steps;
         let timesteps = [1, 3, 5, 7, 9].iter().map(|k| (k * t / 10).min(t - 1)).collect();
         Self { source, batches: samples.div_ceil(batch).max(1) as u64, timesteps }
-    }
-
-    pub fn timesteps(&self) -> &[i64] {
-        &self.timesteps
     }
 
     /// Scores the trainer's model as its weights are now.
