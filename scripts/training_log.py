@@ -40,20 +40,23 @@ def read(run):
 
 
 def learning_rates(rows, config):
-    """The configured rate, or each rate the log shows after warm-up with its
-    steps when a resumed run changed it."""
+    """The configured rate, or each rate the log shows between warm-up and
+    cool-down with its steps when a resumed run changed it; then the cool-down."""
+    cooldown = config.get("cooldown_steps", 0)
+    cool_start = config["steps"] - cooldown
     spans = []
     for r in rows:
-        if int(r["step"]) <= config["warmup_steps"] or "lr" not in r:
+        if int(r["step"]) <= config["warmup_steps"] or int(r["step"]) > cool_start or "lr" not in r:
             continue
         lr = float(r["lr"])
         if spans and spans[-1][0] == lr:
             spans[-1][2] = r["step"]
         else:
             spans.append([lr, r["step"], r["step"]])
-    if len(spans) <= 1:
-        return config["lr"]
-    return ", then ".join(f"{lr:g} (steps {a}–{b})" for lr, a, b in spans)
+    text = str(config["lr"]) if len(spans) <= 1 else ", then ".join(f"{lr:g} (steps {a}–{b})" for lr, a, b in spans)
+    if cooldown:
+        text += f", then a 1 − sqrt cool-down to 0 over steps {cool_start + 1}–{config['steps']}"
+    return text
 
 
 def cpu():

@@ -141,7 +141,7 @@ fn a_run_checkpoints_resumes_and_exports_a_stage_folder() {
         "seed": 3, "encoder": std::fs::canonicalize(fixture_dir().join("text/tiny-bert")).unwrap(), "max_length": 16,
         "size": 16, "unet": unet_config,
         "scheduler": {"_class_name": "DDPMScheduler", "beta_schedule": "squaredcos_cap_v2", "variance_type": "learned_range"},
-        "steps": 4, "batch": 4, "lr": 1e-3, "warmup_steps": 2, "ema_decay": 0.9, "checkpoint_every": 2,
+        "steps": 4, "batch": 4, "lr": 1e-3, "warmup_steps": 2, "cooldown_steps": 2, "ema_decay": 0.9, "checkpoint_every": 2,
         "validate_every": 2, "validate_samples": 6
     });
     std::fs::write(dir.join("train.json"), config.to_string()).unwrap();
@@ -158,6 +158,9 @@ fn a_run_checkpoints_resumes_and_exports_a_stage_folder() {
     assert_eq!(seen, [4]);
     let log = std::fs::read_to_string(dir.join("run/train.log")).unwrap();
     assert_eq!(log.lines().filter(|l| l.starts_with("step ")).count(), 4, "{log}");
+    // Warm-up over 2 steps, then the 1 − sqrt cool-down over the last 2, across the resume.
+    let rates: Vec<&str> = log.lines().filter(|l| l.starts_with("step ")).map(|l| l.split(' ').nth(9).unwrap()).collect();
+    assert_eq!(rates, ["5.00e-4", "1.00e-3", "2.93e-4", "0.00e0"], "{log}");
     // Held-out validation: when the fresh run starts, every 2 steps, and at each invocation's last step.
     let validations: Vec<Vec<&str>> = log.lines().filter_map(|l| l.strip_prefix("val ")).map(|l| l.split(' ').collect()).collect();
     let at: Vec<&str> = validations.iter().map(|f| f[1]).collect();
@@ -179,6 +182,7 @@ fn a_run_checkpoints_resumes_and_exports_a_stage_folder() {
     tuned["init"] = serde_json::json!("stage");
     tuned["lr"] = serde_json::json!(0.0);
     tuned["steps"] = serde_json::json!(1);
+    tuned["cooldown_steps"] = serde_json::json!(0);
     tuned["scheduler"]["prediction_type"] = serde_json::json!("v_prediction");
     std::fs::write(dir.join("tune.json"), tuned.to_string()).unwrap();
     let tune = Run { config: TrainConfig::from_file(&dir.join("tune.json")).unwrap(), out: dir.join("tune"), device: tch::Device::Cpu, options: RunOptions::default() };
@@ -190,6 +194,10 @@ fn a_run_checkpoints_resumes_and_exports_a_stage_folder() {
     std::fs::write(dir.join("bad.json"), tuned.to_string()).unwrap();
     let bad = Run { config: TrainConfig::from_file(&dir.join("bad.json")).unwrap(), out: dir.join("bad"), device: tch::Device::Cpu, options: RunOptions::default() };
     assert!(bad.train(None, &mut |_, _, _| {}).is_err());
+    tuned["cooldown_steps"] = serde_json::json!(2);
+    std::fs::write(dir.join("long-cooldown.json"), tuned.to_string()).unwrap();
+    let error = TrainConfig::from_file(&dir.join("long-cooldown.json")).unwrap_err().to_string();
+    assert!(error.contains("cooldown_steps (2) exceeds steps (1)"), "{error}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

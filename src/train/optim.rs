@@ -1,7 +1,15 @@
 //! The optimiser state a training run needs to resume exactly: AdamW with its
-//! moments, a linear learning-rate warm-up, global gradient-norm clipping, an
-//! exponential moving average of the weights and, for mixed precision, a
-//! dynamic loss scale.
+//! moments, a linear learning-rate warm-up and an optional cool-down, global
+//! gradient-norm clipping, an exponential moving average of the weights and,
+//! for mixed precision, a dynamic loss scale.
+//!
+//! The learning rate is warm-up, then constant, then (when `cooldown_steps` is
+//! set) a decay to zero over the run's last steps with the "1 − sqrt" shape of
+//! Hägele et al. 2024 ("Scaling Laws and Compute-Optimal Training Beyond Fixed
+//! Training Durations"): a constant rate followed by a short cool-down matches
+//! a cosine schedule tuned to the run's length, yet the constant phase can be
+//! extended from any checkpoint. That is what a CPU-trained model needs: a run
+//! is continued for as long as there is time, then cooled down.
 //!
 //! AdamW is Loshchilov & Hutter 2019 in PyTorch's form (weight decay applied
 //! to the parameter before the Adam step). We keep the moments ourselves rather
@@ -47,11 +55,15 @@ pub struct OptimConfig {
     /// Gradients are scaled down when their global L2 norm exceeds this.
     pub max_grad_norm: f64,
     pub ema_decay: f64,
+    /// The run's length in steps; the cool-down ends here.
+    pub total_steps: u64,
+    /// Steps at the end of the run over which the rate decays to zero (0: none).
+    pub cooldown_steps: u64,
 }
 
 impl Default for OptimConfig {
     fn default() -> Self {
-        Self { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, warmup_steps: 500, max_grad_norm: 1.0, ema_decay: 0.9999 }
+        Self { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, warmup_steps: 500, max_grad_norm: 1.0, ema_decay: 0.9999, total_steps: 0, cooldown_steps: 0 }
     }
 }
 
@@ -162,10 +174,20 @@ impl Optimizer {
         self.step
     }
 
-    /// The learning rate at the current step (linear warm-up, then constant).
+    /// The learning rate of the next step: linear warm-up, constant, then the
+    /// 1 − sqrt cool-down that reaches zero at step `total_steps`.
     pub fn lr(&self) -> f64 {
-        let warm = self.config.warmup_steps.max(1) as f64;
-        self.config.lr * ((self.step + 1) as f64 / warm).min(1.0)
+        let c = &self.config;
+        let next = self.step + 1;
+        let warm = (next as f64 / c.warmup_steps.max(1) as f64).min(1.0);
+        let cool_start = c.total_steps.saturating_sub(c.cooldown_steps);
+        let cool = if c.cooldown_steps > 0 && next > cool_start {
+            let done = ((next - cool_start) as f64 / c.cooldown_steps as f64).min(1.0);
+            1.0 - done.sqrt()
+        } else {
+            1.0
+        };
+        c.lr * warm * cool
     }
 
     pub fn zero_grad(&mut self) {
@@ -440,6 +462,27 @@ mod tests {
         assert!(lin.ws.equal(&ema) && opt.ema()["lin.weight"].equal(&live));
         opt.swap_ema();
         assert!(lin.ws.equal(&live) && opt.ema()["lin.weight"].equal(&ema));
+    }
+
+    #[test]
+    fn the_rate_warms_up_holds_then_cools_down_to_zero() {
+        let config = OptimConfig { lr: 2.0, warmup_steps: 2, total_steps: 10, cooldown_steps: 4, ..Default::default() };
+        let (vs, _, _, _) = problem(1);
+        let mut opt = Optimizer::new(&vs, config);
+        let mut rates = Vec::new();
+        for step in 0..11 {
+            opt.step = step;
+            rates.push(opt.lr());
+        }
+        // Steps 1..=10: warm-up to step 2, constant to step 6, then 2·(1 − sqrt(k/4)) for k = 1..=4.
+        let cool = |k: f64| 2.0 * (1.0 - (k / 4.0).sqrt());
+        let expected = [1.0, 2.0, 2.0, 2.0, 2.0, 2.0, cool(1.0), cool(2.0), cool(3.0), 0.0, 0.0];
+        for (i, (got, want)) in rates.iter().zip(expected).enumerate() {
+            assert!((got - want).abs() < 1e-12, "step {}: lr {got}, expected {want}", i + 1);
+        }
+        // Without a cool-down the rate stays constant past the run's length.
+        opt.config.cooldown_steps = 0;
+        assert_eq!(opt.lr(), 2.0);
     }
 
     #[test]

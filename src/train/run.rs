@@ -67,6 +67,10 @@ pub struct TrainConfig {
     /// γ of Min-SNR-γ loss weighting (Hang et al. 2023); absent: unweighted.
     #[serde(default)]
     pub min_snr_gamma: Option<f64>,
+    /// The last this many of `steps` decay the learning rate to zero (the
+    /// 1 − sqrt cool-down, see [`super::optim`]); 0 keeps it constant.
+    #[serde(default)]
+    pub cooldown_steps: u64,
     pub checkpoint_every: u64,
     /// Score the EMA on held-out samples every this many steps (and when a
     /// fresh run starts, and at its last step); 0 never does.
@@ -103,6 +107,9 @@ impl TrainConfig {
         }
         if let Some(init) = config.init.as_mut().filter(|p| p.is_relative()) {
             *init = dir.join(&*init);
+        }
+        if config.cooldown_steps > config.steps {
+            anyhow::bail!("{}: cooldown_steps ({}) exceeds steps ({})", file.display(), config.cooldown_steps, config.steps);
         }
         Ok(config)
     }
@@ -183,7 +190,14 @@ impl Run {
         };
         unet.unfreeze();
         unet.vs.set_device(self.device);
-        let optim = OptimConfig { lr: c.lr, warmup_steps: c.warmup_steps, ema_decay: c.ema_decay, ..Default::default() };
+        let optim = OptimConfig {
+            lr: c.lr,
+            warmup_steps: c.warmup_steps,
+            ema_decay: c.ema_decay,
+            total_steps: c.steps,
+            cooldown_steps: c.cooldown_steps,
+            ..Default::default()
+        };
         let mut opt = Optimizer::new(&unet.vs, optim);
         let precision = self.options.precision;
         if precision == Precision::Fp16 {
