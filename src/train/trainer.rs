@@ -139,7 +139,7 @@ pub struct HostBatch {
     images: Tensor,
     /// SR: the conditioning image upsampled to the output size, cropped alike.
     upsampled: Option<Tensor>,
-    prompts: Vec<String>,
+    pub(super) prompts: Vec<String>,
     timesteps: Vec<i64>,
     noise: Tensor,
     levels: Vec<i64>,
@@ -152,12 +152,7 @@ impl HostBatch {
         Self { timesteps: vec![t; self.timesteps.len()], ..self.shallow_clone() }
     }
 
-    /// The same batch with every caption replaced by the empty prompt.
-    pub(super) fn unconditional(&self) -> Self {
-        Self { prompts: vec![String::new(); self.prompts.len()], ..self.shallow_clone() }
-    }
-
-    fn shallow_clone(&self) -> Self {
+    pub(super) fn shallow_clone(&self) -> Self {
         Self {
             step: self.step,
             images: self.images.shallow_clone(),
@@ -316,9 +311,11 @@ impl StageTrainer<'_> {
 
     /// The squared error of x̂_0 summed over `host`'s pixels, and over its
     /// objects' pixels, without gradients and in eval mode: what validation
-    /// measures.
-    pub(super) fn x0_error(&self, host: HostBatch) -> anyhow::Result<X0Error> {
-        let b = self.assemble(host)?;
+    /// measures. `text` is the encoding of the prompts to condition on (from
+    /// [`Self::encode`]): validation scores one batch at several noise levels
+    /// and with two prompts, and encodes each prompt set once.
+    pub(super) fn x0_error(&self, host: HostBatch, text: &Tensor) -> anyhow::Result<X0Error> {
+        let b = self.assemble_encoded(host, text.shallow_clone())?;
         let t = Tensor::from_slice(&b.timesteps).to_device(b.sample.device());
         let input = UNetInput { sample: &b.sample, timesteps: &t, encoder_hidden_states: &b.text, class_labels: b.class_labels.as_ref() };
         let output = tch::no_grad(|| tch::autocast(self.precision == Precision::Fp16, || self.unet.model.forward_t(&input, false)))?;
@@ -344,11 +341,21 @@ impl StageTrainer<'_> {
         self.assemble(self.source.draw(step)?)
     }
 
+    /// The frozen encoder's hidden states for `prompts`, in f32.
+    pub(super) fn encode(&self, prompts: &[String]) -> anyhow::Result<Tensor> {
+        let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        Ok(tch::no_grad(|| self.encoder.encode(&prompts))?.hidden.to_kind(Kind::Float))
+    }
+
     /// Text encoding, the move to the device and the noising of a host batch.
     fn assemble(&self, host: HostBatch) -> anyhow::Result<TrainBatch> {
+        let text = self.encode(&host.prompts)?;
+        self.assemble_encoded(host, text)
+    }
+
+    /// [`Self::assemble`] with the prompts already encoded.
+    fn assemble_encoded(&self, host: HostBatch, text: Tensor) -> anyhow::Result<TrainBatch> {
         let device = self.unet.vs.device();
-        let prompts: Vec<&str> = host.prompts.iter().map(String::as_str).collect();
-        let text = tch::no_grad(|| self.encoder.encode(&prompts))?.hidden.to_kind(Kind::Float);
         let images = host.images.to_device(device);
         let noise = host.noise.to_device(device);
         let x_t = q_sample(self.schedule, &images, &host.timesteps, &noise)?;

@@ -94,10 +94,13 @@ impl Validation {
         let mut sums = vec![(X0Error::default(), X0Error::default()); self.timesteps.len()];
         for k in 0..self.batches {
             let host = self.source.draw(k)?;
+            // Each prompt set is encoded once and reused at every noise level.
+            let text = trainer.encode(&host.prompts)?;
+            let null = trainer.encode(&vec![String::new(); host.prompts.len()])?;
             for (i, &t) in self.timesteps.iter().enumerate() {
                 let at = host.at_timestep(t);
-                sums[i].1 += trainer.x0_error(at.unconditional())?;
-                sums[i].0 += trainer.x0_error(at)?;
+                sums[i].1 += trainer.x0_error(at.shallow_clone(), &null)?;
+                sums[i].0 += trainer.x0_error(at, &text)?;
             }
         }
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
