@@ -92,11 +92,12 @@ impl Validation {
     /// Scores the trainer's model as its weights are now.
     pub fn run(&self, trainer: &StageTrainer) -> anyhow::Result<ValidationReport> {
         let mut sums = vec![(X0Error::default(), X0Error::default()); self.timesteps.len()];
+        // Every batch has the same size, so the empty prompts' encoding serves
+        // them all; each batch's captions are encoded once for every noise level.
+        let null = trainer.encode(&vec![String::new(); self.source.config.batch])?;
         for k in 0..self.batches {
             let host = self.source.draw(k)?;
-            // Each prompt set is encoded once and reused at every noise level.
             let text = trainer.encode(&host.prompts)?;
-            let null = trainer.encode(&vec![String::new(); host.prompts.len()])?;
             for (i, &t) in self.timesteps.iter().enumerate() {
                 let at = host.at_timestep(t);
                 sums[i].1 += trainer.x0_error(at.shallow_clone(), &null)?;
