@@ -10,7 +10,7 @@ backgrounds scores far from it. Needs numpy and Pillow (the reference venv).
 import sys, numpy as np
 from PIL import Image
 # Colour::rgb in src/train/scene.rs, in the order of Colour::ALL.
-PAL = np.array([[220,30,35],[35,165,60],[35,75,220],[250,220,40],[250,130,15],[130,50,180],[245,245,245],[15,15,15],[250,140,195],[40,215,225],[125,75,35],[128,128,128]], float)
+PAL = np.array([[220,30,35],[35,165,60],[35,75,220],[250,220,40],[250,130,15],[130,50,180],[245,245,245],[15,15,15],[128,128,128]], float)
 path, tile, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 im = np.asarray(Image.open(path).convert("RGB")).astype(float)
 cols = (im.shape[1] - 2) // (tile + 2)

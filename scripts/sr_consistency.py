@@ -24,11 +24,11 @@ from PIL import Image
 
 PROMPTS = [
     "a red circle above a blue square",
-    "a green triangle on a white background",
+    "a green triangle",
     "two yellow stars",
     "a purple ring to the left of an orange cross",
-    "a black square on a grey background",
-    "a pink circle",
+    "three orange squares",
+    "a purple circle",
 ]
 
 

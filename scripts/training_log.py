@@ -4,7 +4,7 @@ the shipped weights: per stage the hardware, steps, images seen, wall time,
 throughput and losses (means over windows of steps, so the curve is readable),
 and the held-out validation lines (`val step ...`) when the run wrote any.
 
-    scripts/training_log.py runs/base-eps runs/base-v runs/base runs/sr64-eps runs/sr64 runs/sr128-eps runs/sr128 > models/default/TRAINING.md
+    scripts/training_log.py runs/base-eps runs/base-v runs/base-minsnr runs/base runs/sr64-eps runs/sr64 runs/sr128-eps runs/sr128 > models/default/TRAINING.md
 
 A run's hardware is read from `<run>/hardware.txt` when there is one (a run
 made on another machine), else it is this machine's CPU.

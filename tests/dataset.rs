@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::process::Command;
 
 use diffusiond::train::caption::vocabulary;
-use diffusiond::train::claims::{Claim, Place, Relation};
+use diffusiond::train::claims::{Claim, Relation};
 use diffusiond::train::dataset::{Dataset, Sample};
 use diffusiond::train::layout::{Content, MIN_GAP};
 use diffusiond::train::render::{render, render_planes, render_tensor};
@@ -144,29 +144,19 @@ fn objects_never_overlap_and_stay_inside() {
     }
 }
 
-/// Reads the caption back: its relation, place and count words must be
-/// exactly those of its claims.
+/// Reads the caption back: its relation and count words must be exactly
+/// those of its claims, and it must name every object's shape and colour.
 #[test]
 fn captions_say_what_their_claims_say() {
     for sample in samples(5, MANY) {
         let text = &sample.caption;
         let said_relations: HashSet<Relation> =
             Relation::ALL.into_iter().filter(|&r| vocabulary::relation(r).iter().any(|w| says(text, w))).collect();
-        // "on the left of" is a relation, not a place: read places with relations masked out.
-        let mut phrases: Vec<&str> = Relation::ALL.into_iter().flat_map(|r| vocabulary::relation(r).iter().copied()).collect();
-        phrases.sort_by_key(|p| std::cmp::Reverse(p.len()));
-        let masked = phrases.iter().fold(text.clone(), |t, p| t.replace(p, "|"));
-        let said_places: HashSet<Place> =
-            Place::ALL.into_iter().filter(|&p| vocabulary::place(p).iter().any(|w| says(&masked, w))).collect();
         let mut relations = HashSet::new();
-        let mut places = HashSet::new();
         for claim in &sample.claims {
             match claim {
                 Claim::Related { relation, .. } => {
                     relations.insert(*relation);
-                }
-                Claim::At { place, .. } => {
-                    places.insert(*place);
                 }
                 Claim::Count { what, count } => {
                     if *count > 1 {
@@ -176,18 +166,14 @@ fn captions_say_what_their_claims_say() {
                     let nouns = if *count == 1 { sing } else { plural };
                     assert!(nouns.iter().any(|w| says(text, w)), "{text}: {:?}", what.shape);
                     assert!(vocabulary::colour(what.colour).iter().any(|w| says(text, w)), "{text}: {:?}", what.colour);
-                    if let Some(size) = what.size {
-                        assert!(vocabulary::size(size).iter().any(|w| says(text, w)), "{text}: {size:?}");
-                    }
-                }
-                Claim::Background { colour } => {
-                    assert!(text.contains("background"), "{text}");
-                    assert!(vocabulary::colour(*colour).iter().any(|w| says(text, w)), "{text}");
                 }
             }
         }
         assert_eq!(said_relations, relations, "{text}");
-        assert_eq!(said_places, places, "{text}");
+        // Backgrounds are never named: no background colour word appears.
+        for colour in Colour::BACKGROUNDS {
+            assert!(!says(text, colour.name()) && !text.contains("background"), "{text}");
+        }
     }
 }
 
@@ -198,7 +184,6 @@ fn many_samples_cover_the_whole_vocabulary() {
     let mut backgrounds = HashSet::new();
     let mut sizes = HashSet::new();
     let mut relations = HashSet::new();
-    let mut places = HashSet::new();
     let mut counts = HashSet::new();
     let mut kinds = HashSet::new();
     let mut object_counts = HashSet::new();
@@ -216,25 +201,22 @@ fn many_samples_cover_the_whole_vocabulary() {
             relations.insert(relation);
         }
         for claim in &sample.claims {
-            match claim {
-                Claim::At { place, .. } => places.insert(*place),
-                Claim::Count { count, .. } => counts.insert(*count),
-                _ => false,
-            };
+            if let Claim::Count { count, .. } = claim {
+                counts.insert(*count);
+            }
         }
         captions.insert(sample.caption);
     }
     assert_eq!(shapes.len(), Shape::ALL.len());
-    assert_eq!(colours.len(), Colour::ALL.len());
+    assert_eq!(colours, HashSet::from(Colour::OBJECTS));
+    assert_eq!(backgrounds, HashSet::from(Colour::BACKGROUNDS));
     assert_eq!(sizes.len(), Size::ALL.len());
     assert_eq!(relations.len(), Relation::ALL.len());
-    assert_eq!(places.len(), Place::ALL.len());
     assert_eq!(counts, HashSet::from([1, 2, 3, 4]));
     assert_eq!(object_counts, HashSet::from([1, 2, 3, 4]));
-    assert_eq!(kinds.len(), 4);
-    assert!(backgrounds.len() >= 6, "{backgrounds:?}");
-    // Varied wording: nearly every caption is its own.
-    assert!(captions.len() as f64 > 0.9 * MANY as f64, "{} distinct captions", captions.len());
+    assert_eq!(kinds.len(), 3);
+    // Varied wording, from a small vocabulary: most captions still differ.
+    assert!(captions.len() as f64 > 0.3 * MANY as f64, "{} distinct captions", captions.len());
 }
 
 #[test]

@@ -27,6 +27,10 @@ fn schedule() -> NoiseSchedule {
 }
 
 fn trainer<'a>(unet: &'a LoadedUNet, encoder: &'a TextEncoder, s: &'a NoiseSchedule, data: StageData) -> StageTrainer<'a> {
+    grounded(unet, encoder, s, data, 0.0)
+}
+
+fn grounded<'a>(unet: &'a LoadedUNet, encoder: &'a TextEncoder, s: &'a NoiseSchedule, data: StageData, weight: f64) -> StageTrainer<'a> {
     StageTrainer {
         unet,
         encoder,
@@ -36,6 +40,7 @@ fn trainer<'a>(unet: &'a LoadedUNet, encoder: &'a TextEncoder, s: &'a NoiseSched
         source: BatchSource { data, config: StepConfig { batch: 8, uncond_prob: 0.1, seed: 5 }, dataset: Dataset::new(1), train_steps: s.len() as i64 },
         precision: Precision::F32,
         prefetch: None,
+        grounding: weight,
     }
 }
 
@@ -48,7 +53,7 @@ fn the_loss_falls_on_a_tiny_base_stage() {
     let t = trainer(&unet, &encoder, &s, BASE);
     let mut opt = Optimizer::new(&unet.vs, OptimConfig { lr: 2e-3, warmup_steps: 5, ..Default::default() });
     // Fixed evaluation batches, so the comparison is not between different data.
-    let eval = |t: &StageTrainer| (1000..1004).map(|k| t.loss(k).unwrap().mse.double_value(&[])).sum::<f64>() / 4.0;
+    let eval = |t: &StageTrainer| (1000..1004).map(|k| t.loss(k).unwrap().terms.mse.double_value(&[])).sum::<f64>() / 4.0;
     let before = eval(&t);
     for _ in 0..40 {
         let r = t.step(&mut opt).unwrap();
@@ -57,6 +62,56 @@ fn the_loss_falls_on_a_tiny_base_stage() {
     let after = eval(&t);
     println!("eps MSE on held-out batches: {before:.3} -> {after:.3}");
     assert!(after < before * 0.8, "{before} -> {after}");
+}
+
+/// The grounding loss trains where caption words attend: on held-out
+/// batches, the share of each colour/shape/count word's attention that falls
+/// outside its objects shrinks, while the model still learns to denoise.
+#[test]
+fn grounding_moves_the_words_attention_onto_their_objects() {
+    tch::manual_seed(3);
+    let (unet, encoder, s) = (unet(16, false), encoder(), schedule());
+    let t = grounded(&unet, &encoder, &s, BASE, 1.0);
+    let mut opt = Optimizer::new(&unet.vs, OptimConfig { lr: 2e-3, warmup_steps: 5, ..Default::default() });
+    let eval = |t: &StageTrainer| {
+        (1000..1004).map(|k| t.loss(k).unwrap().grounding.expect("a grounded trainer").double_value(&[])).sum::<f64>() / 4.0
+    };
+    let before = eval(&t);
+    for _ in 0..60 {
+        let r = t.step(&mut opt).unwrap();
+        let g = r.grounding.expect("the step reports its grounding loss");
+        assert!(g.is_finite() && (0.0..=1.0).contains(&g) && r.loss.is_finite(), "{g}");
+    }
+    let after = eval(&t);
+    println!("grounding loss on held-out batches: {before:.3} -> {after:.3}");
+    assert!(before > 0.2 && after < before * 0.85, "{before} -> {after}");
+    // Without a weight there is no grounding term at all.
+    assert!(trainer(&unet, &encoder, &s, BASE).step(&mut opt).unwrap().grounding.is_none());
+}
+
+/// Recording attention maps computes attention without the fused kernel: the
+/// same output, and maps whose rows are shares of one attention.
+#[test]
+fn the_probed_forward_pass_is_the_forward_pass() {
+    use diffusiond::nn::unet::{AttentionMaps, UNetInput};
+    tch::manual_seed(4);
+    let (unet, encoder, s) = (unet(16, false), encoder(), schedule());
+    let b = trainer(&unet, &encoder, &s, BASE).batch(7).unwrap();
+    let t = tch::Tensor::from_slice(&b.timesteps);
+    let input = UNetInput { sample: &b.sample, timesteps: &t, encoder_hidden_states: &b.text, class_labels: None };
+    let plain = unet.model.forward(&input).unwrap();
+    let maps = AttentionMaps::default();
+    let probed = unet.model.forward_probed(&input, false, Some(&maps)).unwrap();
+    let err = (&plain - &probed).abs().max().double_value(&[]) / plain.abs().max().double_value(&[]);
+    assert!(err < 1e-5, "relative difference {err}");
+    let maps = maps.take();
+    assert!(!maps.is_empty());
+    for m in &maps {
+        let [n, _, l] = m.size()[..] else { panic!("{:?}", m.size()) };
+        assert_eq!((n, l), (8, 16));
+        let rows = m.sum_dim_intlist([2i64].as_slice(), false, Kind::Float);
+        assert!(rows.max().double_value(&[]) <= 1.0 + 1e-5 && m.min().double_value(&[]) >= 0.0);
+    }
 }
 
 #[test]

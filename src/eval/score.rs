@@ -66,9 +66,8 @@ fn colour_blind(scene: &Scene, claims: &[Claim]) -> Scene {
     let referents: Vec<&Referent> = claims
         .iter()
         .flat_map(|c| match c {
-            Claim::Count { what, .. } | Claim::At { what, .. } => vec![what],
+            Claim::Count { what, .. } => vec![what],
             Claim::Related { subject, object, .. } => vec![subject, object],
-            Claim::Background { .. } => vec![],
         })
         .collect();
     let mut out = scene.clone();
@@ -196,7 +195,7 @@ mod tests {
         let two = case(3, Category::TwoObjects, 1);
         let mut recoloured = two.scene.clone();
         for o in &mut recoloured.objects {
-            o.colour = if o.colour == Colour::Pink { Colour::Cyan } else { Colour::Pink };
+            o.colour = if o.colour == Colour::Purple { Colour::Orange } else { Colour::Purple };
         }
         assert!(judge(&two, &recoloured, Rules::GenEval).passed);
         assert!(!judge(&two, &recoloured, Rules::Strict).passed);

@@ -6,7 +6,7 @@
 //! | Category | Prompt | Judged (see `score`) |
 //! |---|---|---|
 //! | `single_object` | "a red circle", every shape in turn | one object of that shape |
-//! | `colour` | "a cyan heart", every colour in turn | one object of that shape *and* colour |
+//! | `colour` | "a purple star", every colour in turn | one object of that shape *and* colour |
 //! | `two_objects` | "a red circle and a blue square" | both shapes, once each |
 //! | `counting` | "three green stars", two to four | exactly that many of that shape |
 //! | `position` | "a red circle above a blue square" | both shapes, and the relation |
@@ -22,14 +22,8 @@ use rand_xoshiro::Xoshiro256PlusPlus;
 
 use crate::train::caption::caption;
 use crate::train::claims::{Claim, Referent, Relation};
-use crate::train::layout::{Content, Description, MIN_GAP};
+use crate::train::layout::{self, Content, Description, MAX_COUNT, MIN_GAP};
 use crate::train::scene::{Colour, Object, Point, Scene, Shape, Size};
-
-/// Objects keep this far from the image border (as the dataset's layout does).
-const BORDER: f32 = 0.03;
-/// The relations `position` asks about (GenEval's four; "next to" is left out
-/// as it does not say which side).
-const RELATIONS: [Relation; 4] = [Relation::Above, Relation::Below, Relation::LeftOf, Relation::RightOf];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Category {
@@ -100,7 +94,7 @@ pub fn suite(seed: u64, per_category: usize) -> Vec<Case> {
 pub fn case(seed: u64, category: Category, index: usize) -> Case {
     let mut rng = stream(seed, category, index, 0);
     let content = content(category, index, &mut rng);
-    let description = Description { content, background: None };
+    let description = Description { content };
     let claims = description.claims();
     let scene = layout(&description, &claims, &mut rng);
     let prompt = caption(&description, &mut stream(seed, category, index, 1));
@@ -121,16 +115,16 @@ fn stream(seed: u64, category: Category, index: usize, which: u64) -> Xoshiro256
 }
 
 fn content(category: Category, index: usize, rng: &mut impl Rng) -> Content {
-    let colour = |rng: &mut _| *Colour::ALL.choose(rng).expect("colours");
-    let one = |shape, colour| Referent { shape, colour, size: None };
+    let colour = |rng: &mut _| *Colour::OBJECTS.choose(rng).expect("colours");
+    let one = |shape, colour| Referent { shape, colour };
     match category {
         Category::SingleObject => {
             let shape = Shape::ALL[index % Shape::ALL.len()];
-            Content::Single { what: one(shape, colour(rng)), place: None }
+            Content::Single { what: one(shape, colour(rng)) }
         }
         Category::Colour => {
             let shape = *Shape::ALL.choose(rng).expect("shapes");
-            Content::Single { what: one(shape, Colour::ALL[index % Colour::ALL.len()]), place: None }
+            Content::Single { what: one(shape, Colour::OBJECTS[index % Colour::OBJECTS.len()]) }
         }
         Category::TwoObjects => {
             let [a, b] = two_shapes(rng);
@@ -138,11 +132,11 @@ fn content(category: Category, index: usize, rng: &mut impl Rng) -> Content {
         }
         Category::Counting => {
             let what = one(*Shape::ALL.choose(rng).expect("shapes"), colour(rng));
-            Content::Groups { groups: vec![(what, 2 + index % 3)] }
+            Content::Groups { groups: vec![(what, 2 + index % (MAX_COUNT - 1))] }
         }
         Category::Position => {
             let [a, b] = two_shapes(rng);
-            let relation = RELATIONS[index % RELATIONS.len()];
+            let relation = Relation::ALL[index % Relation::ALL.len()];
             Content::Pair { subject: one(a, colour(rng)), relation, object: one(b, colour(rng)) }
         }
         Category::ColourAttribution => {
@@ -164,43 +158,22 @@ fn two_shapes(rng: &mut impl Rng) -> [Shape; 2] {
     [*picked.next().expect("two shapes"), *picked.next().expect("two shapes")]
 }
 
-/// The objects a description asks for: (what, how many).
-fn wanted(content: &Content) -> Vec<(Referent, usize)> {
-    match content {
-        Content::Single { what, .. } => vec![(*what, 1)],
-        Content::Pair { subject, object, .. } => vec![(*subject, 1), (*object, 1)],
-        Content::Groups { groups } => groups.clone(),
-        Content::Placed { objects } => objects.iter().map(|(what, _)| (*what, 1)).collect(),
-    }
-}
-
-/// A scene the description is true of: the dataset's background odds (mostly
-/// white, black or grey), never an object's colour; one size per group, small
-/// or medium when crowded; centres by rejection until every object keeps
-/// [`MIN_GAP`] from the others, every claim verifies and a relation holds by
-/// the layout's stricter "clear" rule.
+/// A scene the description is true of, laid out by the dataset's rules: a
+/// neutral background, one size class per group (as `layout::random_size`
+/// picks them), centres by rejection until every object keeps [`MIN_GAP`]
+/// from the others, every claim verifies and a relation holds by the
+/// layout's stricter "clear" rule.
 fn layout(description: &Description, claims: &[Claim], rng: &mut impl Rng) -> Scene {
-    let wanted = wanted(&description.content);
+    let wanted = description.wanted();
     let total: usize = wanted.iter().map(|(_, n)| n).sum();
-    let background = loop {
-        let c = match rng.random_range(0..100) {
-            0..35 => Colour::White,
-            35..60 => Colour::Black,
-            60..75 => Colour::Grey,
-            _ => *Colour::ALL.choose(rng).expect("colours"),
-        };
-        if wanted.iter().all(|(what, _)| what.colour != c) {
-            break c;
-        }
-    };
-    let sizes: &[Size] = if total <= 2 { &Size::ALL } else { &Size::ALL[..2] };
+    let background = *Colour::BACKGROUNDS.choose(rng).expect("backgrounds");
     for _ in 0..10_000 {
         let mut objects: Vec<Object> = Vec::with_capacity(total);
         for (what, count) in &wanted {
-            let size = *sizes.choose(rng).expect("sizes");
+            let size: Size = layout::random_size(rng, total);
             for _ in 0..*count {
-                let half = size.half_extent() * (1.0 + rng.random_range(-Size::JITTER..=Size::JITTER));
-                let mut at = || rng.random_range(BORDER + half..=1.0 - BORDER - half);
+                let half = layout::random_half_extent(rng, size);
+                let mut at = || layout::within(rng, half).expect("every size fits the canvas");
                 let centre = Point { x: at(), y: at() };
                 objects.push(Object { shape: what.shape, colour: what.colour, size, centre, half_extent: half });
             }
@@ -249,10 +222,10 @@ mod tests {
 
     #[test]
     fn categories_cycle_through_what_they_test() {
-        let shapes: Vec<Shape> = (0..8).map(|i| case(0, Category::SingleObject, i).scene.objects[0].shape).collect();
+        let shapes: Vec<Shape> = (0..6).map(|i| case(0, Category::SingleObject, i).scene.objects[0].shape).collect();
         assert_eq!(shapes, Shape::ALL);
-        let colours: Vec<Colour> = (0..12).map(|i| case(0, Category::Colour, i).scene.objects[0].colour).collect();
-        assert_eq!(colours, Colour::ALL);
+        let colours: Vec<Colour> = (0..6).map(|i| case(0, Category::Colour, i).scene.objects[0].colour).collect();
+        assert_eq!(colours, Colour::OBJECTS);
         let counts: Vec<usize> = (0..3).map(|i| case(0, Category::Counting, i).expected_objects()).collect();
         assert_eq!(counts, [2, 3, 4]);
     }

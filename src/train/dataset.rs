@@ -12,7 +12,7 @@ use rand_xoshiro::Xoshiro256PlusPlus;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use super::caption::caption;
+use super::caption::{worded, Mention};
 use super::claims::Claim;
 use super::layout::{self, Description};
 use super::render;
@@ -37,6 +37,8 @@ pub struct Sample {
     pub scene: Scene,
     pub description: Description,
     pub caption: String,
+    /// Where the caption names each referent's count, colour and shape.
+    pub mentions: Vec<Mention>,
     /// What the caption asserts; each holds for `scene` (see [`Claim::verify`]).
     pub claims: Vec<Claim>,
 }
@@ -73,9 +75,9 @@ impl Dataset {
     /// Sample `index`: always the same for the same seed.
     pub fn sample(&self, index: u64) -> Sample {
         let (scene, description) = layout::sample(&mut self.rng(index, Stream::Layout));
-        let caption = caption(&description, &mut self.rng(index, Stream::Caption));
+        let worded = worded(&description, &mut self.rng(index, Stream::Caption));
         let claims = description.claims();
-        Sample { index, scene, description, caption, claims }
+        Sample { index, scene, description, caption: worded.text, mentions: worded.mentions, claims }
     }
 
     /// Samples `start`, `start + 1`, … without end.

@@ -6,10 +6,11 @@
 //! | [`scene`] | the resolution-free scene: shapes, colours, sizes, objects, background |
 //! | [`sdf`] | signed distances of the shapes, for analytic anti-aliasing |
 //! | [`render`] | rasterising a scene at any size into images and tensors |
-//! | [`claims`] | what a caption asserts (counts, places, relations) and when it is true |
+//! | [`claims`] | what a caption asserts (counts, relations) and when it is true |
 //! | [`layout`] | sampling a scene together with the description it must satisfy |
-//! | [`caption`] | wording a description: templates and synonyms |
+//! | [`caption`] | wording a description: templates and synonyms, and where each word is |
 //! | [`dataset`] | the seeded, endless, indexable stream of samples and batches |
+//! | [`grounding`] | the grounding loss: caption words' attention maps tied to the objects they name |
 //! | [`loss`] | ADM's hybrid loss: L_simple (ε or v, optionally Min-SNR-γ weighted) + λ·L_vlb with learned-range variance |
 //! | [`optim`] | flat-buffer AdamW with saved moments, warm-up, clipping, EMA, loss scale: exact resume |
 //! | [`trainer`] | one training step of a base or super-resolution stage (f32 or fp16 autocast), batches drawn ahead |
@@ -19,6 +20,7 @@
 pub mod caption;
 pub mod claims;
 pub mod dataset;
+pub mod grounding;
 pub mod layout;
 pub mod loss;
 pub mod optim;

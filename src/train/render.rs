@@ -36,6 +36,26 @@ pub fn render_planes(scene: &Scene, size: usize, out: &mut [f32]) {
 fn draw(object: &Object, size: usize, out: &mut [f32]) {
     let plane = size * size;
     let colour = unit_rgb(object.colour.rgb());
+    covered(object, size, |i, alpha| {
+        for (c, value) in colour.iter().enumerate() {
+            let dst = &mut out[c * plane + i];
+            *dst += (value - *dst) * alpha;
+        }
+    });
+}
+
+/// How much of each pixel of a `size × size` image `objects` cover (the
+/// largest of their coverages), row-major: the objects' mask.
+pub fn coverage(objects: &[&Object], size: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; size * size];
+    for object in objects {
+        covered(object, size, |i, alpha| out[i] = out[i].max(alpha));
+    }
+    out
+}
+
+/// Calls `f(pixel index, coverage)` for every pixel `object` covers at all.
+fn covered(object: &Object, size: usize, mut f: impl FnMut(usize, f32)) {
     let scale = size as f32;
     let half = object.half_extent;
     // Distances come back in the unit frame; this turns them into pixels.
@@ -52,13 +72,8 @@ fn draw(object: &Object, size: usize, out: &mut [f32]) {
         for px in xs.clone() {
             let u = ((px as f32 + 0.5) / scale - object.centre.x) / half;
             let alpha = (0.5 - sdf::distance(object.shape, [u, v]) * to_pixels).clamp(0.0, 1.0);
-            if alpha == 0.0 {
-                continue;
-            }
-            let i = py * size + px;
-            for (c, value) in colour.iter().enumerate() {
-                let dst = &mut out[c * plane + i];
-                *dst += (value - *dst) * alpha;
+            if alpha > 0.0 {
+                f(py * size + px, alpha);
             }
         }
     }

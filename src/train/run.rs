@@ -64,6 +64,10 @@ pub struct TrainConfig {
     pub vlb_lambda: f64,
     #[serde(default = "default_uncond")]
     pub uncond_prob: f64,
+    /// Weight of the grounding loss (TokenCompose's token loss on the caption
+    /// words' attention maps, see [`super::grounding`]); 0 or absent: none.
+    #[serde(default)]
+    pub grounding_weight: f64,
     /// γ of Min-SNR-γ loss weighting (Hang et al. 2023); absent: unweighted.
     #[serde(default)]
     pub min_snr_gamma: Option<f64>,
@@ -107,6 +111,12 @@ impl TrainConfig {
         }
         if let Some(init) = config.init.as_mut().filter(|p| p.is_relative()) {
             *init = dir.join(&*init);
+        }
+        if !(config.grounding_weight >= 0.0 && config.grounding_weight.is_finite()) {
+            anyhow::bail!("{}: grounding_weight ({}) must be a finite number ≥ 0", file.display(), config.grounding_weight);
+        }
+        if config.grounding_weight > 0.0 && (config.low_res.is_some() || config.crop.is_some()) {
+            anyhow::bail!("{}: grounding_weight is for base stages trained on whole images (no low_res, no crop)", file.display());
         }
         if config.cooldown_steps > config.steps {
             anyhow::bail!("{}: cooldown_steps ({}) exceeds steps ({})", file.display(), config.cooldown_steps, config.steps);
@@ -226,6 +236,7 @@ impl Run {
             source,
             precision,
             prefetch,
+            grounding: c.grounding_weight,
         };
         let end = until.unwrap_or(c.steps).min(c.steps);
         let mut log = std::fs::OpenOptions::new().create(true).append(true).open(self.out.join("train.log"))?;
@@ -274,9 +285,10 @@ impl Run {
             let rate = (done - first) as f64 * c.batch as f64 / started.elapsed().as_secs_f64();
             progress(done, r.loss, rate);
             let scale = r.optim.loss_scale.map(|s| format!(" loss_scale {s}")).unwrap_or_default();
+            let ground = r.grounding.map(|g| format!(" ground {g:.5}")).unwrap_or_default();
             writeln!(
                 log,
-                "step {done} loss {:.5} mse {:.5} vlb {:.5} lr {:.2e} grad_norm {:.3} images/s {rate:.1} wait_ms {:.1}{scale} unix {}",
+                "step {done} loss {:.5} mse {:.5} vlb {:.5}{ground} lr {:.2e} grad_norm {:.3} images/s {rate:.1} wait_ms {:.1}{scale} unix {}",
                 r.loss,
                 r.mse,
                 r.vlb,

@@ -19,14 +19,11 @@ pub enum Shape {
     Triangle,
     Star,
     Ring,
-    Diamond,
     Cross,
-    Heart,
 }
 
 impl Shape {
-    pub const ALL: [Shape; 8] =
-        [Shape::Circle, Shape::Square, Shape::Triangle, Shape::Star, Shape::Ring, Shape::Diamond, Shape::Cross, Shape::Heart];
+    pub const ALL: [Shape; 6] = [Shape::Circle, Shape::Square, Shape::Triangle, Shape::Star, Shape::Ring, Shape::Cross];
 
     /// The canonical singular noun.
     pub fn name(self) -> &'static str {
@@ -36,15 +33,15 @@ impl Shape {
             Shape::Triangle => "triangle",
             Shape::Star => "star",
             Shape::Ring => "ring",
-            Shape::Diamond => "diamond",
             Shape::Cross => "cross",
-            Shape::Heart => "heart",
         }
     }
 }
 
-/// The named colours. Values are far apart so that a colour name is never a
-/// judgement call, for the model or for an evaluator reading pixels back.
+/// The named colours: six saturated ones that objects have and three neutral
+/// ones that backgrounds have, so an object never blends into its ground.
+/// Values are far apart so that a colour name is never a judgement call, for
+/// the model or for an evaluator reading pixels back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Colour {
@@ -56,14 +53,12 @@ pub enum Colour {
     Purple,
     White,
     Black,
-    Pink,
-    Cyan,
-    Brown,
     Grey,
 }
 
 impl Colour {
-    pub const ALL: [Colour; 12] = [
+    /// Every colour an image can show (the evaluator's palette).
+    pub const ALL: [Colour; 9] = [
         Colour::Red,
         Colour::Green,
         Colour::Blue,
@@ -72,11 +67,12 @@ impl Colour {
         Colour::Purple,
         Colour::White,
         Colour::Black,
-        Colour::Pink,
-        Colour::Cyan,
-        Colour::Brown,
         Colour::Grey,
     ];
+    /// The colours objects have: the words a caption can give an object.
+    pub const OBJECTS: [Colour; 6] = [Colour::Red, Colour::Green, Colour::Blue, Colour::Yellow, Colour::Orange, Colour::Purple];
+    /// The colours backgrounds have.
+    pub const BACKGROUNDS: [Colour; 3] = [Colour::White, Colour::Black, Colour::Grey];
 
     /// The canonical name (British spelling; `caption.rs` also says "gray").
     pub fn name(self) -> &'static str {
@@ -89,9 +85,6 @@ impl Colour {
             Colour::Purple => "purple",
             Colour::White => "white",
             Colour::Black => "black",
-            Colour::Pink => "pink",
-            Colour::Cyan => "cyan",
-            Colour::Brown => "brown",
             Colour::Grey => "grey",
         }
     }
@@ -107,15 +100,13 @@ impl Colour {
             Colour::Purple => [130, 50, 180],
             Colour::White => [245, 245, 245],
             Colour::Black => [15, 15, 15],
-            Colour::Pink => [250, 140, 195],
-            Colour::Cyan => [40, 215, 225],
-            Colour::Brown => [125, 75, 35],
             Colour::Grey => [128, 128, 128],
         }
     }
 }
 
-/// Size classes. Each maps to a nominal half-extent (fraction of the image
+/// Size classes (the captions do not name them: they fix how large objects
+/// are drawn, and let the evaluator tell an object from a speck). Each maps to a nominal half-extent (fraction of the image
 /// side); objects vary by a few percent around it, never enough to reach the
 /// next class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -139,13 +130,25 @@ impl Size {
         }
     }
 
-    /// Nominal half-extent. Small is still about 6 px across at 32 px, the base
-    /// stage's resolution, so its shape stays legible there.
+    /// Nominal half-extent. Small is still almost 8 px across at 32 px, the base
+    /// stage's resolution, so that a triangle's corners and a star's points
+    /// survive there; four small objects still fit in one image.
     pub fn half_extent(self) -> f32 {
         match self {
-            Size::Small => 0.1,
-            Size::Medium => 0.14,
-            Size::Large => 0.19,
+            Size::Small => 0.12,
+            Size::Medium => 0.16,
+            Size::Large => 0.2,
+        }
+    }
+
+    /// The classes an object may take in a scene of `objects` objects: large
+    /// ones only when there are at most two, small ones only when there are
+    /// three or more, so every layout fits with room between the objects.
+    pub fn for_scene(objects: usize) -> &'static [Size] {
+        if objects <= 2 {
+            &[Size::Medium, Size::Large]
+        } else {
+            &[Size::Small, Size::Medium]
         }
     }
 
@@ -233,6 +236,13 @@ impl Scene {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn objects_and_backgrounds_never_share_a_colour() {
+        for c in Colour::ALL {
+            assert_ne!(Colour::OBJECTS.contains(&c), Colour::BACKGROUNDS.contains(&c), "{c:?}");
+        }
+    }
 
     #[test]
     fn colours_are_far_apart_and_sizes_do_not_overlap() {

@@ -3,7 +3,7 @@
 //! The frame is the object's footprint scaled to [-1, 1]² (`y` downwards);
 //! each function returns the signed distance to the outline in that frame
 //! (negative inside). Distances are exact (polygons after Inigo Quilez's
-//! `sdPolygon`, the heart after his `sdHeart`), which is what lets the
+//! `sdPolygon`), which is what lets the
 //! renderer turn distance into an anti-aliased coverage with one evaluation
 //! per pixel instead of supersampling.
 
@@ -26,13 +26,9 @@ const CROSS_ARM: f32 = 0.3;
 /// Inner radius of the star relative to its outer one (a regular star is 0.38;
 /// fatter points survive small sizes better).
 const STAR_INNER: f32 = 0.45;
-/// Scale of Quilez's heart (spanning x ∈ ±0.604, y ∈ [0, 1.104]) into the frame.
-const HEART_SCALE: f32 = 1.55;
-const HEART_MID_Y: f32 = 0.552;
 
 static SQUARE: [V2; 4] =
     [[-SQUARE_HALF, -SQUARE_HALF], [SQUARE_HALF, -SQUARE_HALF], [SQUARE_HALF, SQUARE_HALF], [-SQUARE_HALF, SQUARE_HALF]];
-static DIAMOND: [V2; 4] = [[0.0, -RADIUS], [RADIUS, 0.0], [0.0, RADIUS], [-RADIUS, 0.0]];
 static CROSS: [V2; 12] = [
     [-CROSS_ARM, -RADIUS],
     [CROSS_ARM, -RADIUS],
@@ -71,11 +67,9 @@ pub fn distance(shape: Shape, p: V2) -> f32 {
         Shape::Circle => length - RADIUS,
         Shape::Ring => (length - RING_MID).abs() - RING_HALF_WIDTH,
         Shape::Square => polygon(&SQUARE, p),
-        Shape::Diamond => polygon(&DIAMOND, p),
         Shape::Cross => polygon(&CROSS, p),
         Shape::Triangle => polygon(&*TRIANGLE, p),
         Shape::Star => polygon(&*STAR, p),
-        Shape::Heart => heart([p[0] / HEART_SCALE, -p[1] / HEART_SCALE + HEART_MID_Y]) * HEART_SCALE,
     }
 }
 
@@ -98,19 +92,6 @@ fn polygon(v: &[V2], p: V2) -> f32 {
         j = i;
     }
     s * d.sqrt()
-}
-
-/// Quilez's heart: tip at the origin, lobes upwards (`y` up in this frame).
-fn heart(p: V2) -> f32 {
-    let p = [p[0].abs(), p[1]];
-    if p[1] + p[0] > 1.0 {
-        let q = sub(p, [0.25, 0.75]);
-        return dot(q, q).sqrt() - std::f32::consts::SQRT_2 / 4.0;
-    }
-    let a = sub(p, [0.0, 1.0]);
-    let m = 0.5 * (p[0] + p[1]).max(0.0);
-    let b = sub(p, [m, m]);
-    dot(a, a).min(dot(b, b)).sqrt() * (p[0] - p[1]).signum()
 }
 
 fn sub(a: V2, b: V2) -> V2 {

@@ -18,6 +18,10 @@
 //! captions, draws) a pure function of the step, which [`Prefetcher`] threads
 //! compute ahead while the device trains on the current one.
 //!
+//! With a grounding weight, the UNet's attention maps of the caption's colour,
+//! shape and count words are also tied to the objects they name (see
+//! [`super::grounding`]); the diffusion loss and its batches are unchanged.
+//!
 //! With [`Precision::Fp16`] the UNet's forward pass runs under CUDA autocast
 //! and the loss, computed in f32, is scaled for the backward pass by the
 //! optimiser's dynamic loss scale (see [`super::optim`]).
@@ -32,13 +36,14 @@ use rand::{Rng, SeedableRng};
 use rand_xoshiro::Xoshiro256PlusPlus;
 use tch::{Kind, Tensor};
 
-use super::dataset::Dataset;
+use super::dataset::{Dataset, Sample};
+use super::grounding::GroundingTargets;
 use super::loss::{HybridLoss, LossTerms};
 use super::optim::{Optimizer, StepReport};
 use crate::diffusion::forward::q_sample;
 use crate::diffusion::NoiseSchedule;
 use crate::nn::text::TextEncoder;
-use crate::nn::unet::{LoadedUNet, UNetInput};
+use crate::nn::unet::{AttentionMaps, LoadedUNet, UNetInput};
 
 /// What a stage is trained on.
 #[derive(Debug, Clone)]
@@ -95,6 +100,8 @@ pub struct StepResult {
     pub loss: f64,
     pub mse: f64,
     pub vlb: f64,
+    /// The grounding loss (unweighted), when the run has one.
+    pub grounding: Option<f64>,
     pub optim: StepReport,
     /// Time spent waiting for the step's host-side batch, in milliseconds.
     pub data_wait_ms: f64,
@@ -110,6 +117,8 @@ pub struct TrainBatch {
     pub class_labels: Option<Tensor>,
     pub text: Tensor,
     pub timesteps: Vec<i64>,
+    /// What the caption words should attend to, when the trainer grounds them.
+    pub grounding: Option<GroundingTargets>,
 }
 
 /// Squared x̂_0 errors of a batch: over all its pixels, and over the pixels
@@ -140,6 +149,8 @@ pub struct HostBatch {
     /// SR: the conditioning image upsampled to the output size, cropped alike.
     upsampled: Option<Tensor>,
     pub(super) prompts: Vec<String>,
+    /// The samples the images show (their scenes and captions' mentions).
+    samples: Vec<Sample>,
     timesteps: Vec<i64>,
     noise: Tensor,
     levels: Vec<i64>,
@@ -158,6 +169,7 @@ impl HostBatch {
             images: self.images.shallow_clone(),
             upsampled: self.upsampled.as_ref().map(Tensor::shallow_clone),
             prompts: self.prompts.clone(),
+            samples: self.samples.clone(),
             timesteps: self.timesteps.clone(),
             noise: self.noise.shallow_clone(),
             levels: self.levels.clone(),
@@ -196,9 +208,11 @@ impl BatchSource {
         let mut rng = step_rng(self.config.seed, step);
         let b = self.config.batch;
         let indices: Vec<u64> = (0..b as u64).map(|i| step * b as u64 + i).collect();
-        let (full, captions) = self.dataset.batch(&indices, self.data.size)?;
-        let prompts: Vec<String> =
-            captions.into_iter().map(|c| if rng.random::<f64>() < self.config.uncond_prob { String::new() } else { c }).collect();
+        let (full, samples) = self.dataset.batch_samples(&indices, self.data.size)?;
+        let prompts: Vec<String> = samples
+            .iter()
+            .map(|s| if rng.random::<f64>() < self.config.uncond_prob { String::new() } else { s.caption.clone() })
+            .collect();
         let timesteps: Vec<i64> = (0..b).map(|_| rng.random_range(0..self.train_steps)).collect();
         let full_side = self.data.size as i64;
         let s = self.data.crop.map_or(full_side, |c| (c as i64).min(full_side));
@@ -229,7 +243,7 @@ impl BatchSource {
                 (Some(up), levels, Some(aug))
             }
         };
-        Ok(HostBatch { step, images, upsampled, prompts, timesteps, noise, levels, aug })
+        Ok(HostBatch { step, images, upsampled, prompts, samples, timesteps, noise, levels, aug })
     }
 }
 
@@ -292,21 +306,44 @@ pub struct StageTrainer<'a> {
     pub precision: Precision,
     /// Draws batches ahead on other threads; without it they are drawn inline.
     pub prefetch: Option<Prefetcher>,
+    /// Weight of the grounding loss in the total; 0 leaves it out (and the
+    /// attention in its fused kernel).
+    pub grounding: f64,
+}
+
+/// A step's losses: the diffusion terms, and the grounding loss if any.
+pub struct StepLosses {
+    pub terms: LossTerms,
+    pub grounding: Option<Tensor>,
+}
+
+impl StepLosses {
+    /// What the step minimises.
+    fn total(&self, weight: f64) -> Tensor {
+        match &self.grounding {
+            Some(g) => &self.terms.total + g * weight,
+            None => self.terms.total.shallow_clone(),
+        }
+    }
 }
 
 impl StageTrainer<'_> {
     /// The loss of the batch for `step` (no optimiser update): the same inputs
     /// every time it is called with the same step.
-    pub fn loss(&self, step: u64) -> anyhow::Result<LossTerms> {
+    pub fn loss(&self, step: u64) -> anyhow::Result<StepLosses> {
         self.loss_of(&self.batch(step)?)
     }
 
-    fn loss_of(&self, b: &TrainBatch) -> anyhow::Result<LossTerms> {
+    fn loss_of(&self, b: &TrainBatch) -> anyhow::Result<StepLosses> {
         let t = Tensor::from_slice(&b.timesteps).to_device(b.sample.device());
         let input = UNetInput { sample: &b.sample, timesteps: &t, encoder_hidden_states: &b.text, class_labels: b.class_labels.as_ref() };
-        let output = tch::autocast(self.precision == Precision::Fp16, || self.unet.model.forward_t(&input, true))?;
+        let maps = b.grounding.as_ref().map(|_| AttentionMaps::default());
+        let output =
+            tch::autocast(self.precision == Precision::Fp16, || self.unet.model.forward_probed(&input, true, maps.as_ref()))?;
         // The loss (a log-likelihood with small differences of logs) in f32.
-        Ok(self.loss.compute(&output.to_kind(Kind::Float), &b.images, &b.x_t, &b.noise, &b.timesteps))
+        let terms = self.loss.compute(&output.to_kind(Kind::Float), &b.images, &b.x_t, &b.noise, &b.timesteps);
+        let grounding = b.grounding.as_ref().zip(maps).map(|(targets, maps)| targets.loss(&maps.take()));
+        Ok(StepLosses { terms, grounding })
     }
 
     /// The squared error of x̂_0 summed over `host`'s pixels, and over its
@@ -315,7 +352,7 @@ impl StageTrainer<'_> {
     /// [`Self::encode`]): validation scores one batch at several noise levels
     /// and with two prompts, and encodes each prompt set once.
     pub(super) fn x0_error(&self, host: HostBatch, text: &Tensor) -> anyhow::Result<X0Error> {
-        let b = self.assemble_encoded(host, text.shallow_clone())?;
+        let b = self.assemble_encoded(host, text.shallow_clone(), false)?;
         let t = Tensor::from_slice(&b.timesteps).to_device(b.sample.device());
         let input = UNetInput { sample: &b.sample, timesteps: &t, encoder_hidden_states: &b.text, class_labels: b.class_labels.as_ref() };
         let output = tch::no_grad(|| tch::autocast(self.precision == Precision::Fp16, || self.unet.model.forward_t(&input, false)))?;
@@ -350,12 +387,22 @@ impl StageTrainer<'_> {
     /// Text encoding, the move to the device and the noising of a host batch.
     fn assemble(&self, host: HostBatch) -> anyhow::Result<TrainBatch> {
         let text = self.encode(&host.prompts)?;
-        self.assemble_encoded(host, text)
+        self.assemble_encoded(host, text, self.grounding > 0.0)
     }
 
-    /// [`Self::assemble`] with the prompts already encoded.
-    fn assemble_encoded(&self, host: HostBatch, text: Tensor) -> anyhow::Result<TrainBatch> {
+    /// [`Self::assemble`] with the prompts already encoded; `ground` adds the
+    /// grounding targets.
+    fn assemble_encoded(&self, host: HostBatch, text: Tensor, ground: bool) -> anyhow::Result<TrainBatch> {
         let device = self.unet.vs.device();
+        let grounding = if ground {
+            if self.source.data.low_res.is_some() || self.source.data.crop.is_some() {
+                bail!("the grounding loss is for base stages trained on whole images");
+            }
+            let targets = GroundingTargets::new(&host.samples, &host.prompts, self.encoder.tokenizer(), self.source.data.size)?;
+            Some(targets.to_device(device))
+        } else {
+            None
+        };
         let images = host.images.to_device(device);
         let noise = host.noise.to_device(device);
         let x_t = q_sample(self.schedule, &images, &host.timesteps, &noise)?;
@@ -366,7 +413,7 @@ impl StageTrainer<'_> {
             }
             _ => (x_t.shallow_clone(), None),
         };
-        Ok(TrainBatch { images, noise, x_t, sample, class_labels, text, timesteps: host.timesteps })
+        Ok(TrainBatch { images, noise, x_t, sample, class_labels, text, timesteps: host.timesteps, grounding })
     }
 
     /// One optimisation step on the batch for the optimiser's next step.
@@ -378,19 +425,21 @@ impl StageTrainer<'_> {
             None => self.source.draw(step)?,
         };
         let data_wait_ms = waiting.elapsed().as_secs_f64() * 1e3;
-        let terms = self.loss_of(&self.assemble(host)?)?;
+        let losses = self.loss_of(&self.assemble(host)?)?;
+        let total = losses.total(self.grounding);
         optimizer.zero_grad();
         let scale = optimizer.loss_scale();
         if scale == 1.0 {
-            terms.total.backward();
+            total.backward();
         } else {
-            (&terms.total * scale).backward();
+            (&total * scale).backward();
         }
         let optim = optimizer.step();
         Ok(StepResult {
-            loss: terms.total.double_value(&[]),
-            mse: terms.mse.double_value(&[]),
-            vlb: terms.vlb.double_value(&[]),
+            loss: total.double_value(&[]),
+            mse: losses.terms.mse.double_value(&[]),
+            vlb: losses.terms.vlb.double_value(&[]),
+            grounding: losses.grounding.map(|g| g.double_value(&[])),
             optim,
             data_wait_ms,
         })

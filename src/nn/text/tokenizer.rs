@@ -122,6 +122,16 @@ impl Tokenizer {
         })
     }
 
+    /// The byte range of `prompt` that each of its `max_length` tokens comes
+    /// from, in the order [`Tokenizer::encode`] gives them (`(0, 0)` for special
+    /// and padding tokens): which tokens spell a given word.
+    pub fn offsets(&self, prompt: &str) -> Result<Vec<(usize, usize)>> {
+        let encoding =
+            self.inner.encode(prompt, true).map_err(|e| NnError::Tokenizer(format!("{}: {e}", self.file.display())))?;
+        let special = encoding.get_special_tokens_mask();
+        Ok(encoding.get_offsets().iter().zip(special).map(|(&o, &s)| if s == 1 { (0, 0) } else { o }).collect())
+    }
+
     pub fn max_length(&self) -> usize {
         self.max_length
     }

@@ -7,8 +7,16 @@
 //! `AttnAddedKVProcessor2_0`: GroupNorm on the image tokens, an optional
 //! GroupNorm on the text tokens (`cross_attention_norm = "group_norm"`),
 //! libtorch's scaled-dot-product attention, an output projection and the residual.
+//!
+//! Training can ask every layer for the attention its image tokens pay to each
+//! text token ([`AttentionMaps`]): where a word "looks", which a grounding loss
+//! ties to the object the word names (TokenCompose, Wang et al. 2024). Such a
+//! call computes the attention explicitly, the same arithmetic without the
+//! fused kernel.
 
-use tch::{nn, Tensor};
+use std::cell::RefCell;
+
+use tch::{nn, Kind, Tensor};
 
 use crate::nn::layers::{ApplyLinear, Linear};
 
@@ -39,6 +47,26 @@ pub struct AddedKvAttention {
     heads: i64,
 }
 
+/// The attention maps of one forward pass, one per text-attending layer in
+/// call order: `[B, H·W, L]`, the weight each image token gives each of the
+/// `L` text tokens, averaged over heads (a row sums to at most 1, the rest
+/// going to the image tokens). They carry gradients.
+#[derive(Debug, Default)]
+pub struct AttentionMaps {
+    maps: RefCell<Vec<Tensor>>,
+}
+
+impl AttentionMaps {
+    fn record(&self, map: Tensor) {
+        self.maps.borrow_mut().push(map);
+    }
+
+    /// The maps recorded so far, leaving none.
+    pub fn take(&self) -> Vec<Tensor> {
+        std::mem::take(&mut self.maps.borrow_mut())
+    }
+}
+
 /// diffusers' `Attention` fixes the cross-attention GroupNorm at 32 groups and eps 1e-5.
 const CROSS_NORM_GROUPS: i64 = 32;
 
@@ -64,8 +92,9 @@ impl AddedKvAttention {
         }
     }
 
-    /// `x`: `[B, C, H, W]`; `text`: `[B, L, added_kv_dim]`.
-    pub fn forward(&self, x: &Tensor, text: &Tensor) -> Tensor {
+    /// `x`: `[B, C, H, W]`; `text`: `[B, L, added_kv_dim]`. With `maps`, the
+    /// layer records its attention on the text tokens there.
+    pub fn forward(&self, x: &Tensor, text: &Tensor, maps: Option<&AttentionMaps>) -> Tensor {
         let size = x.size();
         let (b, c) = (size[0], size[1]);
         let heads = self.heads;
@@ -90,7 +119,16 @@ impl AddedKvAttention {
             _ => (text_k, text_v),
         };
         // 3. Attention, output projection, residual.
-        let out = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
+        let out = match maps {
+            None => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false),
+            Some(maps) => {
+                let scale = 1.0 / ((c / heads) as f64).sqrt();
+                let weights = (q.matmul(&k.transpose(-2, -1)) * scale).softmax(-1, Kind::Float).to_kind(q.kind());
+                let words = text.size()[1];
+                maps.record(weights.narrow(-1, 0, words).mean_dim(1, false, Kind::Float));
+                weights.matmul(&v)
+            }
+        };
         let out = out.transpose(1, 2).reshape([b, -1, c]).apply_linear(&self.to_out);
         out.transpose(-1, -2).reshape(size.as_slice()) + x
     }

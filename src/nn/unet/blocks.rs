@@ -13,7 +13,7 @@
 
 use tch::{nn, Tensor};
 
-use super::attention::{AddedKvAttention, AttentionShape};
+use super::attention::{AddedKvAttention, AttentionMaps, AttentionShape};
 use super::config::{BlockKind, BlockSpec, LayerSettings, MidSpec};
 use super::resnet::{Resample, ResnetBlock2D, ResnetShape};
 
@@ -22,6 +22,8 @@ pub struct Conditioning<'a> {
     pub temb: &'a Tensor,
     pub text: &'a Tensor,
     pub train: bool,
+    /// Where attention layers record their maps of the text tokens, if asked.
+    pub maps: Option<&'a AttentionMaps>,
 }
 
 fn attention(p: &nn::Path, i: usize, spec: &BlockSpec, settings: &LayerSettings) -> Option<AddedKvAttention> {
@@ -77,7 +79,7 @@ impl DownBlock {
         for (resnet, attn) in self.resnets.iter().zip(&self.attentions) {
             h = resnet.forward(&h, cond.temb, cond.train);
             if let Some(attn) = attn {
-                h = attn.forward(&h, cond.text);
+                h = attn.forward(&h, cond.text, cond.maps);
             }
             skips.push(h.shallow_clone());
         }
@@ -115,7 +117,7 @@ impl MidBlock {
 
     pub fn forward(&self, x: &Tensor, cond: &Conditioning<'_>) -> Tensor {
         let h = self.resnets[0].forward(x, cond.temb, cond.train);
-        let h = self.attention.forward(&h, cond.text);
+        let h = self.attention.forward(&h, cond.text, cond.maps);
         self.resnets[1].forward(&h, cond.temb, cond.train)
     }
 }
@@ -161,7 +163,7 @@ impl UpBlock {
             let skip = skips.pop().expect("the UNet pushes one skip per up-block layer");
             h = resnet.forward(&Tensor::cat(&[&h, &skip], 1), cond.temb, cond.train);
             if let Some(attn) = attn {
-                h = attn.forward(&h, cond.text);
+                h = attn.forward(&h, cond.text, cond.maps);
             }
         }
         if let Some(up) = &self.upsampler {

@@ -17,5 +17,6 @@ pub mod embeddings;
 pub mod model;
 pub mod resnet;
 
+pub use attention::AttentionMaps;
 pub use config::UNetConfig;
 pub use model::{LoadedUNet, UNet2DConditionModel, UNetInput, WEIGHTS_STEM};

@@ -15,6 +15,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::nn::layers::{ApplyLinear, Linear};
 
+use super::attention::AttentionMaps;
 use super::blocks::{Conditioning, DownBlock, MidBlock, UpBlock};
 use super::config::{UNetConfig, UNetSpec};
 use super::embeddings::{timestep_embedding, TextTimeEmbedding, TimestepEmbedding};
@@ -140,6 +141,12 @@ impl UNet2DConditionModel {
 
     /// The forward pass; `train` enables dropout.
     pub fn forward_t(&self, input: &UNetInput<'_>, train: bool) -> Result<Tensor> {
+        self.forward_probed(input, train, None)
+    }
+
+    /// [`Self::forward_t`] that also records every text-attending layer's
+    /// attention on the text tokens into `maps` (for grounding losses).
+    pub fn forward_probed(&self, input: &UNetInput<'_>, train: bool, maps: Option<&AttentionMaps>) -> Result<Tensor> {
         let b = self.check(input)?;
         let kind = input.sample.kind();
         let cfg = &self.config;
@@ -164,7 +171,7 @@ impl UNet2DConditionModel {
             Some(proj) => input.encoder_hidden_states.apply_linear(proj),
             None => input.encoder_hidden_states.shallow_clone(),
         };
-        let cond = Conditioning { temb: &emb, text: &text, train };
+        let cond = Conditioning { temb: &emb, text: &text, train, maps };
         // 3. Down path, keeping every intermediate for the skips.
         let sample = if cfg.center_input_sample { input.sample * 2.0 - 1.0 } else { input.sample.shallow_clone() };
         let mut h = sample.apply(&self.conv_in);
