@@ -106,6 +106,17 @@ fn eval_prints_tables() {
     assert_eq!(image::open(&grid).unwrap().width(), 3 * 32 + 4 * 2);
     std::fs::remove_dir_all(&dir).unwrap();
 
+    // The base stage alone, resized to the cascade's output size before judging.
+    let out = eval(&["--model", model, "--device", "cpu", "--per-category", "1", "--images", "1", "--size", "16", "--upscale-to", "32", "--grid", grid.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.contains(", 16 px bicubic to 32 |"), "{table}");
+    assert_eq!(image::open(&grid).unwrap().width(), 3 * 32 + 4 * 2);
+    std::fs::remove_dir_all(&dir).unwrap();
+    let out = eval(&["--model", model, "--device", "cpu", "--size", "32", "--upscale-to", "16"]);
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(!out.status.success() && err.contains("--upscale-to 16: below the 32 px"), "{err}");
+
     let out = eval(&["--model", model, "--device", "cpu", "--size", "64"]);
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(!out.status.success() && err.contains("no stage of tiny-if outputs 64x64 (its stages give 16x16, 32x32)"), "{err}");

@@ -51,6 +51,11 @@ pub struct EvalArgs {
     /// image's prompt, verdict and what was detected in a `.txt` next to it.
     #[arg(long)]
     pub grid: Option<PathBuf>,
+    /// Resize each sample to this side (bicubic) before judging it: with
+    /// `--size` of an earlier stage, what the cascade's later stages are
+    /// measured against ("the base stage alone, upsampled").
+    #[arg(long, value_parser = clap::value_parser!(u32).range(16..=1024))]
+    pub upscale_to: Option<u32>,
     /// Most UNet rows per call (a guided image takes two).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub batch_rows: u32,
@@ -91,6 +96,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     }
     let rules = if args.strict { Rules::Strict } else { Rules::GenEval };
     let cases = suite(args.seed, args.per_category as usize);
+    if args.ground_truth && args.upscale_to.is_some() {
+        bail!("--upscale-to resizes a model's samples; ground truth is drawn at --size");
+    }
     let rows = if args.ground_truth { ground_truth(&args, &cases, rules)? } else { model(&args, &cases, rules)? };
     print!("{}", markdown(&rows));
     Ok(())
@@ -124,7 +132,12 @@ fn ground_truth(args: &EvalArgs, cases: &[Case], rules: Rules) -> anyhow::Result
 fn model(args: &EvalArgs, cases: &[Case], rules: Rules) -> anyhow::Result<Vec<(String, Tally)>> {
     let cascade = args.model.load()?;
     let stages = stages_for(&cascade, args.size)?;
-    let size = cascade.stages[stages - 1].size.1 as u32;
+    let sampled = cascade.stages[stages - 1].size.1 as u32;
+    let size = match args.upscale_to {
+        Some(side) if side < sampled => bail!("--upscale-to {side}: below the {sampled} px the stages sample"),
+        Some(side) => side,
+        None => sampled,
+    };
     let settings = args.table.map_or_else(|| vec![StageOverride::default()], Sweep::rows);
     let images = args.images as usize;
     eprintln!(
@@ -151,7 +164,10 @@ fn model(args: &EvalArgs, cases: &[Case], rules: Rules) -> anyhow::Result<Vec<(S
                 cascade.plan(&spec).with_context(|| format!("planning \"{}\"", case.prompt))
             })
             .collect::<anyhow::Result<Vec<GenerationRequest>>>()?;
-        let label = setting_label(&requests[0]);
+        let mut label = setting_label(&requests[0]);
+        if size != sampled {
+            label.push_str(&format!(", {sampled} px bicubic to {size}"));
+        }
         let (tally, judged) = sample_and_judge(&cascade, args, cases, &requests, &label, rules)?;
         if let Some(path) = &args.grid {
             let path = if settings.len() == 1 { path.clone() } else { numbered(path, r + 1) };
@@ -179,9 +195,15 @@ fn sample_and_judge(cascade: &Cascade, args: &EvalArgs, cases: &[Case], requests
         })?;
         for (case, images) in chunk.iter().zip(outputs) {
             for generated in images {
-                let (verdict, detection) = judge_image(case, &generated.image, rules)?;
+                let image = match args.upscale_to {
+                    Some(side) if side != generated.image.width() => {
+                        image::imageops::resize(&generated.image, side, side, image::imageops::FilterType::CatmullRom)
+                    }
+                    _ => generated.image,
+                };
+                let (verdict, detection) = judge_image(case, &image, rules)?;
                 tally.add(case.category, verdict.passed);
-                judged.push(Judged { line: line(case, &verdict, &detection.scene), image: generated.image });
+                judged.push(Judged { line: line(case, &verdict, &detection.scene), image });
                 bar.inc(1);
             }
         }
