@@ -4,7 +4,7 @@ the shipped weights: per stage the hardware, steps, images seen, wall time,
 throughput and losses (means over windows of steps, so the curve is readable),
 and the held-out validation lines (`val step ...`) when the run wrote any.
 
-    scripts/training_log.py runs/base-eps runs/base-v runs/base-minsnr runs/base runs/sr64-eps runs/sr64 runs/sr128-eps runs/sr128 > models/default/TRAINING.md
+    scripts/training_log.py runs/base-eps runs/base-v runs/base-minsnr runs/base runs/base-ground runs/sr64-eps runs/sr64 runs/sr128-eps runs/sr128 > models/default/TRAINING.md
 
 A run's hardware is read from `<run>/hardware.txt` when there is one (a run
 made on another machine), else it is this machine's CPU.
@@ -98,13 +98,18 @@ def main(runs):
         print(f"- steps: {len(rows)} of batch {config['batch']} ({len(rows) * config['batch']} images), lr {learning_rates(rows, config)}, EMA {config['ema_decay']}")
         if config.get("min_snr_gamma"):
             print(f"- loss weighting: Min-SNR-γ, γ = {config['min_snr_gamma']}")
+        grounded = bool(config.get("grounding_weight")) and all("ground" in r for r in rows)
+        if grounded:
+            print(f"- grounding loss: weight {config['grounding_weight']}; its mean over the last {len(last)} steps {mean('ground', last):.4f}")
         estimate = f" ({unstamped} early steps estimated at the mean step time)" if unstamped else ""
         print(f"- wall time: {wall / 3600:.2f} h{estimate}; {config['batch'] / per_step if per_step else 0:.1f} images/s on average")
         print(f"- final losses (mean of the last {len(last)} steps): total {mean('loss', last):.4f}, {target}-MSE {mean('mse', last):.4f}, λ·L_vlb {mean('vlb', last):.5f}\n")
-        print(f"| steps | {target}-MSE | total |\n|---:|---:|---:|")
+        extra = " grounding |" if grounded else ""
+        print(f"| steps | {target}-MSE | total |{extra}\n|---:|---:|---:|" + ("---:|" if grounded else ""))
         for start in range(0, len(rows), WINDOW):
             window = rows[start : start + WINDOW]
-            print(f"| {int(window[0]['step'])}–{int(window[-1]['step'])} | {mean('mse', window):.4f} | {mean('loss', window):.4f} |")
+            ground = f" {mean('ground', window):.4f} |" if grounded else ""
+            print(f"| {int(window[0]['step'])}–{int(window[-1]['step'])} | {mean('mse', window):.4f} | {mean('loss', window):.4f} |{ground}")
         print()
         if validations:
             levels = [k[3:] for k in validations[0] if k.startswith("x0_") and k != "x0_mean"]
