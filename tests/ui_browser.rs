@@ -79,6 +79,11 @@ const RECORD_PROGRESS: &str = r##"
     }).observe(document.getElementById("current-progress"), { subtree: true, childList: true, attributes: true, attributeFilter: ["value", "max"] });
 "##;
 
+/// The elements that reach past the page's right edge, as `tag.class`.
+const WIDER_THAN_THE_PAGE: &str = "const w = document.documentElement.clientWidth; \
+    return [...document.querySelectorAll('body *')].filter((e) => e.getBoundingClientRect().right > w + 0.5) \
+        .map((e) => `${e.tagName.toLowerCase()}.${e.className}#${e.id} ${Math.round(e.getBoundingClientRect().right)}`);";
+
 /// Sets an input's value from script (past its own min/max) as if typed.
 async fn set_value(b: &Browser, css: &str, value: &str) {
     b.js("const el = document.querySelector(arguments[0]); el.value = arguments[1]; el.dispatchEvent(new Event('input', {bubbles: true}));", json!([css, value])).await;
@@ -134,8 +139,8 @@ async fn the_playground_in_a_real_browser() {
     assert_eq!(b.js("return document.getElementById('stage-0-steps').max;", json!([])).await, json!(max_steps.to_string()));
 
     // 1. Type a prompt, roll a seed, submit with Ctrl+Enter: progress, then images.
-    set_value(&b, "#stage-0-steps", "120").await;
-    set_value(&b, "#stage-1-steps", "60").await;
+    set_value(&b, "#stage-0-steps", "80").await;
+    set_value(&b, "#stage-1-steps", "40").await;
     set_value(&b, "#n", "2").await;
     b.click("#dice").await;
     let seed = b.js("return document.getElementById('seed').value;", json!([])).await.as_str().unwrap().to_owned();
@@ -165,7 +170,7 @@ async fn the_playground_in_a_real_browser() {
     b.refresh().await;
     wait_images(&b, &format!(".card[data-job='{first}'] img"), 2).await;
     let card = text(&b, &format!(".card[data-job='{first}']")).await;
-    assert!(card.contains(prompt) && card.contains(&seed) && card.contains("120 steps"), "the card shows the settings: {card}");
+    assert!(card.contains(prompt) && card.contains(&seed) && card.contains("80 steps"), "the card shows the settings: {card}");
     let download = b.js(&format!("return document.querySelector(\".card[data-job='{first}'] a.download\").download;"), json!([])).await;
     assert!(download.as_str().unwrap().ends_with(".png"), "{download}");
 
@@ -173,7 +178,7 @@ async fn the_playground_in_a_real_browser() {
     set_value(&b, "#stage-0-steps", "7").await;
     b.click(&format!(".card[data-job='{first}'] .reuse")).await;
     let form = b.js("return ['prompt', 'seed', 'n', 'stage-0-steps', 'stage-1-steps'].map((id) => document.getElementById(id).value);", json!([])).await;
-    assert_eq!(form, json!([prompt, seed, "2", "120", "60"]));
+    assert_eq!(form, json!([prompt, seed, "2", "80", "40"]));
 
     // 4. Behind a running job, the page's job waits and says where; it can be canceled.
     let long = json!({"prompt": "a long one", "n": info["limits"]["max_images"], "steps": max_steps,
@@ -204,7 +209,9 @@ async fn the_playground_in_a_real_browser() {
     // 6. The blocker goes; the retried job runs: the screenshot of the page generating.
     b.js(RECORD_PROGRESS, json!([])).await;
     http.post(format!("{base}/jobs/{blocker}/cancel")).send().await.unwrap();
-    b.wait_for("progress mid-way", "return window.__progress.some(([s, v, m]) => v > 0 && v < m) && document.getElementById('current-status').textContent === 'Generating';", WAIT).await;
+    let midway = "const bar = document.querySelector('.stage-progress[data-stage=\"0\"] progress'); \
+        return bar.value >= 0.4 * bar.max && bar.value < bar.max && document.getElementById('current-status').textContent === 'Generating';";
+    b.wait_for("progress mid-way", midway, WAIT).await;
     let shot = b.screenshot(&dir.join("generating.png")).await;
     println!("screenshot: {}", shot.display());
     let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
@@ -219,7 +226,8 @@ async fn the_playground_in_a_real_browser() {
     let error = text(&b, "#error").await;
     assert!(error.contains("422") && error.contains("`steps`") && error.contains(&format!("outside 1..={max_steps}")), "{error}");
     assert_eq!(b.js("return document.getElementById('stage-0-steps').getAttribute('aria-invalid');", json!([])).await, json!("true"));
-    assert!(text(&b, ".field-error[data-for='stage-0-steps']").await.contains("steps"));
+    let note = text(&b, ".field-error[data-for='stage-0-steps']").await;
+    assert!(note.contains(&format!("outside 1..={max_steps}")), "the field says what is wrong with it: {note}");
     set_value(&b, "#stage-0-steps", "5").await;
     set_value(&b, "#stage-1-guidance_scale", "99").await;
     b.click("#generate").await;
@@ -231,9 +239,10 @@ async fn the_playground_in_a_real_browser() {
     // 8. At a phone's width nothing overflows sideways.
     b.resize(390, 844).await;
     b.wait_for("the narrow layout", "return window.innerWidth <= 400;", WAIT).await;
-    let overflow = b.js("return document.documentElement.scrollWidth - document.documentElement.clientWidth;", json!([])).await;
-    assert_eq!(overflow, json!(0), "the page scrolls sideways at phone width");
     println!("screenshot: {}", b.screenshot(&dir.join("phone.png")).await.display());
+    let overflow = b.js("return document.documentElement.scrollWidth - document.documentElement.clientWidth;", json!([])).await;
+    let wide = b.js(WIDER_THAN_THE_PAGE, json!([])).await;
+    assert_eq!(overflow, json!(0), "the page scrolls sideways at phone width: {wide}");
     b.resize(1280, 1000).await;
 
     // 9. The server goes away: the page says so instead of hanging.

@@ -158,8 +158,9 @@ export function markField(param, message) {
   const el = fieldFor(param);
   if (!el) return false;
   el.setAttribute("aria-invalid", "true");
+  // The box under the form has the whole message; next to the field, what is wrong with it.
   const note = document.querySelector(`.field-error[data-for="${el.id}"]`);
-  if (note) note.textContent = message;
+  if (note) note.textContent = message.replace(/^invalid `[^`]*`: /, "");
   el.focus();
   return true;
 }

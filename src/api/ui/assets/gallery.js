@@ -87,7 +87,9 @@ function card(doc, onReuse, onChange) {
     fig.append(img, caption);
     images.append(fig);
   }
-  if (doc.status !== "succeeded") {
+  if (doc.status === "queued" || doc.status === "running") {
+    images.append(el("p", "muted", "in progress…"));
+  } else if (doc.status !== "succeeded") {
     const why = doc.error ? `: ${doc.error.message}` : "";
     images.append(el("p", "muted", `${doc.status}${why}`));
   }
