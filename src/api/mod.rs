@@ -13,11 +13,14 @@
 //! | `sync` | waiting for a job's end, cancel-on-disconnect, fetching images |
 //! | `sse` | a job's Server-Sent Events stream |
 //! | `observe` | `x-request-id`, request spans, the request counter |
+//! | `cors` | cross-origin access for pages hosted elsewhere (`--cors-origins`) |
 //! | `handlers` | one file per resource |
 //! | `openapi` | the OpenAPI document (served at `/openapi.json`, UI at `/docs`) |
+//! | `ui` | the web playground at `/` and its assets (`--no-ui` turns it off) |
 
 pub mod admit;
 pub mod auth;
+pub mod cors;
 pub mod errors;
 pub mod extract;
 pub mod handlers;
@@ -27,6 +30,7 @@ pub mod schemas;
 pub mod sse;
 pub mod state;
 pub mod sync;
+pub mod ui;
 
 use axum::extract::DefaultBodyLimit;
 use axum::middleware;
@@ -38,8 +42,8 @@ pub use errors::ApiError;
 pub use state::{ApiConfig, AppState};
 
 /// The whole HTTP API over `state`: every route, `/openapi.json`, the Swagger UI
-/// at `/docs` (assets built into the binary), and the request-id, tracing,
-/// metrics and body-limit layers.
+/// at `/docs` and the playground at `/` (assets built into the binary), and the
+/// request-id, tracing, metrics, body-limit and (when configured) CORS layers.
 pub fn router(state: AppState) -> Router {
     let (protected, _) = openapi::protected_routes().route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key)).split_for_parts();
     let (public, _) = openapi::public_routes().split_for_parts();
@@ -50,11 +54,15 @@ pub fn router(state: AppState) -> Router {
         .layer(observe::trace())
         .layer(observe::propagate_request_id())
         .layer(middleware::from_fn(observe::count_requests));
-    Router::new()
-        .merge(protected)
-        .merge(public)
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::openapi()))
-        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
-        .layer(observability)
-        .with_state(state)
+    let mut app = Router::new().merge(protected).merge(public).merge(SwaggerUi::new("/docs").url("/openapi.json", openapi::openapi()));
+    if state.config.ui {
+        app = app.merge(ui::routes());
+    }
+    let app = app.layer(DefaultBodyLimit::max(state.config.max_body_bytes));
+    // Inside the observability layers, so preflights get request ids and spans too.
+    let app = match cors::layer(&state.config.cors_origins) {
+        Some(cors) => app.layer(cors),
+        None => app,
+    };
+    app.layer(observability).with_state(state)
 }

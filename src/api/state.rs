@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::http::HeaderValue;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use super::auth::ApiKeys;
@@ -31,6 +32,10 @@ pub struct ApiConfig {
     pub max_images: usize,
     /// What `Retry-After` tells clients while models load or the server drains.
     pub retry_after_secs: u64,
+    /// Whether `/` serves the web playground.
+    pub ui: bool,
+    /// Origins whose pages may call the API from a browser (`*`: any); empty: none.
+    pub cors_origins: Vec<HeaderValue>,
 }
 
 impl ApiConfig {
@@ -47,6 +52,8 @@ impl ApiConfig {
             sync_timeout: Self::DEFAULT_SYNC_TIMEOUT,
             max_images: Self::DEFAULT_MAX_IMAGES,
             retry_after_secs: Self::DEFAULT_RETRY_AFTER_SECS,
+            ui: true,
+            cors_origins: Vec::new(),
         }
     }
 }

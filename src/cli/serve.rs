@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use axum::http::HeaderValue;
 use clap::Args;
 use diffusiond::api::ApiConfig;
 use diffusiond::server::{self, ServerConfig};
@@ -76,6 +77,29 @@ pub struct ServeArgs {
     /// Log as JSON lines instead of text.
     #[arg(long, env = "DIFFUSIOND_LOG_JSON")]
     pub log_json: bool,
+    /// Origins whose pages may call the API from a browser, comma-separated
+    /// (e.g. https://app.example.com; `*`: any); none: no cross-origin access.
+    #[arg(long, env = "DIFFUSIOND_CORS_ORIGINS", value_delimiter = ',', value_name = "ORIGINS")]
+    pub cors_origins: Vec<String>,
+    /// Do not serve the web playground at `/` (404 there instead).
+    #[arg(long, env = "DIFFUSIOND_NO_UI")]
+    pub no_ui: bool,
+}
+
+/// `--cors-origins` as header values: `*`, or `scheme://host[:port]` as a
+/// browser sends it in `Origin` (no path, no trailing slash).
+fn cors_origins(origins: &[String]) -> anyhow::Result<Vec<HeaderValue>> {
+    origins
+        .iter()
+        .map(|o| o.trim())
+        .filter(|o| !o.is_empty())
+        .map(|o| {
+            let (scheme, rest) = o.split_once("://").unwrap_or_default();
+            let shaped = o == "*" || (matches!(scheme, "http" | "https") && !rest.is_empty() && !rest.contains('/'));
+            anyhow::ensure!(shaped, "--cors-origins: {o:?} is not an origin like https://host[:port] (or `*`)");
+            HeaderValue::from_str(o).map_err(|_| anyhow::anyhow!("--cors-origins: {o:?} is not a valid header value"))
+        })
+        .collect()
 }
 
 /// Parses a duration given in (possibly fractional) seconds.
@@ -89,6 +113,8 @@ impl ServeArgs {
         let mut api = ApiConfig::new(self.api_keys.iter().filter(|k| !k.is_empty()).cloned().collect());
         api.max_images = self.max_images;
         api.sync_timeout = Duration::from_secs(self.sync_timeout);
+        api.ui = !self.no_ui;
+        api.cors_origins = cors_origins(&self.cors_origins)?;
         let shared_queue = SharedQueueConfig {
             reclaim_after: self.queue_reclaim_after,
             heartbeat: self.queue_heartbeat,
@@ -157,8 +183,17 @@ async fn shutdown_signal() {
 
 #[cfg(test)]
 mod tests {
-    use super::seconds;
+    use super::{cors_origins, seconds};
     use std::time::Duration;
+
+    #[test]
+    fn cors_origins_are_origins() {
+        let ok = cors_origins(&["https://a.example".into(), " http://127.0.0.1:3000 ".into(), "".into(), "*".into()]).unwrap();
+        assert_eq!(ok, ["https://a.example", "http://127.0.0.1:3000", "*"]);
+        for bad in ["a.example", "https://a.example/", "ftp://a.example", "https://"] {
+            assert!(cors_origins(&[bad.into()]).is_err(), "{bad} must be refused");
+        }
+    }
 
     #[test]
     fn seconds_may_be_fractional_but_not_negative() {
