@@ -7,7 +7,7 @@ Run by scripts/check_deploy.sh with the tool venv's Python (PyYAML):
 
 Checks that the settings agree across docker/compose.yaml, docker/nginx.conf,
 the rendered Kubernetes overlays, the Dockerfile and the server itself: replica
-names, the Redis store URL and queue names, the 64 KiB body limit, the grace
+names, the Redis store URL and queue names, the 8 MiB body limit, the grace
 period against preStop + drain timeout, probes, ports, the API-key secret, and
 (given a binary) that every DIFFUSIOND_* variable set is one `serve` reads.
 Prints one line per failed check and exits 1 if any failed.

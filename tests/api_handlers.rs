@@ -320,8 +320,8 @@ async fn openai_errors_use_its_envelope() {
         reply.json(),
         json!({"error": {"message": "invalid `n`: 0 is outside 1..=8", "type": "invalid_request_error", "param": "n", "code": "invalid_request"}})
     );
-    let reply = h.send(post_json("/v1/images/generations", &json!({"prompt": "x", "style": "vivid"}))).await;
-    assert_eq!(reply.json()["error"]["param"], "style");
+    let reply = h.send(post_json("/v1/images/generations", &json!({"prompt": "x", "colour": "red"}))).await;
+    assert_eq!(reply.json()["error"]["param"], "colour");
     let reply = h.send(post_json("/v1/images/generations", &json!({"prompt": "x", "size": "1024x1024"}))).await;
     assert_eq!((reply.json()["error"]["param"].as_str(), reply.json()["error"]["code"].as_str()), (Some("size"), Some("invalid_request")));
     h.set_behaviour(Behaviour::Full);
@@ -409,4 +409,81 @@ async fn meta_endpoints() {
     assert_eq!(docs.status, StatusCode::OK);
     assert!(docs.header("content-type").unwrap().starts_with("text/html"));
     assert!(docs.text().to_lowercase().contains("swagger"));
+}
+
+fn png_b64(w: u32, h: u32, luma: u8) -> String {
+    let image = image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(w, h, image::Rgb([luma, luma, luma])));
+    let mut bytes = Vec::new();
+    image.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).unwrap();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[tokio::test]
+async fn image_inputs_are_checked_before_anything_is_queued() {
+    let h = Harness::new(Behaviour::Hold);
+    let image = png_b64(32, 32, 90);
+    let cases = [
+        (json!({"prompt": "x", "source": {"kind": "image", "image": "@@@"}}), "source.image", "base64"),
+        (json!({"prompt": "x", "source": {"kind": "image", "image": "aGVsbG8="}}), "source.image", "PNG, JPEG or WebP"),
+        (json!({"prompt": "x", "source": {"kind": "image", "image": png_b64(40, 20, 0)}}), "source.image", "aspect ratio"),
+        (json!({"prompt": "x", "source": {"kind": "image", "image": image, "strength": 0}}), "source.strength", "outside"),
+        (json!({"prompt": "x", "source": {"kind": "inpaint", "image": image, "mask": png_b64(16, 16, 255)}}), "source.mask", "16x16"),
+        (json!({"prompt": "x", "source": {"kind": "inpaint", "image": image, "mask": png_b64(32, 32, 0)}}), "source.mask", "repaints nothing"),
+        (json!({"prompt": "x", "source": {"kind": "upscale", "image": image}}), "source.image", "no super-resolution stage"),
+        (json!({"prompt": "x", "source": {"kind": "invert", "image": image}, "sampler": "ddpm"}), "sampler", "DDIM"),
+        (json!({"prompt": "x", "variation": {"seed": 1, "strength": 0.5}, "interpolate": {"seed": 2}}), "interpolate", "variation"),
+        (json!({"prompt": "x", "interpolate": {"seed": 2}}), "n", "2 frames"),
+        (json!({"prompt": "x", "preview_every": 0}), "preview_every", "at least 1"),
+        (json!({"prompt": "x", "output_compression": 101}), "output_compression", ""),
+    ];
+    for (body, field, words) in cases {
+        let (param, msg) = invalid(&h, body.clone()).await;
+        assert_eq!(param, field, "{body}: {msg}");
+        assert!(msg.contains(words), "{field}: {msg:?} lacks {words:?}");
+    }
+    // Unknown kinds and fields of a source are the body's errors, named by path.
+    let (param, _) = invalid(&h, json!({"prompt": "x", "source": {"kind": "outpaint", "image": image}})).await;
+    assert_eq!(param, "source.kind");
+    let (param, _) = invalid(&h, json!({"prompt": "x", "source": {"kind": "upscale", "image": image, "strength": 0.5}})).await;
+    assert!(param.starts_with("source"), "{param}");
+    assert_eq!(h.store.len(), 0, "nothing invalid is stored");
+
+    // Accepted: the job document describes the input without its pixels.
+    let body = json!({"prompt": "x", "source": {"kind": "inpaint", "image": image, "mask": png_b64(32, 32, 255)}, "output_format": "webp"});
+    let reply = h.send(async_generate(&body)).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+    let source = &reply.json()["request"]["source"];
+    assert_eq!(source, &json!({"kind": "inpaint", "size": "32x32", "strength": 1.0, "prompt": null}));
+}
+
+#[tokio::test]
+async fn openai_forms_name_their_fields() {
+    let h = Harness::new(Behaviour::Hold);
+    let multipart = |parts: &[(&str, Vec<u8>)]| {
+        let mut body = Vec::new();
+        for (name, bytes) in parts {
+            body.extend_from_slice(format!("--X\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"f\"\r\n\r\n").as_bytes());
+            body.extend_from_slice(bytes);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(b"--X--\r\n");
+        Request::post("/v1/images/edits").header("content-type", "multipart/form-data; boundary=X").body(Body::from(body)).unwrap()
+    };
+    let png = base64::engine::general_purpose::STANDARD.decode(png_b64(32, 32, 10)).unwrap();
+    let check = |reply: api_support::Reply, status: StatusCode, param: &str| {
+        assert_eq!(reply.status, status, "{}", reply.text());
+        assert_eq!(reply.json()["error"]["param"].as_str().unwrap_or_default(), param, "{}", reply.text());
+    };
+    check(h.send(multipart(&[("prompt", b"x".to_vec())])).await, StatusCode::UNPROCESSABLE_ENTITY, "image");
+    check(h.send(multipart(&[("image", png.clone())])).await, StatusCode::UNPROCESSABLE_ENTITY, "prompt");
+    check(h.send(multipart(&[("image", png.clone()), ("prompt", b"x".to_vec()), ("colour", b"red".to_vec())])).await, StatusCode::UNPROCESSABLE_ENTITY, "colour");
+    check(h.send(multipart(&[("image", b"not an image".to_vec()), ("prompt", b"x".to_vec())])).await, StatusCode::UNPROCESSABLE_ENTITY, "image");
+    check(h.send(multipart(&[("image", png.clone()), ("prompt", b"x".to_vec()), ("n", b"two".to_vec())])).await, StatusCode::UNPROCESSABLE_ENTITY, "n");
+    check(h.send(multipart(&[("image", png.clone()), ("image[]", png.clone()), ("prompt", b"x".to_vec())])).await, StatusCode::UNPROCESSABLE_ENTITY, "image");
+    let json = h.send(post_json("/v1/images/edits", &json!({"prompt": "x"}))).await;
+    assert_eq!(json.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(json.json()["error"]["code"], "unsupported_media_type");
+    let stream = h.send(post_json("/v1/images/generations", &json!({"prompt": "x", "partial_images": 2}))).await;
+    assert_eq!((stream.status, error_param(&stream).0.as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "partial_images"));
+    assert_eq!(h.store.len(), 0);
 }

@@ -73,7 +73,7 @@ fn replicas_on_one_redis_share_jobs() {
     assert!(!retry.created, "a retried create on another replica must find the job");
     assert!(b.start(job.id, 20).expect("start"));
     let progress =
-        JobProgress { stage: 0, stages: 1, stage_name: "base".into(), step: 3, total_steps: 9, fraction: 0.3 };
+        JobProgress { stage: 0, stages: 1, stage_name: "base".into(), step: 3, total_steps: 9, fraction: 0.3, preview: None };
     b.set_progress(job.id, &progress).expect("progress");
     let running = a.get(job.id).expect("get").expect("present");
     assert_eq!((running.status, running.progress.as_ref()), (JobStatus::Running, Some(&progress)));

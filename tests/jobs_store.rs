@@ -44,7 +44,7 @@ fn records_images_and_statuses_survive_reopening() {
     let png = vec![0x89, b'P', b'N', b'G', 0, 1, 2, 255];
     let info = ImageInfo { index: 0, seed: 7, width: 64, height: 64 };
     let progress =
-        JobProgress { stage: 1, stages: 2, stage_name: "sr".into(), step: 3, total_steps: 10, fraction: 0.65 };
+        JobProgress { stage: 1, stages: 2, stage_name: "sr".into(), step: 3, total_steps: 10, fraction: 0.65, preview: None };
     let (queued, running, done, failed) =
         (sample_job(Some("a"), 1), sample_job(Some("b"), 2), sample_job(None, 3), sample_job(None, 4));
     let before = {

@@ -25,8 +25,8 @@ fn stages_match_diffusers_if_pipelines() {
     let refs = &r.tensors;
 
     // The text embeddings diffusiond computes from the prompt are the ones diffusers was given.
-    let (cond, uncond) = cascade.request_text(&r.request(&cascade)).unwrap();
-    let text_err = relative_error(&cond.get(0), &refs["prompt_embeds"].get(0)).max(relative_error(&uncond.get(0), &refs["null_embeds"].get(0)));
+    let text = cascade.request_text(&r.request(&cascade)).unwrap();
+    let text_err = relative_error(&text.cond.get(0), &refs["prompt_embeds"].get(0)).max(relative_error(&text.uncond.get(0), &refs["null_embeds"].get(0)));
     println!("text embeddings: max relative error {text_err:.2e}");
     assert!(text_err <= 1e-4, "{text_err:e}");
 

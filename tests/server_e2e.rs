@@ -233,6 +233,19 @@ async fn the_official_openai_client_generates_images() {
     assert!(result["url"].as_str().unwrap().contains("/jobs/"), "{result}");
     assert_eq!(result["error"]["param"], "size", "{result}");
     assert!(result["error"]["status"].as_u64().unwrap() >= 400);
+    // Edits: the opaque half of the mask comes back exactly; a whole-image edit as JPEG; variations.
+    assert_eq!(result["edit_kept_unmasked"], true, "{result}");
+    assert_eq!(result["edit_jpeg"], true, "{result}");
+    assert_eq!(result["variations"], json!([[32, 32], [32, 32]]));
+    // Streaming: two partial images (x̂₀ of the 16 px base stage), then the finished one.
+    let partial = json!({"type": "image_generation.partial_image", "size": [16, 16]});
+    let stream: Vec<Value> = result["stream"].as_array().unwrap().clone();
+    assert_eq!(stream.len(), 3, "{result}");
+    for (i, event) in stream[..2].iter().enumerate() {
+        assert_eq!((event["type"].clone(), event["size"].clone(), event["index"].as_u64()), (partial["type"].clone(), partial["size"].clone(), Some(i as u64)));
+    }
+    assert_eq!(stream[2]["type"], "image_generation.completed");
+    assert_eq!(stream[2]["size"], json!([32, 32]));
     server.shutdown().await.unwrap();
 }
 

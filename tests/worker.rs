@@ -14,7 +14,7 @@ use diffusiond::diffusion::SamplerKind;
 use diffusiond::jobs::embedded::EmbeddedStore;
 use diffusiond::jobs::{event_channel, now_ms, JobId, JobQueue, JobRecord, JobStatus, JobStore};
 use diffusiond::nn::device::{DeviceSetting, Precision};
-use diffusiond::pipeline::{Cascade, GenerationRequest, LoadOptions, RequestSpec};
+use diffusiond::pipeline::{Cascade, GenerationRequest, LoadOptions, Mask, NoiseMix, Picture, RequestSpec, SourceSpec};
 use diffusiond::worker::{readiness_channel, spawn, EngineConfig, QueueLimits, Readiness, WorkerHandle, WorkerSettings};
 
 const CPU: LoadOptions = LoadOptions { device: DeviceSetting::Cpu, precision: Precision::F32 };
@@ -58,10 +58,23 @@ fn wait_for(store: &dyn JobStore, ids: &[JobId]) -> Vec<JobRecord> {
     }
 }
 
-/// Six different requests: steps, samplers, guidance, n, negative prompts, previews.
+fn picture(name: &str) -> image::DynamicImage {
+    image::open(fixture_dir().join("edit").join(name)).unwrap()
+}
+
+/// Different requests: steps, samplers, guidance, n, negative prompts, previews,
+/// and every kind of image input and noise mix.
 fn requests(cascade: &Cascade) -> Vec<GenerationRequest> {
     let base = RequestSpec { prompt: "a red circle on top of a blue square".into(), n: 1, ..Default::default() };
+    let image = Picture::from_image(&picture("image32.png"));
+    let mask = Mask::from_image(&picture("mask32.png"));
     let specs = [
+        RequestSpec { seed: Some(7), n: 2, source: Some(SourceSpec::Image { image: image.clone(), strength: Some(0.5) }), ..base.clone() },
+        RequestSpec { seed: Some(8), source: Some(SourceSpec::Inpaint { image: image.clone(), mask, strength: None }), preview_every: Some(2), ..base.clone() },
+        RequestSpec { seed: Some(9), prompt: String::new(), source: Some(SourceSpec::Upscale { image: image.resized((16, 16)) }), ..base.clone() },
+        RequestSpec { seed: Some(10), stages: Some(1), steps: Some(5), source: Some(SourceSpec::Invert { image, prompt: Some("a square".into()) }), ..base.clone() },
+        RequestSpec { seed: Some(11), n: 2, noise: NoiseMix::Variation { seed: 99, strength: 0.3 }, ..base.clone() },
+        RequestSpec { seed: Some(12), n: 3, noise: NoiseMix::Interpolation { seed: 98, prompt: Some("two yellow stars".into()) }, ..base.clone() },
         RequestSpec { seed: Some(1), ..base.clone() },
         RequestSpec { seed: Some(2), n: 3, steps: Some(6), sampler: Some(SamplerKind::Ddim), eta: Some(0.5), ..base.clone() },
         RequestSpec { seed: Some(3), guidance_scale: Some(7.5), negative_prompt: Some("green".into()), ..base.clone() },
@@ -81,7 +94,7 @@ fn concurrent_requests_share_unet_calls_and_match_running_alone() {
     let mut sequential_calls = 0;
     for r in &requests {
         alone.push(cascade.generate(r, &mut |_| ControlFlow::Continue(())).unwrap());
-        sequential_calls += r.stages.iter().map(|s| cascade.stages[s.index].scheduler.timesteps(&s.sampler).unwrap().len()).sum::<usize>();
+        sequential_calls += cascade.total_steps(r);
     }
 
     let dir = temp_dir("batch");
@@ -105,6 +118,9 @@ fn concurrent_requests_share_unet_calls_and_match_running_alone() {
             assert_eq!(png, image.png().unwrap(), "job {} image {i} differs from the request run alone", record.id);
         }
         assert_eq!(record.progress.as_ref().map(|p| p.fraction), Some(1.0));
+        // A job that asked for previews keeps its latest one with its progress.
+        let preview = record.progress.as_ref().and_then(|p| p.preview.as_ref());
+        assert_eq!(preview.is_some(), request.preview_every.is_some(), "job {}", record.id);
     }
     let calls = worker.stats.unet_calls.load(Ordering::Relaxed);
     println!("{} requests: {calls} batched UNet calls vs {sequential_calls} one at a time", requests.len());

@@ -29,8 +29,8 @@ pub enum ApiError {
     Invalid { param: String, message: String },
     #[error("the request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
-    #[error("the request body must be JSON (Content-Type: application/json)")]
-    UnsupportedMediaType,
+    #[error("the request body must be {expected} (Content-Type: {expected})")]
+    UnsupportedMediaType { expected: &'static str },
     #[error("a valid API key is required (Authorization: Bearer <key>)")]
     Unauthorized,
     /// An unknown job or image — or one that belongs to another API key, which
@@ -74,7 +74,7 @@ impl ApiError {
         match self {
             Self::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::IdTaken(_) | Self::Canceled => StatusCode::CONFLICT,
@@ -90,7 +90,7 @@ impl ApiError {
         match self {
             Self::Invalid { .. } => "invalid_request",
             Self::PayloadTooLarge { .. } => "payload_too_large",
-            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::UnsupportedMediaType { .. } => "unsupported_media_type",
             Self::Unauthorized => "unauthorized",
             Self::NotFound(_) => "not_found",
             Self::IdTaken(_) => "id_taken",
@@ -203,18 +203,25 @@ impl From<ApiError> for OpenAiError {
     }
 }
 
-impl IntoResponse for OpenAiError {
-    fn into_response(self) -> Response {
+impl OpenAiError {
+    /// The envelope, for a response or a stream's `error` event.
+    pub fn body(&self) -> OpenAiErrorBody {
         let e = &self.0;
-        let body = OpenAiErrorBody {
+        OpenAiErrorBody {
             error: OpenAiErrorDetail {
                 message: e.to_string(),
                 kind: e.openai_type().to_owned(),
                 param: e.param().map(str::to_owned),
                 code: e.error_type().to_owned(),
             },
-        };
-        e.respond(serde_json::to_value(body).expect("error bodies serialise"))
+        }
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::to_value(self.body()).expect("error bodies serialise");
+        self.0.respond(body)
     }
 }
 

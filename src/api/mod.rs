@@ -7,11 +7,13 @@
 //! | `state` | `AppState` (store, queue, events, readiness, config, metrics) and `ApiConfig` |
 //! | `errors` | `ApiError`: the one mapping to status + JSON (native and OpenAI envelopes) |
 //! | `extract` | the JSON body extractor (415/413/422 naming the field), job path params |
+//! | `multipart` | `multipart/form-data` bodies (OpenAI edits and variations), errors naming the field |
 //! | `schemas` | wire types: raw requests, job/info documents, OpenAI types |
 //! | `auth` | optional bearer API keys, owner fingerprints, job visibility |
 //! | `admit` | validate → check capacity → store → queue |
 //! | `sync` | waiting for a job's end, cancel-on-disconnect, fetching images |
 //! | `sse` | a job's Server-Sent Events stream |
+//! | `openai_stream` | OpenAI's streamed generation events (partial and completed images) |
 //! | `observe` | `x-request-id`, request spans, the request counter |
 //! | `cors` | cross-origin access for pages hosted elsewhere (`--cors-origins`) |
 //! | `handlers` | one file per resource |
@@ -24,7 +26,9 @@ pub mod cors;
 pub mod errors;
 pub mod extract;
 pub mod handlers;
+pub mod multipart;
 pub mod observe;
+pub mod openai_stream;
 pub mod openapi;
 pub mod schemas;
 pub mod sse;

@@ -50,6 +50,8 @@ pub(crate) fn protected_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(jobs::cancel_job))
         .routes(routes!(jobs::job_events))
         .routes(routes!(openai::images_generations))
+        .routes(routes!(openai::images_edits))
+        .routes(routes!(openai::images_variations))
         .routes(routes!(meta::info))
 }
 

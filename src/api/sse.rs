@@ -8,6 +8,7 @@
 //! | `queued`, `started` | `{"id"}` |
 //! | `progress` | `{stage, stages, stage_name, step, total_steps, fraction}` |
 //! | `stage_done` | `{stage, stage_name}` |
+//! | `preview` | `{stage, step, images}`: x̂_0 as base64 PNGs (requests with `preview_every`) |
 //! | `succeeded`, `failed`, `canceled` | the final job document |
 //!
 //! A forwarding task filters the shared broadcast down to this job. When it
@@ -26,7 +27,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
-use super::schemas::job::ProgressDoc;
+use super::schemas::job::{PreviewDoc, ProgressDoc};
 use super::state::AppState;
 use crate::jobs::{JobEvent, JobRecord};
 
@@ -68,6 +69,7 @@ async fn forward(state: AppState, job: JobRecord, mut events: broadcast::Receive
             Ok(JobEvent::Started { .. }) => event("started", &json!({ "id": id })),
             Ok(JobEvent::Progress { progress, .. }) => event("progress", &ProgressDoc::from(&progress)),
             Ok(JobEvent::StageDone { stage, stage_name, .. }) => event("stage_done", &json!({ "stage": stage, "stage_name": stage_name })),
+            Ok(JobEvent::Preview { preview, .. }) => event("preview", &PreviewDoc::from(&preview)),
             // The end, or events we may have missed: the store has the truth.
             Ok(JobEvent::Finished { .. }) | Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => {
                 let closed = matches!(received, Err(RecvError::Closed));

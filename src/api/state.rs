@@ -39,7 +39,7 @@ pub struct ApiConfig {
 }
 
 impl ApiConfig {
-    pub const DEFAULT_MAX_BODY_BYTES: usize = 64 * 1024;
+    pub const DEFAULT_MAX_BODY_BYTES: usize = 8192 * 1024;
     pub const DEFAULT_SYNC_TIMEOUT: Duration = Duration::from_secs(300);
     pub const DEFAULT_MAX_IMAGES: usize = 8;
     pub const DEFAULT_RETRY_AFTER_SECS: u64 = 5;

@@ -7,7 +7,8 @@ use anyhow::Context;
 use clap::Args;
 use diffusiond::diffusion::SamplerKind;
 use diffusiond::nn::device::{DeviceSetting, Precision};
-use diffusiond::pipeline::{Cascade, LoadOptions, RequestSpec, StageOverride};
+use diffusiond::pipeline::source::decode;
+use diffusiond::pipeline::{Cascade, ImageFormat, LoadOptions, Mask, NoiseMix, Output, Picture, PictureLimits, RequestSpec, SourceSpec, StageOverride};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Where the model and the device come from, shared by `generate` and `info`.
@@ -70,9 +71,78 @@ pub struct GenerateArgs {
     /// Run only the first N stages (1: a fast base-resolution preview).
     #[arg(long)]
     pub stages: Option<usize>,
+    /// Image-to-image: start from this picture (PNG, JPEG or WebP), noised to `--strength`.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["upscale", "invert"])]
+    pub init_image: Option<PathBuf>,
+    /// Inpainting, with `--init-image`: white = repaint.
+    #[arg(long, value_name = "FILE", requires = "init_image")]
+    pub mask: Option<PathBuf>,
+    /// How much of the image to change, in (0, 1] (0.7 for image-to-image, 1 for inpainting).
+    #[arg(long, requires = "init_image")]
+    pub strength: Option<f64>,
+    /// Run only the super-resolution stages on this picture (the prompt may be empty).
+    #[arg(long, value_name = "FILE", conflicts_with = "invert")]
+    pub upscale: Option<PathBuf>,
+    /// DDIM-invert this picture under `--source-prompt`, then sample it under the prompt.
+    #[arg(long, value_name = "FILE")]
+    pub invert: Option<PathBuf>,
+    /// What the inverted picture shows (default: the empty prompt).
+    #[arg(long, requires = "invert")]
+    pub source_prompt: Option<String>,
+    /// Variations: move each image's noise toward this seed's (+ i)…
+    #[arg(long, requires = "variation_strength", conflicts_with = "interpolate_seed")]
+    pub variation_seed: Option<u64>,
+    /// …by this much, in [0, 1].
+    #[arg(long, requires = "variation_seed")]
+    pub variation_strength: Option<f64>,
+    /// Interpolation: the n images are frames from `--seed` to this seed…
+    #[arg(long)]
+    pub interpolate_seed: Option<u64>,
+    /// …and from the prompt to this one.
+    #[arg(long, requires = "interpolate_seed")]
+    pub interpolate_prompt: Option<String>,
+    /// File format: png (with the parameters in text chunks), jpeg or webp (lossless).
+    #[arg(long, default_value = "png", value_parser = ["png", "jpeg", "webp"])]
+    pub format: String,
+    /// JPEG quality, 0–100.
+    #[arg(long)]
+    pub quality: Option<u8>,
     /// Output folder.
     #[arg(short = 'o', long, default_value = "out")]
     pub output: PathBuf,
+}
+
+fn read_image(flag: &str, path: &Path) -> anyhow::Result<image::DynamicImage> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(decode(flag, &bytes, &PictureLimits::default())?)
+}
+
+impl GenerateArgs {
+    fn source(&self) -> anyhow::Result<Option<SourceSpec>> {
+        Ok(match (&self.init_image, &self.mask, &self.upscale, &self.invert) {
+            (Some(image), None, _, _) => {
+                Some(SourceSpec::Image { image: Picture::from_image(&read_image("--init-image", image)?), strength: self.strength })
+            }
+            (Some(image), Some(mask), _, _) => Some(SourceSpec::Inpaint {
+                image: Picture::from_image(&read_image("--init-image", image)?),
+                mask: Mask::from_image(&read_image("--mask", mask)?),
+                strength: self.strength,
+            }),
+            (None, _, Some(image), _) => Some(SourceSpec::Upscale { image: Picture::from_image(&read_image("--upscale", image)?) }),
+            (None, _, None, Some(image)) => {
+                Some(SourceSpec::Invert { image: Picture::from_image(&read_image("--invert", image)?), prompt: self.source_prompt.clone() })
+            }
+            (None, _, None, None) => None,
+        })
+    }
+
+    fn noise(&self) -> NoiseMix {
+        match (self.variation_seed, self.variation_strength, self.interpolate_seed) {
+            (Some(seed), Some(strength), _) => NoiseMix::Variation { seed, strength },
+            (_, _, Some(seed)) => NoiseMix::Interpolation { seed, prompt: self.interpolate_prompt.clone() },
+            _ => NoiseMix::Seeds,
+        }
+    }
 }
 
 /// A short file-name-safe form of the prompt.
@@ -118,6 +188,17 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         guidance_scale: args.guidance,
         stage_overrides: (1..cascade.stages.len()).map(|i| (i, sr.clone())).collect(),
         stages: args.stages,
+        source: args.source()?,
+        noise: args.noise(),
+        preview_every: None,
+        output: Output {
+            format: match args.format.as_str() {
+                "jpeg" => ImageFormat::Jpeg,
+                "webp" => ImageFormat::Webp,
+                _ => ImageFormat::Png,
+            },
+            compression: args.quality,
+        },
     };
     let request = cascade.plan(&spec)?;
     eprintln!(
@@ -146,9 +227,16 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         done.finish();
     }
     std::fs::create_dir_all(&args.output).with_context(|| format!("creating {}", args.output.display()))?;
+    // Interpolation frames share a seed: their index tells them apart.
+    let shared_seed = images.windows(2).any(|w| w[0].seed == w[1].seed);
+    let ext = request.output.format.extension();
     for image in &images {
-        let file: PathBuf = Path::new(&args.output).join(format!("{}-{}.png", slug(&request.prompt), image.seed));
-        std::fs::write(&file, image.png()?).with_context(|| format!("writing {}", file.display()))?;
+        let name = match shared_seed {
+            true => format!("{}-{}-{:03}.{ext}", slug(&request.prompt), image.seed, image.index),
+            false => format!("{}-{}.{ext}", slug(&request.prompt), image.seed),
+        };
+        let file: PathBuf = Path::new(&args.output).join(name);
+        std::fs::write(&file, image.encode(&request.output)?).with_context(|| format!("writing {}", file.display()))?;
         println!("{}", file.display());
     }
     Ok(())

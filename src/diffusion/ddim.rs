@@ -69,6 +69,10 @@ impl Sampler for Ddim {
         self.cursor.index
     }
 
+    fn begin_at(&mut self, index: usize) {
+        self.cursor.begin_at(index);
+    }
+
     fn advance(&mut self, model_output: &Tensor, sample: &Tensor, noise: &mut BatchNoise) -> Result<StepOutput> {
         let (t, prev) = self.cursor.current()?;
         // A learned variance is meaningless to DDIM: drop those channels.

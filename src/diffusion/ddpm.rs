@@ -53,6 +53,10 @@ impl Sampler for Ddpm {
         self.cursor.index
     }
 
+    fn begin_at(&mut self, index: usize) {
+        self.cursor.begin_at(index);
+    }
+
     fn advance(&mut self, model_output: &Tensor, sample: &Tensor, noise: &mut BatchNoise) -> Result<StepOutput> {
         let (t, prev) = self.cursor.current()?;
         let (output, v) = split_output(model_output, sample.size()[1])?;

@@ -131,6 +131,10 @@ impl Sampler for DpmSolverPlusPlus {
         self.cursor.index
     }
 
+    fn begin_at(&mut self, index: usize) {
+        self.cursor.begin_at(index);
+    }
+
     fn advance(&mut self, model_output: &Tensor, sample: &Tensor, _noise: &mut BatchNoise) -> Result<StepOutput> {
         self.cursor.current()?;
         let (output, _) = split_output(model_output, sample.size()[1])?;

@@ -6,19 +6,72 @@
 //! `DDIMInverseScheduler`), and latents interpolate meaningfully — spherically,
 //! since Gaussian noise concentrates near a sphere (§5.3 uses slerp).
 
+use std::sync::Arc;
+
 use tch::{Kind, Tensor};
 
 use super::error::{DiffusionError, Result};
 use super::forward::{to_x0_and_eps, NoiseLevel, PredictionType};
+use super::sampler::split_output;
 use super::schedule::NoiseSchedule;
 
-/// Encodes `x0` into x_T by running DDIM (η = 0) forwards over `timesteps`
-/// (descending, the same list sampling uses; they are visited in reverse).
+/// DDIM inversion one step at a time, for a batching worker that evaluates the
+/// model for several jobs in one call: [`Inverter::current_timestep`] says where
+/// the model must be evaluated on the current latent, [`Inverter::step`] takes
+/// its output and moves the latent one timestep noisier.
 ///
 /// Each step evaluates the model at the *next* (noisier) timestep on the current
 /// latent — the standard first-order approximation, exact in the limit of small
-/// steps. `final_alpha_bar` is the ᾱ the sampler ends at (1 with
+/// steps. The walk starts at `final_alpha_bar`, the ᾱ the sampler ends at (1 with
 /// `set_alpha_to_one`), so that sampling the result retraces the same path.
+pub struct Inverter {
+    schedule: Arc<NoiseSchedule>,
+    prediction: PredictionType,
+    /// The sampling timesteps, ascending: the order inversion visits them.
+    ascending: Vec<i64>,
+    index: usize,
+    alpha_bar: f32,
+}
+
+impl Inverter {
+    /// `timesteps` descending, the same list sampling uses.
+    pub fn new(schedule: Arc<NoiseSchedule>, timesteps: &[i64], prediction: PredictionType, final_alpha_bar: f32) -> Self {
+        Self { schedule, prediction, ascending: timesteps.iter().rev().copied().collect(), index: 0, alpha_bar: final_alpha_bar }
+    }
+
+    pub fn current_timestep(&self) -> Option<i64> {
+        self.ascending.get(self.index).copied()
+    }
+
+    pub fn step_index(&self) -> usize {
+        self.index
+    }
+
+    pub fn steps(&self) -> usize {
+        self.ascending.len()
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.index >= self.ascending.len()
+    }
+
+    /// One step from `x` with the model's output for it (C or 2·C channels: a
+    /// learned variance is ignored, DDIM has none).
+    pub fn step(&mut self, output: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let t = self.current_timestep().ok_or(DiffusionError::Finished(self.ascending.len()))?;
+        let (output, _) = split_output(output, x.size()[1])?;
+        let (output, x) = (output.to_kind(Kind::Float), x.to_kind(Kind::Float));
+        let (x0_hat, eps) = to_x0_and_eps(self.prediction, &output, &x, NoiseLevel::new(self.alpha_bar));
+        let next = NoiseLevel::new(self.schedule.alpha_bar(t));
+        self.alpha_bar = self.schedule.alpha_bar(t);
+        self.index += 1;
+        Ok(x0_hat * next.sqrt_alpha_bar as f64 + eps * next.sqrt_one_minus_alpha_bar as f64)
+    }
+}
+
+/// Encodes `x0` into x_T by running DDIM (η = 0) forwards over `timesteps`
+/// (descending, the same list sampling uses; they are visited in reverse); see
+/// [`Inverter`].
 pub fn ddim_invert(
     schedule: &NoiseSchedule,
     timesteps: &[i64],
@@ -27,14 +80,11 @@ pub fn ddim_invert(
     x0: &Tensor,
     model: &mut dyn FnMut(&Tensor, i64) -> Result<Tensor>,
 ) -> Result<Tensor> {
+    let mut inverter = Inverter::new(Arc::new(schedule.clone()), timesteps, prediction, final_alpha_bar);
     let mut x = x0.shallow_clone();
-    let mut alpha_bar = final_alpha_bar;
-    for &t in timesteps.iter().rev() {
+    while let Some(t) = inverter.current_timestep() {
         let output = model(&x, t)?;
-        let (x0_hat, eps) = to_x0_and_eps(prediction, &output, &x, NoiseLevel::new(alpha_bar));
-        let next = NoiseLevel::new(schedule.alpha_bar(t));
-        x = x0_hat * next.sqrt_alpha_bar as f64 + eps * next.sqrt_one_minus_alpha_bar as f64;
-        alpha_bar = schedule.alpha_bar(t);
+        x = inverter.step(&output, &x)?.to_kind(x0.kind());
     }
     Ok(x)
 }

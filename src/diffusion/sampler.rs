@@ -16,6 +16,7 @@ use super::ddim::Ddim;
 use super::ddpm::Ddpm;
 use super::dpm_solver::DpmSolverPlusPlus;
 use super::error::{DiffusionError, Result};
+use super::inversion::Inverter;
 use super::noise::BatchNoise;
 use super::schedule::NoiseSchedule;
 use super::spacing::{check_custom, ddpm_timesteps, dpm_timesteps};
@@ -94,8 +95,12 @@ pub trait Sampler: Send {
     fn kind(&self) -> SamplerKind;
     /// The training timesteps visited, descending.
     fn timesteps(&self) -> &[i64];
-    /// How many steps have been taken.
+    /// How many steps have been taken (counting any skipped by [`Sampler::begin_at`]).
     fn step_index(&self) -> usize;
+    /// Starts at step `index` of the full list, as diffusers' `set_begin_index`
+    /// does for image-to-image: the earlier steps are skipped, the rest keep the
+    /// spacing and neighbours they have in the full list. Only before the first step.
+    fn begin_at(&mut self, index: usize);
     /// One step in working precision (see [`working_precision`]); callers use
     /// [`Sampler::step`], which converts in and out.
     fn advance(&mut self, model_output: &Tensor, sample: &Tensor, noise: &mut BatchNoise) -> Result<StepOutput>;
@@ -164,12 +169,35 @@ impl Scheduler {
         Ok(ts)
     }
 
+    /// DDIM inversion over the timesteps DDIM sampling with `options` visits,
+    /// ending where that sampler starts (see [`Inverter`]).
+    pub fn inverter(&self, options: &SamplerOptions) -> Result<Inverter> {
+        let resolved = self.config.resolve(SamplerKind::Ddim)?;
+        let timesteps = self.timesteps_for(&resolved, &SamplerOptions { kind: SamplerKind::Ddim, ..options.clone() })?;
+        let final_alpha_bar = if resolved.set_alpha_to_one { 1.0 } else { self.schedule.alpha_bar(0) };
+        Ok(Inverter::new(Arc::clone(&self.schedule), &timesteps, resolved.prediction_type, final_alpha_bar))
+    }
+
     /// A fresh sampler for one job.
     pub fn sampler(&self, options: &SamplerOptions) -> Result<Box<dyn Sampler>> {
+        self.build(options, false)
+    }
+
+    /// A sampler that uses x̂_0 as the model gives it (no clipping or
+    /// thresholding), so that it retraces a DDIM inversion: clipping is not
+    /// invertible, and the inversion ([`Scheduler::inverter`]) never clips.
+    pub fn exact_sampler(&self, options: &SamplerOptions) -> Result<Box<dyn Sampler>> {
+        self.build(options, true)
+    }
+
+    fn build(&self, options: &SamplerOptions, exact: bool) -> Result<Box<dyn Sampler>> {
         if !(0.0..=1.0).contains(&options.eta) {
             return Err(DiffusionError::invalid("eta", format!("must be in [0, 1], got {}", options.eta)));
         }
-        let resolved = self.config.resolve(options.kind)?;
+        let mut resolved = self.config.resolve(options.kind)?;
+        if exact {
+            resolved.x0 = super::threshold::X0Treatment::None;
+        }
         let timesteps = self.timesteps_for(&resolved, options)?;
         let schedule = Arc::clone(&self.schedule);
         Ok(match options.kind {
@@ -215,6 +243,11 @@ pub(crate) struct Cursor {
 impl Cursor {
     pub fn new(timesteps: Vec<i64>) -> Self {
         Self { timesteps, index: 0 }
+    }
+
+    pub fn begin_at(&mut self, index: usize) {
+        debug_assert_eq!(self.index, 0, "begin_at after the first step");
+        self.index = index.min(self.timesteps.len());
     }
 
     /// (t, the next timestep or −1 after the last), or an error when finished.

@@ -33,15 +33,7 @@ pub fn generate_many(
     max_rows: usize,
     observer: &mut dyn FnMut(&BatchProgress),
 ) -> Result<Vec<Vec<GeneratedImage>>> {
-    let prompts: Vec<&str> = requests.iter().map(|r| r.prompt.as_str()).collect();
-    let conds = cascade.encode_prompts(&prompts)?;
-    let unconds = requests
-        .iter()
-        .map(|r| match &r.negative_prompt {
-            Some(negative) => Ok(cascade.encode_prompts(&[negative])?.remove(0)),
-            None => Ok(cascade.null_text().shallow_clone()),
-        })
-        .collect::<Result<Vec<Tensor>>>()?;
+    let texts = requests.iter().map(|r| cascade.request_text(r)).collect::<Result<Vec<_>>>()?;
     let stages = requests.iter().map(|r| r.stages.len()).max().unwrap_or(0);
     let mut images: Vec<Option<Tensor>> = requests.iter().map(|_| None).collect();
     for k in 0..stages {
@@ -50,7 +42,7 @@ pub fn generate_many(
         for group in pack(requests, &running, k, max_rows) {
             let mut jobs = Vec::with_capacity(group.len());
             for &i in &group {
-                jobs.push(cascade.start_stage(&requests[i], k, (&conds[i], &unconds[i]), images[i].as_ref())?);
+                jobs.push(cascade.start_stage(&requests[i], k, &texts[i], images[i].as_ref())?);
             }
             let stage = &cascade.stages[requests[group[0]].stages[k].index];
             while jobs.iter().any(|j| !j.is_done()) {

@@ -9,10 +9,10 @@
 
 use std::collections::HashSet;
 
-use super::model::{ImageInfo, JobError, JobId, JobProgress, JobRecord, JobStatus};
+use super::model::{ImageInfo, JobError, JobId, JobPreview, JobProgress, JobRecord, JobStatus};
 use super::store::JobStore;
 use crate::diffusion::{SamplerKind, SamplerOptions};
-use crate::pipeline::{GenerationRequest, StagePlan};
+use crate::pipeline::{GenerationRequest, ImageFormat, Mask, Output, NoiseMix, Picture, Source, StagePlan};
 
 /// Makes a fresh, empty store for one check.
 pub type StoreFactory<'a> = &'a dyn Fn() -> Box<dyn JobStore>;
@@ -68,6 +68,15 @@ pub fn sample_request(seed: u64) -> GenerationRequest {
             StagePlan { index: 0, name: "base".into(), sampler: base, guidance_scale: 7.5, noise_level: None },
             StagePlan { index: 1, name: "sr-256".into(), sampler: sr, guidance_scale: 4.0, noise_level: Some(250) },
         ],
+        // Pictures travel inside the request (as PNG): the store must keep them exactly.
+        source: Some(Source::Inpaint {
+            image: Picture(image::RgbImage::from_fn(6, 6, |x, y| image::Rgb([(x * 40) as u8, (y * 40) as u8, 7]))),
+            mask: Mask(image::GrayImage::from_fn(6, 6, |x, _| image::Luma([if x > 2 { 255 } else { 0 }]))),
+            strength: 0.8,
+        }),
+        noise: NoiseMix::Variation { seed: 9, strength: 0.25 },
+        preview_every: Some(5),
+        output: Output { format: ImageFormat::Jpeg, compression: Some(80) },
     }
 }
 
@@ -88,7 +97,9 @@ fn fetch(store: &dyn JobStore, id: JobId) -> JobRecord {
 }
 
 fn progress(step: usize) -> JobProgress {
-    JobProgress { stage: 0, stages: 2, stage_name: "base".into(), step, total_steps: 25, fraction: step as f64 / 50.0 }
+    // A preview rides along with progress; the store must keep it.
+    let preview = JobPreview { stage: 0, step, images: vec!["iVBORw0KGgo=".into(); 2] };
+    JobProgress { stage: 0, stages: 2, stage_name: "base".into(), step, total_steps: 25, fraction: step as f64 / 50.0, preview: Some(preview) }
 }
 
 fn error() -> JobError {

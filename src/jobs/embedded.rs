@@ -448,7 +448,7 @@ mod tests {
         store.create(&job).expect("create");
         assert!(store.start(job.id, 10).expect("start"));
         let progress =
-            JobProgress { stage: 0, stages: 1, stage_name: "base".into(), step: 5, total_steps: 10, fraction: 0.5 };
+            JobProgress { stage: 0, stages: 1, stage_name: "base".into(), step: 5, total_steps: 10, fraction: 0.5, preview: None };
         store.set_progress(job.id, &progress).expect("progress");
         assert!(store.start(job.id, 20).expect("restart"));
         let after = store.get(job.id).expect("get").expect("present");

@@ -31,7 +31,7 @@ use std::time::Duration;
 
 pub use self::redis::{is_redis_url, RedisOptions, RedisStore};
 pub use embedded::EmbeddedStore;
-pub use model::{now_ms, ImageInfo, JobError, JobId, JobProgress, JobRecord, JobStatus};
+pub use model::{now_ms, ImageInfo, JobError, JobId, JobPreview, JobProgress, JobRecord, JobStatus};
 pub use queue::{event_channel, EventSender, JobEvent, JobQueue, QueueError};
 pub use redis_events::{EventRelay, RelayConfig, RelayHandle, RelayTargets};
 pub use redis_queue::{RedisQueue, SharedLimits};

@@ -53,6 +53,20 @@ pub struct JobProgress {
     pub total_steps: usize,
     /// Of the whole job, counting every stage's steps, in [0, 1].
     pub fraction: f64,
+    /// The latest preview, when the request asked for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<JobPreview>,
+}
+
+/// x̂_0 partway through a stage: what the images look like so far.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobPreview {
+    /// Index among the stages this job runs.
+    pub stage: usize,
+    /// Steps done in that stage.
+    pub step: usize,
+    /// One PNG per image, base64, at the stage's size.
+    pub images: Vec<String>,
 }
 
 /// Why a job failed: a stable machine tag and a message safe to show clients.

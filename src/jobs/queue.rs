@@ -5,7 +5,7 @@
 
 use tokio::sync::broadcast;
 
-use super::model::{JobId, JobProgress, JobStatus};
+use super::model::{JobId, JobPreview, JobProgress, JobStatus};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum QueueError {
@@ -51,6 +51,8 @@ pub enum JobEvent {
     Started { id: JobId },
     Progress { id: JobId, progress: JobProgress },
     StageDone { id: JobId, stage: usize, stage_name: String },
+    /// x̂_0 partway through a stage (requests with `preview_every`).
+    Preview { id: JobId, preview: JobPreview },
     /// Succeeded, failed or canceled.
     Finished { id: JobId, status: JobStatus },
 }
@@ -58,7 +60,12 @@ pub enum JobEvent {
 impl JobEvent {
     pub fn id(&self) -> JobId {
         match self {
-            Self::Queued { id } | Self::Started { id } | Self::Progress { id, .. } | Self::StageDone { id, .. } | Self::Finished { id, .. } => *id,
+            Self::Queued { id }
+            | Self::Started { id }
+            | Self::Progress { id, .. }
+            | Self::StageDone { id, .. }
+            | Self::Preview { id, .. }
+            | Self::Finished { id, .. } => *id,
         }
     }
 }

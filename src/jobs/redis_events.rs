@@ -382,7 +382,7 @@ mod tests {
     #[test]
     fn events_round_trip_through_the_wire_format() {
         let id = JobId::from_u128(7);
-        let progress = JobProgress { stage: 1, stages: 2, stage_name: "sr".into(), step: 3, total_steps: 9, fraction: 0.6 };
+        let progress = JobProgress { stage: 1, stages: 2, stage_name: "sr".into(), step: 3, total_steps: 9, fraction: 0.6, preview: None };
         let all = [
             JobEvent::Queued { id },
             JobEvent::Started { id },

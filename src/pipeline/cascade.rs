@@ -14,11 +14,13 @@ use std::path::{Path, PathBuf};
 use image::RgbImage;
 use tch::{Device, Kind, Tensor};
 
-use super::denoise::{JobInputs, ModelRows, StageJob};
+use super::denoise::{JobInputs, ModelRows, NoiseTarget, StageInit, StageInversion, StageJob};
 use super::error::{PipelineError, Result};
+use super::format::{self, Output};
 use super::manifest::Manifest;
 use super::png::{self, ImageRecord, StageRecord};
 use super::request::{plan, GenerationRequest, RequestSpec};
+use super::source::{NoiseMix, Source};
 use super::stage::{Stage, StageLimits};
 use crate::diffusion::BatchNoise;
 use crate::nn::device::{DeviceSetting, Precision};
@@ -58,6 +60,11 @@ impl GeneratedImage {
     pub fn png(&self) -> Result<Vec<u8>> {
         png::encode(&self.image, &self.record)
     }
+
+    /// The file in `output`'s format.
+    pub fn encode(&self, output: &Output) -> Result<Vec<u8>> {
+        format::encode(&self.image, &self.record, output)
+    }
 }
 
 /// What the rest of the server needs to know about a loaded cascade, without
@@ -79,6 +86,22 @@ pub struct CascadeInfo {
 impl CascadeInfo {
     pub fn limits(&self) -> Vec<StageLimits> {
         self.stages.iter().map(|(l, _)| l.clone()).collect()
+    }
+}
+
+/// A job's text conditioning, `[1 or n, L, D]` each: the prompt's tokens (one
+/// row per frame when interpolating between two prompts), the negative (or
+/// empty) prompt's, and the tokens of the prompt an image is inverted under.
+#[derive(Debug)]
+pub struct JobText {
+    pub cond: Tensor,
+    pub uncond: Tensor,
+    pub source: Option<Tensor>,
+}
+
+impl JobText {
+    pub fn shallow_clone(&self) -> Self {
+        Self { cond: self.cond.shallow_clone(), uncond: self.uncond.shallow_clone(), source: self.source.as_ref().map(Tensor::shallow_clone) }
     }
 }
 
@@ -193,6 +216,19 @@ impl Cascade {
         Ok(if single { out.narrow(0, 0, 1) } else { out })
     }
 
+    /// The denoising steps `request` runs over all its stages (for progress).
+    pub fn total_steps(&self, request: &GenerationRequest) -> usize {
+        request
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(k, p)| {
+                let timesteps = self.stages[p.index].scheduler.timesteps(&p.sampler).map_or(p.sampler.steps, |t| t.len());
+                request.stage_steps(k, timesteps)
+            })
+            .sum()
+    }
+
     /// Encodes prompts in one batch: `[1, L, D]` per prompt, in the UNets' kind.
     /// (A prompt's embedding does not depend on the others in the batch.)
     pub fn encode_prompts(&self, prompts: &[&str]) -> Result<Vec<Tensor>> {
@@ -208,31 +244,105 @@ impl Cascade {
         &self.null_text
     }
 
+    /// The text conditioning of `request`, with `lookup` giving a prompt's
+    /// `[1, L, D]` tokens (the empty prompt's are the cached null text).
+    pub fn job_text(&self, request: &GenerationRequest, lookup: &mut dyn FnMut(&str) -> Option<Tensor>) -> Result<JobText> {
+        let mut tokens = |prompt: &str| -> Result<Tensor> {
+            if prompt.is_empty() {
+                return Ok(self.null_text.shallow_clone());
+            }
+            lookup(prompt).ok_or_else(|| PipelineError::invalid("prompt", "its embedding is missing"))
+        };
+        let mut cond = tokens(&request.prompt)?;
+        if let NoiseMix::Interpolation { prompt: Some(to), .. } = &request.noise {
+            let to = tokens(to)?;
+            let frames: Vec<Tensor> = (0..request.n)
+                .map(|i| {
+                    let w = request.noise.weight(i, request.n).unwrap_or(0.0);
+                    &cond * (1.0 - w) + &to * w
+                })
+                .collect();
+            cond = Tensor::cat(&frames, 0);
+        }
+        let uncond = match &request.negative_prompt {
+            Some(neg) => tokens(neg)?,
+            None => self.null_text.shallow_clone(),
+        };
+        let source = match &request.source {
+            Some(Source::Invert { prompt, .. }) => Some(tokens(prompt)?),
+            _ => None,
+        };
+        Ok(JobText { cond, uncond, source })
+    }
+
     /// Starts stage `k` of `request` (an index into `request.stages`) for its n
-    /// images: `cond`/`uncond` are `[1, L, D]` (expanded here), `low_res` the
-    /// previous stage's images. Image i's noise comes from its own stream.
-    pub fn start_stage(&self, request: &GenerationRequest, k: usize, text: (&Tensor, &Tensor), low_res: Option<&Tensor>) -> Result<StageJob> {
+    /// images (`text`'s single rows are expanded here), `low_res` the previous
+    /// stage's images. Image i's noise comes from its own stream.
+    pub fn start_stage(&self, request: &GenerationRequest, k: usize, text: &JobText, low_res: Option<&Tensor>) -> Result<StageJob> {
         let index = request.stages[k].index;
         let seeds: Vec<u64> = (0..request.n).map(|i| request.stream_seed(i, index)).collect();
         self.start_stage_with(request, k, text, low_res, BatchNoise::seeded(&seeds))
     }
 
     /// [`Cascade::start_stage`] with the noise given (tests replay a reference's draws).
-    pub fn start_stage_with(&self, request: &GenerationRequest, k: usize, text: (&Tensor, &Tensor), low_res: Option<&Tensor>, noise: BatchNoise) -> Result<StageJob> {
+    pub fn start_stage_with(&self, request: &GenerationRequest, k: usize, text: &JobText, low_res: Option<&Tensor>, noise: BatchNoise) -> Result<StageJob> {
         let plan = &request.stages[k];
         let stage = &self.stages[plan.index];
         let n = request.n as i64;
-        let cond = text.0.expand([n, -1, -1], false).contiguous();
-        let uncond = text.1.expand([n, -1, -1], false).contiguous();
+        let rows = |t: &Tensor| if t.size()[0] == n { t.shallow_clone() } else { t.expand([n, -1, -1], false).contiguous() };
+        let (cond, uncond) = (rows(&text.cond), rows(&text.uncond));
+        let source_text = text.source.as_ref().map(rows);
+        let device = self.device;
+        let first = k == 0;
+        // The pictures at this stage's size (or, upscaling, the previous stage's).
+        let (mut image, mut mask, mut strength, mut low) = (None, None, 1.0, None);
+        match &request.source {
+            Some(Source::Image { image: picture, strength: s }) if first => {
+                image = Some(picture.tensor(stage.size, device)?);
+                strength = *s;
+            }
+            Some(Source::Inpaint { image: picture, mask: m, strength: s }) => {
+                image = Some(picture.tensor(stage.size, device)?);
+                mask = Some(m.tensor(stage.size, device)?);
+                if first {
+                    strength = *s;
+                }
+            }
+            Some(Source::Upscale { image: picture }) if first => {
+                let (w, h) = picture.dimensions();
+                low = Some(picture.tensor((i64::from(h), i64::from(w)), device)?);
+            }
+            Some(Source::Invert { image: picture, .. }) if first => image = Some(picture.tensor(stage.size, device)?),
+            _ => {}
+        }
+        let inverting = first && matches!(request.source, Some(Source::Invert { .. }));
+        let init = match (&image, inverting) {
+            (Some(image), false) => Some(StageInit { image, mask: mask.as_ref(), strength }),
+            _ => None,
+        };
+        let invert = match (&image, &source_text) {
+            (Some(image), Some(text)) if inverting => Some(StageInversion { image, text }),
+            _ => None,
+        };
+        let mix = match (first, (0..request.n).map(|i| request.target_seed(i)).collect::<Option<Vec<u64>>>()) {
+            (true, Some(seeds)) => Some(NoiseTarget {
+                noise: BatchNoise::seeded(&seeds),
+                weights: (0..request.n).map(|i| request.noise.weight(i, request.n).unwrap_or(0.0)).collect(),
+            }),
+            _ => None,
+        };
         let inputs = JobInputs {
             cond: &cond,
             uncond: &uncond,
             guidance_scale: plan.guidance_scale,
             sampler: &plan.sampler,
-            low_res,
+            low_res: low.as_ref().or(low_res),
             noise_level: plan.noise_level,
+            init,
+            mix,
+            invert,
         };
-        StageJob::new(stage, &inputs, noise)
+        StageJob::new(stage, inputs, noise)
     }
 
     /// Turns the last stage's output into images with their records.
@@ -266,14 +376,12 @@ impl Cascade {
             .collect())
     }
 
-    /// The prompt's and negative prompt's tokens, `[1, L, D]` each.
-    pub fn request_text(&self, request: &GenerationRequest) -> Result<(Tensor, Tensor)> {
-        let cond = self.encode_prompts(&[&request.prompt])?.remove(0);
-        let uncond = match &request.negative_prompt {
-            Some(neg) => self.encode_prompts(&[neg])?.remove(0),
-            None => self.null_text.shallow_clone(),
-        };
-        Ok((cond, uncond))
+    /// The request's text conditioning, its prompts encoded now.
+    pub fn request_text(&self, request: &GenerationRequest) -> Result<JobText> {
+        let prompts = request.prompts();
+        let encoded = self.encode_prompts(&prompts)?;
+        let mut lookup = |p: &str| prompts.iter().position(|q| *q == p).map(|i| encoded[i].shallow_clone());
+        self.job_text(request, &mut lookup)
     }
 
     /// Runs `job` at `stage` to its end, one request alone; `observer` sees
@@ -292,11 +400,11 @@ impl Cascade {
     /// Runs every stage of `request`; `observer` sees each step and may stop the
     /// run (the result is then [`PipelineError::Cancelled`]).
     pub fn generate(&self, request: &GenerationRequest, observer: &mut dyn FnMut(&Progress<'_>) -> ControlFlow<()>) -> Result<Vec<GeneratedImage>> {
-        let (cond, uncond) = self.request_text(request)?;
+        let text = self.request_text(request)?;
         let mut images: Option<Tensor> = None;
         for k in 0..request.stages.len() {
             let stage = &self.stages[request.stages[k].index];
-            let mut job = self.start_stage(request, k, (&cond, &uncond), images.as_ref())?;
+            let mut job = self.start_stage(request, k, &text, images.as_ref())?;
             self.run_job(stage, &mut job, &mut |step, total_steps| {
                 observer(&Progress { stage: k, stages: request.stages.len(), stage_name: &stage.name, step, total_steps })
             })?;

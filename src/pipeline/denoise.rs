@@ -14,14 +14,46 @@
 //! augmentation level once (Imagen's noise-conditioning augmentation, Saharia et
 //! al. 2022 §2.5), concatenated to the noisy sample at every step, with the level
 //! passed as the UNet's class label.
+//!
+//! A job may also start from an image (`StageInit`: SDEdit as `IFImg2ImgPipeline`,
+//! with a mask as `IFInpaintingPipeline`; see `pipeline::source`), mix its initial
+//! noise with a second latent (variations, interpolation), or first invert an
+//! image with DDIM (`StageInversion`); each of these is a different first state
+//! or an extra phase of the same step machine, so such jobs batch with plain ones.
 
 use tch::{Kind, Tensor};
 
 use super::error::{PipelineError, Result};
 use super::stage::{Stage, StageKind, IMAGE_CHANNELS};
+use super::source::{first_step, slerp_rows};
 use crate::diffusion::forward::q_sample;
 use crate::diffusion::guidance::classifier_free;
+use crate::diffusion::inversion::Inverter;
 use crate::diffusion::{BatchNoise, Sampler, SamplerOptions};
+
+/// An image the stage starts from instead of pure noise.
+pub struct StageInit<'a> {
+    /// `[n, 3, H, W]` (or `[1, 3, H, W]` for every image) in [-1, 1], at the stage's size.
+    pub image: &'a Tensor,
+    /// `[n or 1, 1, H, W]` of 0 (keep) and 1 (repaint): inpainting.
+    pub mask: Option<&'a Tensor>,
+    /// SDEdit's strength in (0, 1]: the fraction of the steps that run.
+    pub strength: f64,
+}
+
+/// A second latent the initial noise is mixed with (spherically), row i at `weights[i]`.
+pub struct NoiseTarget {
+    pub noise: BatchNoise,
+    pub weights: Vec<f64>,
+}
+
+/// DDIM inversion of an image before sampling.
+pub struct StageInversion<'a> {
+    /// `[n or 1, 3, H, W]` in [-1, 1], at the stage's size.
+    pub image: &'a Tensor,
+    /// `[n, L, D]`: the tokens of the prompt the image is inverted under.
+    pub text: &'a Tensor,
+}
 
 /// What a job needs besides the stage and its noise.
 pub struct JobInputs<'a> {
@@ -35,6 +67,9 @@ pub struct JobInputs<'a> {
     pub low_res: Option<&'a Tensor>,
     /// Super-resolution: the augmentation timestep.
     pub noise_level: Option<i64>,
+    pub init: Option<StageInit<'a>>,
+    pub mix: Option<NoiseTarget>,
+    pub invert: Option<StageInversion<'a>>,
 }
 
 /// The UNet rows of one job for one step.
@@ -57,22 +92,71 @@ pub struct StageJob {
     /// The noised, upsampled conditioning image (SR), in the UNet's kind.
     low_res: Option<Tensor>,
     noise_level: Option<i64>,
+    /// Inpainting: `[n, 1, H, W]`, 1 where the sampler's step is kept.
+    mask: Option<Tensor>,
+    /// The sampler's first step (image-to-image skips the earlier ones).
+    begin: usize,
+    /// A DDIM inversion still to run, with its prompt's `[n, L, D]` tokens.
+    inversion: Option<(Inverter, Tensor)>,
+    /// x̂_0 of the latest sampling step.
+    preview: Option<Tensor>,
 }
 
 impl StageJob {
     /// Draws the initial noise (and, for SR, the augmentation noise, in that
     /// order, as diffusers does) from `noise`, one stream per image.
-    pub fn new(stage: &Stage, inputs: &JobInputs<'_>, mut noise: BatchNoise) -> Result<Self> {
+    pub fn new(stage: &Stage, inputs: JobInputs<'_>, mut noise: BatchNoise) -> Result<Self> {
         let n = inputs.cond.size()[0];
         if inputs.uncond.size() != inputs.cond.size() || noise.len() as i64 != n {
             return Err(PipelineError::invalid("prompt", "prompt, negative prompt and seeds disagree on the batch size"));
         }
         let device = stage.unet.vs.device();
         let kind = stage.unet.kind();
-        let sampler = stage.scheduler.sampler(inputs.sampler)?;
+        // After an inversion, sampling must retrace it: no clipping of x̂_0.
+        let mut sampler = match inputs.invert {
+            Some(_) => stage.scheduler.exact_sampler(inputs.sampler)?,
+            None => stage.scheduler.sampler(inputs.sampler)?,
+        };
         let (h, w) = stage.size;
-        // Every sampler we run has init_noise_sigma = 1 (variance-preserving).
-        let sample = noise.draw(&[n, IMAGE_CHANNELS, h, w], Kind::Float, device)?;
+        let shape = [n, IMAGE_CHANNELS, h, w];
+        let per_image = |t: &Tensor| -> Tensor { t.to_device(device).to_kind(Kind::Float).expand(shape, false).contiguous() };
+        let mut begin = 0;
+        let mut mask = None;
+        let mut inversion = None;
+        let sample = if let Some(inv) = &inputs.invert {
+            let inverter = stage.scheduler.inverter(inputs.sampler)?;
+            inversion = Some((inverter, inv.text.to_device(device).to_kind(kind)));
+            per_image(inv.image)
+        } else {
+            // Every sampler we run has init_noise_sigma = 1 (variance-preserving).
+            let mut x = noise.draw(&shape, Kind::Float, device)?;
+            if let Some(mut target) = inputs.mix {
+                let y = target.noise.draw(&shape, Kind::Float, device)?;
+                x = slerp_rows(&x, &y, &target.weights)?;
+            }
+            match &inputs.init {
+                None => x,
+                Some(init) => {
+                    let steps = sampler.timesteps().len();
+                    begin = first_step(steps, init.strength);
+                    let Some(&t0) = sampler.timesteps().get(begin) else {
+                        return Err(PipelineError::invalid("source.strength", format!("{} of {steps} steps is no step at all", init.strength)));
+                    };
+                    sampler.begin_at(begin);
+                    let image = per_image(init.image);
+                    let noised = q_sample(stage.scheduler.schedule(), &image, &vec![t0; n as usize], &x)?;
+                    match init.mask {
+                        None => noised,
+                        Some(m) => {
+                            let m = m.to_device(device).to_kind(Kind::Float).expand([n, 1, h, w], false).contiguous();
+                            let blended = &image * (m.neg() + 1.0) + noised * &m;
+                            mask = Some(m);
+                            blended
+                        }
+                    }
+                }
+            }
+        };
         let low_res = match (stage.kind, inputs.low_res) {
             (StageKind::Base, _) => None,
             (StageKind::SuperResolution, None) => {
@@ -82,7 +166,7 @@ impl StageJob {
                 let up = image.to_device(device).to_kind(Kind::Float).upsample_bilinear2d([h, w], true, None, None);
                 let level = inputs.noise_level.unwrap_or(0);
                 let schedule = stage.noising.as_ref().expect("SR stages have a noising scheduler").schedule();
-                let aug = noise.draw(&[n, IMAGE_CHANNELS, h, w], Kind::Float, device)?;
+                let aug = noise.draw(&shape, Kind::Float, device)?;
                 Some(q_sample(schedule, &up, &vec![level; n as usize], &aug)?.to_kind(kind))
             }
         };
@@ -98,7 +182,16 @@ impl StageJob {
             guided,
             low_res,
             noise_level: inputs.noise_level.filter(|_| stage.takes_noise_level()),
+            mask,
+            begin,
+            inversion,
+            preview: None,
         })
+    }
+
+    /// Whether the next step is an inversion step (unguided, under the source prompt).
+    fn inverting(&self) -> bool {
+        self.inversion.as_ref().is_some_and(|(inv, _)| !inv.is_done())
     }
 
     /// Images in this job.
@@ -108,7 +201,7 @@ impl StageJob {
 
     /// UNet rows per step: twice the images when guided.
     pub fn rows(&self) -> i64 {
-        if self.guided {
+        if self.guided && !self.inverting() {
             2 * self.images()
         } else {
             self.images()
@@ -116,15 +209,24 @@ impl StageJob {
     }
 
     pub fn is_done(&self) -> bool {
-        self.sampler.is_done()
+        !self.inverting() && self.sampler.is_done()
     }
 
+    /// Steps taken, inversion steps included.
     pub fn step_index(&self) -> usize {
-        self.sampler.step_index()
+        let inverted = self.inversion.as_ref().map_or(0, |(inv, _)| inv.step_index());
+        inverted + self.sampler.step_index() - self.begin
     }
 
+    /// Steps this job runs at this stage, inversion steps included.
     pub fn total_steps(&self) -> usize {
-        self.sampler.timesteps().len()
+        let inversion = self.inversion.as_ref().map_or(0, |(inv, _)| inv.steps());
+        inversion + self.sampler.timesteps().len() - self.begin
+    }
+
+    /// x̂_0 of the latest sampling step (`[n, 3, H, W]`), what a preview shows.
+    pub fn preview(&self) -> Option<&Tensor> {
+        self.preview.as_ref()
     }
 
     /// The current sample (the finished images once done), float32 in [-1, 1]-ish.
@@ -134,7 +236,11 @@ impl StageJob {
 
     /// The UNet inputs for the next step.
     pub fn model_input(&self) -> Result<ModelRows> {
-        let t = self.sampler.current_timestep().ok_or_else(|| PipelineError::invalid("steps", "the job is already finished"))?;
+        let finished = || PipelineError::invalid("steps", "the job is already finished");
+        let (t, text, rows) = match &self.inversion {
+            Some((inv, text)) if !inv.is_done() => (inv.current_timestep().ok_or_else(finished)?, text, self.images()),
+            _ => (self.sampler.current_timestep().ok_or_else(finished)?, &self.text, self.rows()),
+        };
         let kind = self.text.kind();
         let device = self.sample.device();
         let x = self.sample.to_kind(kind);
@@ -142,17 +248,26 @@ impl StageJob {
             Some(low) => Tensor::cat(&[&x, low], 1),
             None => x,
         };
-        let rows = self.rows();
-        let sample = if self.guided { Tensor::cat(&[&x, &x], 0) } else { x };
+        let sample = if rows > self.images() { Tensor::cat(&[&x, &x], 0) } else { x };
         let timesteps = Tensor::full([rows], t, (Kind::Int64, device));
         let class_labels = self.noise_level.map(|l| Tensor::full([rows], l, (Kind::Int64, device)));
-        Ok(ModelRows { sample, timesteps, text: self.text.shallow_clone(), class_labels })
+        Ok(ModelRows { sample, timesteps, text: text.shallow_clone(), class_labels })
     }
 
     /// Takes one step with the UNet's output for [`StageJob::model_input`]'s rows.
     pub fn advance(&mut self, output: &Tensor) -> Result<()> {
+        if let Some((inv, _)) = self.inversion.as_mut().filter(|(inv, _)| !inv.is_done()) {
+            self.sample = inv.step(output, &self.sample)?;
+            return Ok(());
+        }
         let output = if self.guided { classifier_free(output, &self.scales, IMAGE_CHANNELS)? } else { output.shallow_clone() };
-        self.sample = self.sampler.step(&output, &self.sample, &mut self.noise)?.prev_sample;
+        let step = self.sampler.step(&output, &self.sample, &mut self.noise)?;
+        self.sample = match &self.mask {
+            // IF's inpainting: outside the mask, the sample before the step.
+            Some(m) => &self.sample * (m.neg() + 1.0) + step.prev_sample * m,
+            None => step.prev_sample,
+        };
+        self.preview = Some(step.pred_original);
         Ok(())
     }
 }

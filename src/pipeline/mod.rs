@@ -8,22 +8,28 @@
 //! | `manifest` | `cascade.json`: the encoder, the stages and their defaults |
 //! | `stage` | loading one stage folder (IF layout) and checking it |
 //! | `request` | raw request settings → validated `GenerationRequest` |
+//! | `source` | images a request starts from, noise mixes (variations, interpolation) |
 //! | `denoise` | one job's denoising at one stage, a step at a time |
 //! | `cascade` | the loaded cascade and the whole generation |
 //! | `png` | 8-bit RGB conversion and PNG files with their parameters |
+//! | `format` | the delivered file format: PNG, JPEG at a quality, lossless WebP |
 //! | `writer` | writing stage folders diffusers and `Cascade::load` both read |
 
 pub mod cascade;
 pub mod denoise;
 pub mod error;
+pub mod format;
 pub mod manifest;
 pub mod png;
 pub mod request;
+pub mod source;
 pub mod stage;
 pub mod writer;
 
-pub use cascade::{Cascade, CascadeInfo, GeneratedImage, LoadOptions, Progress};
+pub use cascade::{Cascade, CascadeInfo, GeneratedImage, JobText, LoadOptions, Progress};
 pub use error::{PipelineError, Result};
+pub use format::{ImageFormat, Output};
 pub use manifest::Manifest;
 pub use request::{plan, GenerationRequest, RequestSpec, StageOverride, StagePlan};
+pub use source::{Mask, NoiseMix, Picture, PictureLimits, Source, SourceSpec};
 pub use stage::StageLimits;

@@ -65,16 +65,19 @@ impl ImageRecord {
         if let Some(neg) = &self.negative_prompt {
             out.push_str(&format!("\nNegative prompt: {neg}"));
         }
-        let base = &self.stages[0];
-        let mut pairs = vec![
-            format!("Steps: {}", base.steps),
-            format!("Sampler: {}", base.sampler),
-            format!("CFG scale: {}", base.guidance_scale),
-            format!("Seed: {}", self.seed),
-            format!("Size: {}", self.stages.last().map_or(&base.size, |s| &s.size)),
-            format!("Model: {}", self.model),
-        ];
-        for s in &self.stages[1..] {
+        let mut pairs = Vec::new();
+        // The first stage that ran (the base stage, unless only upscaling).
+        if let Some(first) = self.stages.first() {
+            pairs.push(format!("Steps: {}", first.steps));
+            pairs.push(format!("Sampler: {}", first.sampler));
+            pairs.push(format!("CFG scale: {}", first.guidance_scale));
+        }
+        pairs.push(format!("Seed: {}", self.seed));
+        if let Some(last) = self.stages.last() {
+            pairs.push(format!("Size: {}", last.size));
+        }
+        pairs.push(format!("Model: {}", self.model));
+        for s in self.stages.iter().skip(1) {
             pairs.push(format!(
                 "Stage {}: {} {} steps, CFG {}, noise level {}",
                 s.name,
@@ -88,6 +91,21 @@ impl ImageRecord {
         out.push_str(&pairs.join(", "));
         out
     }
+}
+
+/// Encodes `image` as PNG without metadata (previews).
+pub fn encode_plain(image: &RgbImage) -> Result<Vec<u8>> {
+    let png_err = |e: png::EncodingError| PipelineError::Png(e.to_string());
+    let mut out = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut out, image.width(), image.height());
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        let mut writer = encoder.write_header().map_err(png_err)?;
+        writer.write_image_data(image.as_raw()).map_err(png_err)?;
+        writer.finish().map_err(png_err)?;
+    }
+    Ok(out)
 }
 
 /// Encodes `image` as PNG with `record` in its text chunks.

@@ -9,6 +9,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::error::{PipelineError, Result};
+use super::format::Output;
+use super::source::{check_aspect, first_step, NoiseMix, Source, SourceSpec};
 use super::stage::StageLimits;
 use crate::diffusion::{SamplerKind, SamplerOptions};
 
@@ -18,6 +20,10 @@ pub const MAX_IMAGES: usize = 16;
 pub const MAX_GUIDANCE: f32 = 50.0;
 /// Longer prompts are truncated by the tokenizer anyway; this bounds memory.
 pub const MAX_PROMPT_CHARS: usize = 4000;
+/// SDEdit's default strength (`IFImg2ImgPipeline`'s).
+pub const DEFAULT_IMAGE_STRENGTH: f64 = 0.7;
+/// Inpainting's default strength (`IFInpaintingPipeline`'s): the mask starts from noise.
+pub const DEFAULT_INPAINT_STRENGTH: f64 = 1.0;
 
 /// Per-stage overrides, by stage index.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -47,6 +53,14 @@ pub struct RequestSpec {
     pub stage_overrides: Vec<(usize, StageOverride)>,
     /// Run only the first k stages (1 = a fast base-resolution preview).
     pub stages: Option<usize>,
+    /// An image to start from (edit, inpaint, upscale, invert).
+    pub source: Option<SourceSpec>,
+    /// How the initial noise is mixed (variations, interpolation).
+    pub noise: NoiseMix,
+    /// Report x̂_0 every k steps while the job runs.
+    pub preview_every: Option<usize>,
+    /// The finished images' file format.
+    pub output: Output,
 }
 
 /// One stage as it will run.
@@ -67,12 +81,61 @@ pub struct GenerationRequest {
     pub n: usize,
     pub seed: u64,
     pub stages: Vec<StagePlan>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+    #[serde(default, skip_serializing_if = "is_unmixed")]
+    pub noise: NoiseMix,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview_every: Option<usize>,
+    #[serde(default, skip_serializing_if = "Output::is_default")]
+    pub output: Output,
+}
+
+fn is_unmixed(noise: &NoiseMix) -> bool {
+    *noise == NoiseMix::Seeds
 }
 
 impl GenerationRequest {
-    /// Image i's seed.
+    /// Image i's seed: seed + i, except that the frames of an interpolation all
+    /// start from the request's seed (their noise differs only by the mix).
     pub fn image_seed(&self, i: usize) -> u64 {
-        self.seed.wrapping_add(i as u64)
+        match self.noise {
+            NoiseMix::Interpolation { .. } => self.seed,
+            _ => self.seed.wrapping_add(i as u64),
+        }
+    }
+
+    /// The seed of image i's second latent, when its noise is mixed.
+    pub fn target_seed(&self, i: usize) -> Option<u64> {
+        match self.noise {
+            NoiseMix::Seeds => None,
+            NoiseMix::Variation { seed, .. } => Some(seed.wrapping_add(i as u64)),
+            NoiseMix::Interpolation { seed, .. } => Some(seed),
+        }
+    }
+
+    /// Every prompt whose tokens the job needs (the empty prompt's are cached).
+    pub fn prompts(&self) -> Vec<&str> {
+        let mut out = vec![self.prompt.as_str()];
+        out.extend(self.negative_prompt.as_deref());
+        if let NoiseMix::Interpolation { prompt: Some(p), .. } = &self.noise {
+            out.push(p);
+        }
+        if let Some(Source::Invert { prompt, .. }) = &self.source {
+            out.push(prompt);
+        }
+        out.retain(|p| !p.is_empty());
+        out
+    }
+
+    /// The denoising steps stage k of this request runs (SDEdit skips some,
+    /// inversion doubles them).
+    pub fn stage_steps(&self, k: usize, timesteps: usize) -> usize {
+        match (&self.source, k) {
+            (Some(Source::Image { strength, .. } | Source::Inpaint { strength, .. }), 0) => timesteps - first_step(timesteps, *strength),
+            (Some(Source::Invert { .. }), 0) => 2 * timesteps,
+            _ => timesteps,
+        }
     }
 
     /// Image i's noise stream at stage `stage`: the image seed itself at the
@@ -98,12 +161,37 @@ fn check_range<T: PartialOrd + std::fmt::Display + Copy>(field: &str, v: T, lo: 
     }
 }
 
+fn check_strength(strength: f64) -> Result<f64> {
+    if !strength.is_finite() || strength <= 0.0 || strength > 1.0 {
+        return Err(PipelineError::invalid("source.strength", format!("{strength} is outside (0, 1]")));
+    }
+    Ok(strength)
+}
+
+/// The stage whose output a picture of `(w, h)` already is, if any.
+fn stage_of_size(stages: &[StageLimits], (w, h): (u32, u32)) -> Option<usize> {
+    stages.iter().position(|s| s.size == (i64::from(h), i64::from(w)))
+}
+
 /// Resolves `spec` against the cascade's stages (their limits and defaults).
 pub fn plan(spec: &RequestSpec, stages: &[StageLimits]) -> Result<GenerationRequest> {
-    if spec.prompt.trim().is_empty() {
+    // An image gives the model something to draw without words (unconditional
+    // SDEdit, upscaling); from noise alone the prompt is all there is.
+    if spec.prompt.trim().is_empty() && spec.source.is_none() {
         return Err(PipelineError::invalid("prompt", "must not be empty"));
     }
-    for (field, text) in [("prompt", Some(&spec.prompt)), ("negative_prompt", spec.negative_prompt.as_ref())] {
+    let extra_prompts = [
+        ("negative_prompt", spec.negative_prompt.as_ref()),
+        ("interpolate.prompt", match &spec.noise {
+            NoiseMix::Interpolation { prompt, .. } => prompt.as_ref(),
+            _ => None,
+        }),
+        ("source.prompt", match &spec.source {
+            Some(SourceSpec::Invert { prompt, .. }) => prompt.as_ref(),
+            _ => None,
+        }),
+    ];
+    for (field, text) in std::iter::once(("prompt", Some(&spec.prompt))).chain(extra_prompts) {
         if text.is_some_and(|t| t.chars().count() > MAX_PROMPT_CHARS) {
             return Err(PipelineError::invalid(field, format!("longer than {MAX_PROMPT_CHARS} characters")));
         }
@@ -113,9 +201,57 @@ pub fn plan(spec: &RequestSpec, stages: &[StageLimits]) -> Result<GenerationRequ
     if let Some((i, _)) = spec.stage_overrides.iter().find(|(i, _)| *i >= stages.len()) {
         return Err(PipelineError::invalid("stage_overrides", format!("stage {i} does not exist (the cascade has {})", stages.len())));
     }
+    let output = stages[count - 1].size;
+    // Upscaling starts after the stage whose output the picture is (else after the base stage).
+    let first = match &spec.source {
+        Some(SourceSpec::Upscale { image }) => {
+            check_aspect("source.image", image.dimensions(), output)?;
+            let after = stage_of_size(stages, image.dimensions()).unwrap_or(0) + 1;
+            if after >= count {
+                let (h, w) = output;
+                return Err(PipelineError::invalid(
+                    "source.image",
+                    format!("is {}x{}; upscaling to {w}x{h} leaves no super-resolution stage to run", image.dimensions().0, image.dimensions().1),
+                ));
+            }
+            after
+        }
+        _ => 0,
+    };
+    let inverting = matches!(spec.source, Some(SourceSpec::Invert { .. }));
+    match &spec.noise {
+        NoiseMix::Seeds => {}
+        NoiseMix::Variation { strength, .. } => {
+            if !strength.is_finite() || !(0.0..=1.0).contains(strength) {
+                return Err(PipelineError::invalid("variation.strength", format!("{strength} is outside 0..=1")));
+            }
+            if inverting {
+                return Err(PipelineError::invalid("variation", "an inverted image has no noise to vary"));
+            }
+        }
+        NoiseMix::Interpolation { .. } => {
+            if n < 2 {
+                return Err(PipelineError::invalid("n", "an interpolation needs at least 2 frames"));
+            }
+            if inverting {
+                return Err(PipelineError::invalid("interpolate", "an inverted image has no noise to interpolate"));
+            }
+        }
+    }
+    if spec.output.compression.is_some_and(|c| c > 100) {
+        return Err(PipelineError::invalid("output_compression", "is outside 0..=100"));
+    }
+    if spec.preview_every == Some(0) {
+        return Err(PipelineError::invalid("preview_every", "must be at least 1"));
+    }
+    let strength = match &spec.source {
+        Some(SourceSpec::Image { strength, .. }) => Some(check_strength(strength.unwrap_or(DEFAULT_IMAGE_STRENGTH))?),
+        Some(SourceSpec::Inpaint { strength, .. }) => Some(check_strength(strength.unwrap_or(DEFAULT_INPAINT_STRENGTH))?),
+        _ => None,
+    };
     let seed = spec.seed.unwrap_or_else(rand::random);
     let mut plans = Vec::with_capacity(count);
-    for (index, stage) in stages.iter().take(count).enumerate() {
+    for (index, stage) in stages.iter().enumerate().take(count).skip(first) {
         let over = spec.stage_overrides.iter().rev().find(|(i, _)| *i == index).map(|(_, o)| o.clone()).unwrap_or_default();
         let is_base = index == 0;
         let d = &stage.defaults;
@@ -127,12 +263,17 @@ pub fn plan(spec: &RequestSpec, stages: &[StageLimits]) -> Result<GenerationRequ
             return Err(PipelineError::invalid(&field("guidance_scale"), "must be a finite number"));
         }
         let guidance_scale = check_range(&field("guidance_scale"), guidance, 0.0, MAX_GUIDANCE)?;
-        let eta = over.eta.or(spec.eta).unwrap_or(d.eta);
+        // Inversion is exact only for deterministic DDIM: it is the default there.
+        let invert_here = inverting && is_base;
+        let eta = over.eta.or(spec.eta).unwrap_or(if invert_here { 0.0 } else { d.eta });
         if !eta.is_finite() {
             return Err(PipelineError::invalid(&field("eta"), "must be a finite number"));
         }
         let eta = check_range(&field("eta"), eta, 0.0, 1.0)?;
-        let kind = over.sampler.or(spec.sampler).unwrap_or(d.sampler);
+        let kind = over.sampler.or(spec.sampler).unwrap_or(if invert_here { SamplerKind::Ddim } else { d.sampler });
+        if invert_here && (kind != SamplerKind::Ddim || eta != 0.0) {
+            return Err(PipelineError::invalid(&field("sampler"), "inverting an image needs deterministic DDIM (sampler ddim, eta 0)"));
+        }
         let noise_level = match (d.noise_level, over.noise_level) {
             (None, Some(_)) => return Err(PipelineError::invalid(&field("noise_level"), "only super-resolution stages take a noise level")),
             (None, None) => None,
@@ -142,8 +283,52 @@ pub fn plan(spec: &RequestSpec, stages: &[StageLimits]) -> Result<GenerationRequ
         };
         let sampler = SamplerOptions { kind, steps, timesteps: None, eta };
         // Some spacings cannot produce every step count; find out now, not mid-run.
-        stage.scheduler.timesteps(&sampler).map_err(|e| PipelineError::invalid(&field("steps"), e.to_string()))?;
+        let timesteps = stage.scheduler.timesteps(&sampler).map_err(|e| PipelineError::invalid(&field("steps"), e.to_string()))?;
+        if is_base {
+            if let Some(strength) = strength {
+                if first_step(timesteps.len(), strength) == timesteps.len() {
+                    return Err(PipelineError::invalid(
+                        "source.strength",
+                        format!("{strength} of {} steps runs no step: raise the strength or the steps", timesteps.len()),
+                    ));
+                }
+            }
+        }
         plans.push(StagePlan { index, name: stage.name.clone(), sampler, guidance_scale, noise_level });
     }
-    Ok(GenerationRequest { prompt: spec.prompt.clone(), negative_prompt: spec.negative_prompt.clone(), n, seed, stages: plans })
+    let base_size = stages[0].size;
+    let source = match &spec.source {
+        None => None,
+        Some(SourceSpec::Image { image, .. }) => {
+            check_aspect("source.image", image.dimensions(), output)?;
+            Some(Source::Image { image: image.resized(base_size), strength: strength.unwrap_or(DEFAULT_IMAGE_STRENGTH) })
+        }
+        Some(SourceSpec::Inpaint { image, mask, .. }) => {
+            check_aspect("source.image", image.dimensions(), output)?;
+            if mask.dimensions() != image.dimensions() {
+                let ((mw, mh), (iw, ih)) = (mask.dimensions(), image.dimensions());
+                return Err(PipelineError::invalid("source.mask", format!("is {mw}x{mh}; the image is {iw}x{ih}")));
+            }
+            if !mask.repaints_anything() {
+                return Err(PipelineError::invalid("source.mask", "repaints nothing (white, ≥ 50% grey, marks what to repaint)"));
+            }
+            Some(Source::Inpaint { image: image.resized(output), mask: mask.resized(output), strength: strength.unwrap_or(DEFAULT_INPAINT_STRENGTH) })
+        }
+        Some(SourceSpec::Upscale { image }) => Some(Source::Upscale { image: image.resized(stages[first - 1].size) }),
+        Some(SourceSpec::Invert { image, prompt }) => {
+            check_aspect("source.image", image.dimensions(), output)?;
+            Some(Source::Invert { image: image.resized(base_size), prompt: prompt.clone().unwrap_or_default() })
+        }
+    };
+    Ok(GenerationRequest {
+        prompt: spec.prompt.clone(),
+        negative_prompt: spec.negative_prompt.clone(),
+        n,
+        seed,
+        stages: plans,
+        source,
+        noise: spec.noise.clone(),
+        preview_every: spec.preview_every,
+        output: spec.output,
+    })
 }

@@ -26,9 +26,11 @@ use tch::Tensor;
 
 use super::queue::LocalQueue;
 use crate::metrics as m;
-use crate::jobs::{now_ms, EventSender, ImageInfo, JobError, JobEvent, JobProgress, JobRecord, JobStatus, JobStore};
+use base64::Engine as _;
+
+use crate::jobs::{now_ms, EventSender, ImageInfo, JobError, JobEvent, JobPreview, JobProgress, JobRecord, JobStatus, JobStore};
 use crate::pipeline::denoise::{ModelRows, StageJob};
-use crate::pipeline::{Cascade, PipelineError};
+use crate::pipeline::{png, Cascade, JobText, PipelineError};
 
 /// Tuning of the batching loop.
 #[derive(Debug, Clone)]
@@ -76,8 +78,8 @@ struct Active {
     /// Index into `record.request.stages`.
     k: usize,
     job: StageJob,
-    /// `[1, L, D]` prompt and negative-prompt tokens.
-    text: (Tensor, Tensor),
+    /// The job's text conditioning.
+    text: JobText,
     /// Admission order, for fairness between stages.
     seq: u64,
     steps_before: usize,
@@ -86,6 +88,8 @@ struct Active {
     /// The job's first start (what the store keeps as `started_at`), for the
     /// queue and compute times.
     started_at: i64,
+    /// The latest preview (kept in every progress written to the store).
+    preview: Option<JobPreview>,
 }
 
 pub struct Engine {
@@ -202,8 +206,8 @@ impl Engine {
     fn cache_prompts(&mut self, records: &[JobRecord]) -> Result<(), PipelineError> {
         let mut missing: Vec<&str> = Vec::new();
         for r in records {
-            for p in std::iter::once(&r.request.prompt).chain(r.request.negative_prompt.as_ref()) {
-                if !self.text_cache.contains(p) && !missing.contains(&p.as_str()) {
+            for p in r.request.prompts() {
+                if !self.text_cache.contains(p) && !missing.contains(&p) {
                     missing.push(p);
                 }
             }
@@ -215,13 +219,9 @@ impl Engine {
         Ok(())
     }
 
-    fn text_for(&mut self, record: &JobRecord) -> Option<(Tensor, Tensor)> {
-        let cond = self.text_cache.get(&record.request.prompt)?.shallow_clone();
-        let uncond = match &record.request.negative_prompt {
-            Some(neg) => self.text_cache.get(neg)?.shallow_clone(),
-            None => self.cascade.null_text().shallow_clone(),
-        };
-        Some((cond, uncond))
+    fn text_for(&mut self, record: &JobRecord) -> Result<JobText, PipelineError> {
+        let cache = &mut self.text_cache;
+        self.cascade.job_text(&record.request, &mut |p| cache.get(p).map(Tensor::shallow_clone))
     }
 
     fn start_job(&mut self, record: JobRecord) {
@@ -243,18 +243,21 @@ impl Engine {
                 return;
             }
         }
-        let Some(text) = self.text_for(&record) else {
-            self.fail(&record, ERR_INTERNAL, "prompt embedding missing from the cache");
-            return;
+        let text = match self.text_for(&record) {
+            Ok(text) => text,
+            Err(_) => {
+                self.fail(&record, ERR_INTERNAL, "prompt embedding missing from the cache");
+                return;
+            }
         };
-        match self.cascade.start_stage(&record.request, 0, (&text.0, &text.1), None) {
+        match self.cascade.start_stage(&record.request, 0, &text, None) {
             Ok(job) => {
-                let total_steps = record.request.stages.iter().map(|s| s.sampler.steps).sum::<usize>().max(1);
+                let total_steps = self.cascade.total_steps(&record.request).max(1);
                 record.span().in_scope(|| tracing::info!(images = record.request.n, stages = record.request.stages.len(), "started"));
                 self.emit(JobEvent::Started { id });
                 let seq = self.next_seq;
                 self.next_seq += 1;
-                self.active.push(Active { record, k: 0, job, text, seq, steps_before: 0, total_steps, last_write: Instant::now(), started_at });
+                self.active.push(Active { record, k: 0, job, text, seq, steps_before: 0, total_steps, last_write: Instant::now(), started_at, preview: None });
             }
             Err(e) => self.fail(&record, ERR_INVALID, &e.to_string()),
         }
@@ -356,9 +359,34 @@ impl Engine {
         Ok(outcomes)
     }
 
+    /// A preview of running job `i` when its request wants one at this step
+    /// (every k sampling steps, not at a stage's last step: its result follows).
+    fn make_preview(&self, i: usize) -> Option<JobPreview> {
+        let a = &self.active[i];
+        let every = a.record.request.preview_every?;
+        let step = a.job.step_index();
+        if step == 0 || !step.is_multiple_of(every) || a.job.is_done() {
+            return None;
+        }
+        let images = png::to_rgb(a.job.preview()?).ok()?;
+        let encoded = images.iter().map(|image| png::encode_plain(image).map(|bytes| base64::engine::general_purpose::STANDARD.encode(bytes)));
+        match encoded.collect::<Result<Vec<_>, _>>() {
+            Ok(images) => Some(JobPreview { stage: a.k, step, images }),
+            Err(e) => {
+                tracing::warn!(job = %a.record.id, error = %e, "encoding a preview failed");
+                None
+            }
+        }
+    }
+
     /// Progress, stage changes and completion for running job `i` after a step.
     fn after_step(&mut self, i: usize) {
         let id = self.active[i].record.id;
+        let fresh = self.make_preview(i);
+        if let Some(preview) = fresh.clone() {
+            self.emit(JobEvent::Preview { id, preview: preview.clone() });
+            self.active[i].preview = Some(preview);
+        }
         let progress = {
             let a = &self.active[i];
             let plan = &a.record.request.stages[a.k];
@@ -370,13 +398,16 @@ impl Engine {
                 step: a.job.step_index(),
                 total_steps: a.job.total_steps(),
                 fraction: done as f64 / a.total_steps as f64,
+                preview: None,
             }
         };
+        // Events carry each preview once (the `Preview` event); the store keeps the latest.
         self.emit(JobEvent::Progress { id, progress: progress.clone() });
         let stage_done = self.active[i].job.is_done();
-        if stage_done || self.active[i].last_write.elapsed() >= self.config.progress_interval {
+        if stage_done || fresh.is_some() || self.active[i].last_write.elapsed() >= self.config.progress_interval {
             let t = Instant::now();
-            let written = self.store.set_progress(id, &progress);
+            let stored = JobProgress { preview: self.active[i].preview.clone(), ..progress.clone() };
+            let written = self.store.set_progress(id, &stored);
             self.stats.store_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
             if let Err(e) = written {
                 tracing::warn!(job = %id, error = %e, "writing progress failed");
@@ -389,7 +420,7 @@ impl Engine {
         self.emit(JobEvent::StageDone { id, stage: progress.stage, stage_name: progress.stage_name });
         let a = &self.active[i];
         if a.k + 1 < a.record.request.stages.len() {
-            let next = self.cascade.start_stage(&a.record.request, a.k + 1, (&a.text.0, &a.text.1), Some(a.job.sample()));
+            let next = self.cascade.start_stage(&a.record.request, a.k + 1, &a.text, Some(a.job.sample()));
             match next {
                 Ok(job) => {
                     let a = &mut self.active[i];
@@ -415,7 +446,7 @@ impl Engine {
                 .iter()
                 .map(|g| {
                     let info = ImageInfo { index: g.index, seed: g.seed, width: g.image.width(), height: g.image.height() };
-                    Ok((info, g.png()?))
+                    Ok((info, g.encode(&a.record.request.output)?))
                 })
                 .collect::<Result<Vec<_>, PipelineError>>()
         });

@@ -172,6 +172,7 @@ impl FakeQueue {
                 step: total,
                 total_steps: total,
                 fraction: (k + 1) as f64 / stages as f64,
+                preview: None,
             };
             store.set_progress(id, &progress).unwrap();
             send(JobEvent::Progress { id, progress });

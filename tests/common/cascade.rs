@@ -44,9 +44,9 @@ impl Reference {
     /// Runs stage `stage` of the reference request with its recorded noise.
     pub fn run_stage(&self, cascade: &Cascade, stage: usize, low_res: Option<&Tensor>) -> Tensor {
         let request = self.request(cascade);
-        let (cond, uncond) = cascade.request_text(&request).unwrap();
+        let text = cascade.request_text(&request).unwrap();
         let draws = if stage == 0 { &self.draws[..self.split] } else { &self.draws[self.split..] };
-        let mut job = cascade.start_stage_with(&request, stage, (&cond, &uncond), low_res, replay(draws, self.n)).unwrap();
+        let mut job = cascade.start_stage_with(&request, stage, &text, low_res, replay(draws, self.n)).unwrap();
         cascade.run_job(&cascade.stages[stage], &mut job, &mut |_, _| ControlFlow::Continue(())).unwrap();
         job.sample().to_device(tch::Device::Cpu)
     }

@@ -38,13 +38,14 @@ fn prefers_async(headers: &HeaderMap) -> bool {
         .any(|pref| pref.split(';').next().unwrap_or_default().trim().eq_ignore_ascii_case("respond-async"))
 }
 
-fn accepts_png(headers: &HeaderMap) -> bool {
+/// Whether `Accept` names `mime` (the job's output format) itself.
+fn accepts_image(headers: &HeaderMap, mime: &str) -> bool {
     headers
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|range| range.split(';').next().unwrap_or_default().trim().eq_ignore_ascii_case("image/png"))
+        .any(|range| range.split(';').next().unwrap_or_default().trim().eq_ignore_ascii_case(mime))
 }
 
 #[utoipa::path(
@@ -54,10 +55,10 @@ fn accepts_png(headers: &HeaderMap) -> bool {
     request_body = GenerateBody,
     params(
         ("Prefer" = Option<String>, Header, description = "`respond-async`: answer 202 at once; follow the job at `Location`"),
-        ("Accept" = Option<String>, Header, description = "`image/png` with n = 1: the sync answer is the PNG itself"),
+        ("Accept" = Option<String>, Header, description = "The output format's type (`image/png` unless `output_format` says otherwise) with n = 1: the sync answer is the image itself"),
     ),
     responses(
-        (status = 200, description = "Sync: the finished images", content((GenerateResult = "application/json"), ("image/png"))),
+        (status = 200, description = "Sync: the finished images", content((GenerateResult = "application/json"), ("image/png"), ("image/jpeg"), ("image/webp"))),
         (status = 202, description = "Async: the job was queued", body = JobDocument,
             headers(("Location" = String, description = "The job: `/jobs/{id}`"))),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
@@ -101,9 +102,9 @@ async fn generate_inner(
         return Ok(response);
     }
     let record = run_sync(state, job).await?;
-    if record.request.n == 1 && accepts_png(headers) {
-        let png = sync::pngs(state, &record).await?.pop().ok_or_else(|| ApiError::internal("a succeeded job has no image"))?;
-        return Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response());
+    if record.request.n == 1 && accepts_image(headers, record.request.output.format.mime()) {
+        let bytes = sync::pngs(state, &record).await?.pop().ok_or_else(|| ApiError::internal("a succeeded job has no image"))?;
+        return Ok(([(header::CONTENT_TYPE, record.request.output.format.mime())], bytes).into_response());
     }
     let pngs = sync::pngs(state, &record).await?;
     let started = record.started_at.unwrap_or(record.created_at);
@@ -208,12 +209,12 @@ mod tests {
     #[test]
     fn header_preferences() {
         let mut h = HeaderMap::new();
-        assert!(!prefers_async(&h) && !accepts_png(&h));
+        assert!(!prefers_async(&h) && !accepts_image(&h, "image/png"));
         h.insert("prefer", "wait=10, Respond-Async".parse().unwrap());
         h.insert(header::ACCEPT, "application/json;q=0.5, image/png".parse().unwrap());
-        assert!(prefers_async(&h) && accepts_png(&h));
+        assert!(prefers_async(&h) && accepts_image(&h, "image/png"));
         h.insert("prefer", "return=minimal".parse().unwrap());
         h.insert(header::ACCEPT, "image/*".parse().unwrap());
-        assert!(!prefers_async(&h) && !accepts_png(&h));
+        assert!(!prefers_async(&h) && !accepts_image(&h, "image/png"));
     }
 }

@@ -46,7 +46,8 @@ pub async fn get_job(State(state): State<AppState>, Extension(caller): Extension
     tag = "jobs",
     params(("id" = uuid::Uuid, Path, description = "The job"), ("index" = usize, Path, description = "The image, from 0")),
     responses(
-        (status = 200, description = "The PNG, with its generation parameters in text chunks", content(("image/png"))),
+        (status = 200, description = "The image in the job's `output_format`: a PNG carries its generation parameters in text chunks",
+            content(("image/png"), ("image/jpeg"), ("image/webp"))),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 404, description = "No such job or image (the job has not succeeded, or the index is past `n`)", body = ErrorBody),
         (status = 500, description = "The job store failed", body = ErrorBody),
@@ -60,9 +61,10 @@ pub async fn get_image(State(state): State<AppState>, Extension(caller): Extensi
         return Err(ApiError::NotFound("image"));
     }
     let id = job.id;
-    let png = state.with_store(move |s| s.image(id, index)).await?.ok_or(ApiError::NotFound("image"))?;
+    let bytes = state.with_store(move |s| s.image(id, index)).await?.ok_or(ApiError::NotFound("image"))?;
+    let mime = job.request.output.format.mime();
     // Finished images never change: clients and proxies may keep them.
-    Ok(([(header::CONTENT_TYPE, "image/png"), (header::CACHE_CONTROL, "private, max-age=31536000, immutable")], png).into_response())
+    Ok(([(header::CONTENT_TYPE, mime), (header::CACHE_CONTROL, "private, max-age=31536000, immutable")], bytes).into_response())
 }
 
 #[utoipa::path(

@@ -9,9 +9,10 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::source::{noise_mix, InterpolateBody, SourceBody, VariationBody};
 use crate::api::errors::ApiError;
 use crate::diffusion::SamplerKind;
-use crate::pipeline::{CascadeInfo, RequestSpec, StageOverride};
+use crate::pipeline::{CascadeInfo, ImageFormat, Output, PictureLimits, RequestSpec, StageOverride};
 
 /// A sampler, by its API name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
@@ -87,6 +88,40 @@ pub struct GenerateBody {
     /// Per-stage settings, by stage index; a later entry for the same stage wins.
     #[serde(default)]
     pub stage_overrides: Vec<StageOverrideBody>,
+    /// Start from an image: edit it, inpaint it, upscale it or invert it.
+    pub source: Option<SourceBody>,
+    /// Variations of `seed` (not with `interpolate`, nor with an `invert` source).
+    pub variation: Option<VariationBody>,
+    /// Frames between two seeds and prompts (not with `variation`, nor with an `invert` source).
+    pub interpolate: Option<InterpolateBody>,
+    /// Send x̂₀ as a preview every k steps of each stage (SSE `preview` events,
+    /// the job's `preview`).
+    #[schema(minimum = 1)]
+    pub preview_every: Option<usize>,
+    /// The finished images' file format (png when unset).
+    pub output_format: Option<OutputFormat>,
+    /// JPEG quality, 0–100 (100 when unset); png and (lossless) webp ignore it.
+    #[schema(minimum = 0, maximum = 100)]
+    pub output_compression: Option<u8>,
+}
+
+/// A finished image's file format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    Png,
+    Jpeg,
+    Webp,
+}
+
+impl From<OutputFormat> for ImageFormat {
+    fn from(f: OutputFormat) -> Self {
+        match f {
+            OutputFormat::Png => Self::Png,
+            OutputFormat::Jpeg => Self::Jpeg,
+            OutputFormat::Webp => Self::Webp,
+        }
+    }
 }
 
 /// `(height, width)` as the API writes sizes: `WxH`.
@@ -141,6 +176,10 @@ impl GenerateBody {
                 })
                 .collect(),
             stages,
+            source: self.source.as_ref().map(|s| s.to_spec(&PictureLimits::default())).transpose()?,
+            noise: noise_mix(self.variation.as_ref(), self.interpolate.as_ref())?,
+            preview_every: self.preview_every,
+            output: Output { format: self.output_format.map(Into::into).unwrap_or_default(), compression: self.output_compression },
         })
     }
 }

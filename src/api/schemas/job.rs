@@ -9,8 +9,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use super::source::{InterpolateBody, VariationBody};
 use super::time::rfc3339;
-use crate::jobs::{JobProgress, JobRecord, JobStatus};
+use crate::jobs::{JobPreview, JobProgress, JobRecord, JobStatus};
+use crate::pipeline::{NoiseMix, Source};
 
 /// A job's state: queued → running → succeeded | failed | canceled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -55,6 +57,24 @@ impl From<&JobProgress> for ProgressDoc {
     }
 }
 
+/// What the images look like partway through a stage: x̂_0, the model's current
+/// estimate of the finished image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PreviewDoc {
+    /// Index among the stages this job runs.
+    pub stage: usize,
+    /// Steps done in that stage.
+    pub step: usize,
+    /// One PNG per image (base64), at the stage's size.
+    pub images: Vec<String>,
+}
+
+impl From<&JobPreview> for PreviewDoc {
+    fn from(p: &JobPreview) -> Self {
+        Self { stage: p.stage, step: p.step, images: p.images.clone() }
+    }
+}
+
 /// Why a job failed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct JobErrorDoc {
@@ -93,9 +113,41 @@ pub struct RequestSettings {
     pub prompt: String,
     pub negative_prompt: Option<String>,
     pub n: usize,
-    /// Image i's seed is seed + i.
+    /// Image i's seed is seed + i (every frame's, when interpolating).
     pub seed: u64,
     pub stages: Vec<StageSettings>,
+    /// The image the job starts from, without its pixels.
+    pub source: Option<SourceSettings>,
+    pub variation: Option<VariationBody>,
+    pub interpolate: Option<InterpolateBody>,
+    pub preview_every: Option<usize>,
+}
+
+/// A job's image input as it runs: what is done with it, at which size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SourceSettings {
+    /// `image`, `inpaint`, `upscale` or `invert`.
+    pub kind: String,
+    /// The size the image was resized to (`WxH`).
+    pub size: String,
+    pub strength: Option<f64>,
+    /// The prompt an inverted image is inverted under.
+    pub prompt: Option<String>,
+}
+
+impl SourceSettings {
+    fn new(source: &Source) -> Self {
+        let size = |p: &crate::pipeline::Picture| {
+            let (w, h) = p.dimensions();
+            format!("{w}x{h}")
+        };
+        match source {
+            Source::Image { image, strength } => Self { kind: "image".into(), size: size(image), strength: Some(*strength), prompt: None },
+            Source::Inpaint { image, strength, .. } => Self { kind: "inpaint".into(), size: size(image), strength: Some(*strength), prompt: None },
+            Source::Upscale { image } => Self { kind: "upscale".into(), size: size(image), strength: None, prompt: None },
+            Source::Invert { image, prompt } => Self { kind: "invert".into(), size: size(image), strength: None, prompt: Some(prompt.clone()) },
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -105,6 +157,8 @@ pub struct JobDocument {
     /// Jobs ahead of this one (0 = next); null unless queued.
     pub queue_position: Option<usize>,
     pub progress: Option<ProgressDoc>,
+    /// The latest preview while the job runs (requests with `preview_every`).
+    pub preview: Option<PreviewDoc>,
     /// RFC 3339, UTC.
     #[schema(example = "2026-01-02T03:04:05.678Z")]
     pub created_at: String,
@@ -130,6 +184,7 @@ impl JobDocument {
             status: job.status.into(),
             queue_position: queue_position.filter(|_| job.status == JobStatus::Queued),
             progress: job.progress.as_ref().map(Into::into),
+            preview: job.progress.as_ref().and_then(|p| p.preview.as_ref()).filter(|_| job.status == JobStatus::Running).map(Into::into),
             created_at: rfc3339(job.created_at),
             started_at: job.started_at.map(rfc3339),
             completed_at: job.completed_at.map(rfc3339),
@@ -157,6 +212,16 @@ impl JobDocument {
                         noise_level: s.noise_level,
                     })
                     .collect(),
+                source: r.source.as_ref().map(SourceSettings::new),
+                variation: match r.noise {
+                    NoiseMix::Variation { seed, strength } => Some(VariationBody { seed, strength }),
+                    _ => None,
+                },
+                interpolate: match &r.noise {
+                    NoiseMix::Interpolation { seed, prompt } => Some(InterpolateBody { seed: *seed, prompt: prompt.clone() }),
+                    _ => None,
+                },
+                preview_every: r.preview_every,
             },
         }
     }

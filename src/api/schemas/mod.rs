@@ -6,6 +6,7 @@
 //! | file | owns |
 //! |---|---|
 //! | `generate` | the generate body, its conversion to `RequestSpec`, the sync result |
+//! | `source` | image inputs (edit, inpaint, upscale, invert) and seed mixes |
 //! | `job` | the job document (status, progress, times, images, settings) |
 //! | `openai` | OpenAI Images API request and response |
 //! | `info` | health, readiness and cascade description documents |
@@ -15,9 +16,11 @@ pub mod generate;
 pub mod info;
 pub mod job;
 pub mod openai;
+pub mod source;
 pub mod time;
 
 pub use generate::{GenerateBody, GenerateResult, ResultImage, Sampler, StageOverrideBody, Timings};
 pub use info::{InfoDocument, StatusDoc};
 pub use job::{JobDocument, Status};
+pub use source::{InterpolateBody, SourceBody, VariationBody};
 pub use openai::{ImageData, ImagesRequest, ImagesResponse, ResponseFormat};
