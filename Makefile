@@ -108,12 +108,13 @@ $(REFENV_STAMP): scripts/gen_fixtures.py | $(TORCH_STAMP)
 # from runs/<stage>/checkpoint when one exists, then exporting the EMA weights
 # (f16) to runs/<stage>/stage and, for a shipped stage, into models/default.
 # base-eps trains the base stage with the ε objective, base-v fine-tunes it to
-# v, base-minsnr continues that with Min-SNR-γ weighting, and base fine-tunes
-# it on the narrowed dataset (six shapes, six colours, larger objects); sr64-eps trains the
+# v, base-minsnr continues that with Min-SNR-γ weighting, base-ground fine-tunes
+# it on the narrowed dataset (six shapes, six colours, larger objects) with the
+# grounding loss, and base continues base-ground; sr64-eps trains the
 # first super-resolution stage with ε and sr64 fine-tunes it to v, and
 # likewise sr128-eps and sr128 for the second (each config's `init` names the
 # previous run). DEVICE=cuda trains on a GPU (fp16 mixed precision).
-STAGES := base-eps base-v base-minsnr base sr64-eps sr64 sr128-eps sr128
+STAGES := base-eps base-v base-minsnr base-ground base sr64-eps sr64 sr128-eps sr128
 DEVICE ?= auto
 .PHONY: train eval
 train: build encoder

@@ -36,6 +36,30 @@ fn generate_writes_pngs_with_their_parameters() {
 }
 
 #[test]
+fn generate_edits_inpaints_and_interpolates_from_files() {
+    let out = std::env::temp_dir().join(format!("diffusiond-cli-edit-{}", std::process::id()));
+    let (model, edit) = (fixture_dir().join("cascade"), fixture_dir().join("edit"));
+    let run = |args: &[&str]| {
+        let run = diffusiond().args(args).args(["--steps", "4", "--device", "cpu", "--model"]).arg(&model).arg("-o").arg(&out).output().unwrap();
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        String::from_utf8(run.stdout).unwrap().lines().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let image = edit.join("image32.png");
+    let mask = edit.join("mask32.png");
+    let inpainted = run(&["generate", "a blue square", "--seed", "3", "--init-image", image.to_str().unwrap(), "--mask", mask.to_str().unwrap()]);
+    let result = image::open(&inpainted[0]).unwrap().to_rgb8();
+    let (source, mask) = (image::open(&image).unwrap().to_rgb8(), image::open(&mask).unwrap().to_luma8());
+    assert!(result.enumerate_pixels().all(|(x, y, p)| mask.get_pixel(x, y).0[0] >= 128 || p == source.get_pixel(x, y)));
+    let jpeg = run(&["generate", "a blue square", "--init-image", image.to_str().unwrap(), "--strength", "0.5", "--format", "jpeg", "--quality", "80"]);
+    assert!(jpeg[0].ends_with(".jpg") && std::fs::read(&jpeg[0]).unwrap().starts_with(&[0xff, 0xd8, 0xff]), "{jpeg:?}");
+    // Interpolation frames share the seed: the index names the file.
+    let frames = run(&["generate", "a red ring", "--seed", "9", "-n", "3", "--interpolate-seed", "10", "--stages", "1"]);
+    assert_eq!(frames.len(), 3);
+    assert!(frames[2].ends_with("a-red-ring-9-002.png"), "{frames:?}");
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
 fn bad_flags_and_values_are_clear_errors() {
     let model = fixture_dir().join("cascade");
     let err = |args: &[&str]| {
@@ -47,6 +71,8 @@ fn bad_flags_and_values_are_clear_errors() {
     assert!(err(&["generate", "x", "--device", "gpu"]).contains("unknown device `gpu`"));
     assert!(err(&["generate", "x", "-n", "0", "--device", "cpu"]).contains("invalid `n`: 0 is outside 1..=16"));
     assert!(err(&["generate", "x", "--noise-level", "5000", "--device", "cpu"]).contains("`stages[1].noise_level`"));
+    assert!(err(&["generate", "x", "--mask", "m.png"]).contains("--init-image"));
+    assert!(err(&["generate", "x", "--init-image", "/nonexistent.png", "--device", "cpu"]).contains("/nonexistent.png"));
 }
 
 #[test]

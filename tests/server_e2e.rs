@@ -147,6 +147,94 @@ async fn sync_requests_return_png_or_json_and_sse_streams_progress() {
     server.shutdown().await.unwrap();
 }
 
+fn fixture_b64(name: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(std::fs::read(fixture_dir().join("edit").join(name)).unwrap())
+}
+
+/// Every image input through the native route: the served image is the one the
+/// pipeline makes directly, in the asked format; previews arrive on the SSE stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_inputs_and_previews_over_http() {
+    use diffusiond::pipeline::{Mask, Picture, SourceSpec};
+    let (server, base) = start(config("sources")).await;
+    let client = reqwest::Client::new();
+    let (image, mask) = (fixture_b64("image32.png"), fixture_b64("mask32.png"));
+    let picture = || Picture::from_image(&image::open(fixture_dir().join("edit/image32.png")).unwrap());
+    let cases = [
+        (
+            json!({"prompt": "a blue square", "seed": 2, "steps": 4, "source": {"kind": "image", "image": image, "strength": 0.5}}),
+            RequestSpec { source: Some(SourceSpec::Image { image: picture(), strength: Some(0.5) }), ..Default::default() },
+        ),
+        (
+            json!({"prompt": "a blue square", "seed": 2, "steps": 4, "source": {"kind": "inpaint", "image": image, "mask": format!("data:image/png;base64,{mask}")}}),
+            RequestSpec {
+                source: Some(SourceSpec::Inpaint {
+                    image: picture(),
+                    mask: Mask::from_image(&image::open(fixture_dir().join("edit/mask32.png")).unwrap()),
+                    strength: None,
+                }),
+                ..Default::default()
+            },
+        ),
+        (
+            json!({"prompt": "a blue square", "seed": 2, "steps": 4, "interpolate": {"seed": 5, "prompt": "a red ring"}, "n": 2}),
+            RequestSpec { n: 2, noise: diffusiond::pipeline::NoiseMix::Interpolation { seed: 5, prompt: Some("a red ring".into()) }, ..Default::default() },
+        ),
+    ];
+    for (body, spec) in cases {
+        let doc: Value = client.post(format!("{base}/generate")).json(&body).send().await.unwrap().json().await.unwrap();
+        let spec = RequestSpec { prompt: "a blue square".into(), seed: Some(2), steps: Some(4), n: spec.n.max(1), ..spec };
+        for (i, image) in doc["images"].as_array().unwrap_or_else(|| panic!("{doc}")).iter().enumerate() {
+            use base64::Engine as _;
+            let png = base64::engine::general_purpose::STANDARD.decode(image["b64_json"].as_str().unwrap()).unwrap();
+            assert_eq!(png, direct_png(&spec, i), "{}", body["source"]["kind"]);
+        }
+    }
+    // Upscaling a 16 px picture, as JPEG.
+    let small = {
+        use base64::Engine as _;
+        let mut bytes = Vec::new();
+        picture().resized((16, 16)).0.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png).unwrap();
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    };
+    let body = json!({"prompt": "", "source": {"kind": "upscale", "image": small}, "output_format": "jpeg", "output_compression": 90});
+    let jpeg = client.post(format!("{base}/generate")).header("Accept", "image/jpeg").json(&body).send().await.unwrap();
+    assert_eq!(jpeg.headers()["content-type"], "image/jpeg");
+    let decoded = image::load_from_memory(&jpeg.bytes().await.unwrap()).unwrap();
+    assert_eq!((decoded.width(), decoded.height()), (32, 32));
+
+    // Previews: every 3 steps of a 12-step base stage, on the job's event stream.
+    let job: Value = client
+        .post(format!("{base}/generate"))
+        .header("Prefer", "respond-async")
+        .json(&json!({"prompt": "a ring", "seed": 1, "steps": 12, "preview_every": 3, "stages": 1}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap();
+    let mut stream = client.get(format!("{base}/jobs/{id}/events")).send().await.unwrap();
+    let mut text = String::new();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(60), stream.chunk()).await.unwrap().unwrap() {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let previews: Vec<Value> = text
+        .split("\n\n")
+        .filter(|e| e.contains("event: preview"))
+        .map(|e| serde_json::from_str(e.lines().find_map(|l| l.strip_prefix("data: ")).unwrap()).unwrap())
+        .collect();
+    // Steps 3, 6 and 9 (not 12: the finished image follows).
+    assert_eq!(previews.iter().map(|p| p["step"].as_u64().unwrap()).collect::<Vec<_>>(), [3, 6, 9], "{text}");
+    use base64::Engine as _;
+    let png = base64::engine::general_purpose::STANDARD.decode(previews[0]["images"][0].as_str().unwrap()).unwrap();
+    let preview = image::load_from_memory(&png).unwrap();
+    assert_eq!((preview.width(), preview.height()), (16, 16));
+    server.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_disconnect_and_a_full_queue() {
     let mut cfg = config("cancel");
