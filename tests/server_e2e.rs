@@ -54,6 +54,15 @@ async fn wait_done(client: &reqwest::Client, base: &str, id: &str) -> Value {
     }
 }
 
+/// The whole body of an event stream that ends (each chunk within a minute).
+async fn read_to_end(stream: &mut reqwest::Response) -> String {
+    let mut text = String::new();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(60), stream.chunk()).await.unwrap().unwrap() {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    text
+}
+
 fn direct_png(spec: &RequestSpec, index: usize) -> Vec<u8> {
     let cascade = Cascade::load(&fixture_dir().join("cascade"), &CPU).unwrap();
     let request = cascade.plan(spec).unwrap();
@@ -137,10 +146,7 @@ async fn sync_requests_return_png_or_json_and_sse_streams_progress() {
     let id = job["id"].as_str().unwrap();
     let mut stream = client.get(format!("{base}/jobs/{id}/events")).send().await.unwrap();
     assert_eq!(stream.headers()["content-type"], "text/event-stream");
-    let mut text = String::new();
-    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(60), stream.chunk()).await.unwrap().unwrap() {
-        text.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    let text = read_to_end(&mut stream).await;
     assert!(text.contains("event: progress"), "{text}");
     assert!(text.contains("event: stage_done"), "{text}");
     assert!(text.trim_end().contains("event: succeeded"), "{text}");
@@ -217,10 +223,7 @@ async fn image_inputs_and_previews_over_http() {
         .unwrap();
     let id = job["id"].as_str().unwrap();
     let mut stream = client.get(format!("{base}/jobs/{id}/events")).send().await.unwrap();
-    let mut text = String::new();
-    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(60), stream.chunk()).await.unwrap().unwrap() {
-        text.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    let text = read_to_end(&mut stream).await;
     let previews: Vec<Value> = text
         .split("\n\n")
         .filter(|e| e.contains("event: preview"))

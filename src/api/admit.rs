@@ -15,16 +15,20 @@ use crate::pipeline::{plan, GenerationRequest, SourceSpec};
 
 /// `body` checked against the loaded cascade (503 when none is ready).
 pub fn validate(state: &AppState, body: &GenerateBody) -> Result<GenerationRequest, ApiError> {
-    let info = state.cascade()?;
-    let spec = body.to_spec(&info, state.config.max_images)?;
-    Ok(plan(&spec, &info.limits())?)
+    validate_spec(state, body, None)
 }
 
 /// [`validate`] for a body whose image input came another way (OpenAI's forms).
 pub fn validate_with_source(state: &AppState, body: &GenerateBody, source: SourceSpec) -> Result<GenerationRequest, ApiError> {
+    validate_spec(state, body, Some(source))
+}
+
+fn validate_spec(state: &AppState, body: &GenerateBody, source: Option<SourceSpec>) -> Result<GenerationRequest, ApiError> {
     let info = state.cascade()?;
     let mut spec = body.to_spec(&info, state.config.max_images)?;
-    spec.source = Some(source);
+    if let Some(source) = source {
+        spec.source = Some(source);
+    }
     Ok(plan(&spec, &info.limits())?)
 }
 

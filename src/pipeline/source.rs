@@ -97,6 +97,15 @@ pub fn check_aspect(field: &str, (w, h): (u32, u32), (out_h, out_w): (i64, i64))
     Ok(())
 }
 
+/// `image` at `(height, width)`: Lanczos when it must be resized, a copy otherwise.
+fn resized<P: image::Pixel<Subpixel = u8> + 'static>(image: &image::ImageBuffer<P, Vec<u8>>, (h, w): (i64, i64)) -> image::ImageBuffer<P, Vec<u8>> {
+    let (h, w) = (h as u32, w as u32);
+    if image.dimensions() == (w, h) {
+        return image.clone();
+    }
+    image::imageops::resize(image, w, h, FilterType::Lanczos3)
+}
+
 /// An 8-bit RGB picture (serialised as a base64 PNG).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Picture(pub RgbImage);
@@ -116,12 +125,8 @@ impl Picture {
     }
 
     /// This picture at `(height, width)` (Lanczos when it must be resized).
-    pub fn resized(&self, (h, w): (i64, i64)) -> Self {
-        let (h, w) = (h as u32, w as u32);
-        if self.0.dimensions() == (w, h) {
-            return self.clone();
-        }
-        Self(image::imageops::resize(&self.0, w, h, FilterType::Lanczos3))
+    pub fn resized(&self, size: (i64, i64)) -> Self {
+        Self(resized(&self.0, size))
     }
 
     /// `[1, 3, h, w]` float32 in [-1, 1] (x / 127.5 − 1, as IF's preprocessing).
@@ -163,12 +168,8 @@ impl Mask {
         self.0.pixels().any(|p| p.0[0] >= 128)
     }
 
-    pub fn resized(&self, (h, w): (i64, i64)) -> Self {
-        let (h, w) = (h as u32, w as u32);
-        if self.0.dimensions() == (w, h) {
-            return self.clone();
-        }
-        Self(image::imageops::resize(&self.0, w, h, FilterType::Lanczos3))
+    pub fn resized(&self, size: (i64, i64)) -> Self {
+        Self(resized(&self.0, size))
     }
 
     /// `[1, 1, h, w]` float32 of 0 (keep) and 1 (repaint): x / 255 cut at 0.5.
