@@ -11,6 +11,7 @@ use super::manifest::StageEntry;
 use crate::diffusion::{SamplerKind, Scheduler, SchedulerConfig};
 use crate::nn::unet::config::SampleSize;
 use crate::nn::unet::LoadedUNet;
+use crate::nn::layers::BatchOfOne;
 
 /// Images are RGB.
 pub const IMAGE_CHANNELS: i64 = 3;
@@ -62,6 +63,8 @@ pub struct Stage {
     /// SR only: the schedule used to noise the conditioning image.
     pub noising: Option<Scheduler>,
     pub defaults: StageDefaults,
+    /// Where this stage's UNet gives a single row the bits of a batch.
+    pub single_row: BatchOfOne,
 }
 
 fn load_scheduler(dir: &Path, folder: &str) -> Result<Scheduler> {
@@ -133,6 +136,7 @@ impl Stage {
             scheduler,
             noising,
             defaults: StageDefaults { sampler, steps: entry.steps, guidance_scale: entry.guidance_scale, eta: entry.eta, noise_level },
+            single_row: BatchOfOne::default(),
         })
     }
 

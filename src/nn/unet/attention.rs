@@ -18,7 +18,7 @@ use std::cell::RefCell;
 
 use tch::{nn, Kind, Tensor};
 
-use crate::nn::layers::{ApplyLinear, Linear};
+use crate::nn::layers::{ApplyLinear, GroupNorm, Linear};
 
 use super::config::LayerSettings;
 
@@ -36,8 +36,8 @@ pub struct AttentionShape {
 
 #[derive(Debug)]
 pub struct AddedKvAttention {
-    group_norm: nn::GroupNorm,
-    norm_cross: Option<nn::GroupNorm>,
+    group_norm: GroupNorm,
+    norm_cross: Option<GroupNorm>,
     to_q: Linear,
     to_k: Option<Linear>,
     to_v: Option<Linear>,
@@ -76,12 +76,11 @@ impl AddedKvAttention {
         let inner = channels; // heads × head_dim, with heads = channels / head_dim
         let lin = |name: &str, i: i64, o: i64| Linear::new(&p / name, i, o);
         // The image GroupNorm uses Attention's default eps (1e-5), not the ResNets' norm_eps.
-        let gn = nn::GroupNormConfig { eps: 1e-5, ..Default::default() };
         Self {
-            group_norm: nn::group_norm(&p / "group_norm", settings.groups, channels, gn),
+            group_norm: GroupNorm::new(&p / "group_norm", settings.groups, channels, 1e-5),
             norm_cross: settings
                 .cross_attention_norm
-                .then(|| nn::group_norm(&p / "norm_cross", CROSS_NORM_GROUPS, added_kv_dim, gn)),
+                .then(|| GroupNorm::new(&p / "norm_cross", CROSS_NORM_GROUPS, added_kv_dim, 1e-5)),
             to_q: lin("to_q", channels, inner),
             to_k: (!only_cross_attention).then(|| lin("to_k", channels, inner)),
             to_v: (!only_cross_attention).then(|| lin("to_v", channels, inner)),

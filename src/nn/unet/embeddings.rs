@@ -10,7 +10,7 @@
 
 use tch::{nn, Kind, Tensor};
 
-use crate::nn::layers::{Activation, ApplyLinear, Linear};
+use crate::nn::layers::{Activation, ApplyLinear, BatchOfOne, Linear};
 
 /// Sinusoidal embedding of (possibly fractional) timesteps: `[N] -> [N, dim]` in f32.
 ///
@@ -111,6 +111,9 @@ pub struct TextTimeEmbedding {
     pool: AttentionPooling,
     proj: Linear,
     norm2: nn::LayerNorm,
+    /// The pooling's small products and norms take other kernels for one row
+    /// (measured: the 6th digit); see [`BatchOfOne`].
+    single: BatchOfOne,
 }
 
 impl TextTimeEmbedding {
@@ -120,10 +123,19 @@ impl TextTimeEmbedding {
             pool: AttentionPooling::new(&p / "pool", heads, encoder_dim),
             proj: Linear::new(&p / "proj", encoder_dim, time_embed_dim),
             norm2: nn::layer_norm(&p / "norm2", vec![time_embed_dim], Default::default()),
+            single: BatchOfOne::default(),
         }
     }
 
+    /// `[B, L, encoder_dim] -> [B, time_embed_dim]`.
     pub fn forward(&self, text: &Tensor) -> Tensor {
+        if text.size()[0] != 1 {
+            return self.pooled(text);
+        }
+        self.single.run(text, || self.pooled(text), || self.pooled(&Tensor::cat(&[text, text], 0)).narrow(0, 0, 1))
+    }
+
+    fn pooled(&self, text: &Tensor) -> Tensor {
         self.pool.forward(&text.apply(&self.norm1)).apply_linear(&self.proj).apply(&self.norm2)
     }
 }

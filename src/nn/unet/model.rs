@@ -13,7 +13,7 @@ use std::path::Path;
 
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::nn::layers::{ApplyLinear, Linear};
+use crate::nn::layers::{ApplyLinear, Conv2d, GroupNorm, Linear};
 
 use super::attention::AttentionMaps;
 use super::blocks::{Conditioning, DownBlock, MidBlock, UpBlock};
@@ -42,7 +42,7 @@ pub struct UNetInput<'a> {
 pub struct UNet2DConditionModel {
     config: UNetConfig,
     spec: UNetSpec,
-    conv_in: nn::Conv2D,
+    conv_in: Conv2d,
     time_embedding: TimestepEmbedding,
     class_embedding: Option<TimestepEmbedding>,
     add_embedding: Option<TextTimeEmbedding>,
@@ -50,8 +50,8 @@ pub struct UNet2DConditionModel {
     down_blocks: Vec<DownBlock>,
     mid_block: Option<MidBlock>,
     up_blocks: Vec<UpBlock>,
-    conv_norm_out: nn::GroupNorm,
-    conv_out: nn::Conv2D,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
 }
 
 impl UNet2DConditionModel {
@@ -60,9 +60,7 @@ impl UNet2DConditionModel {
         let spec = config.spec()?;
         let layer = spec.layer;
         let first = config.block_out_channels[0];
-        let conv = |name: &str, i: i64, o: i64, k: i64| {
-            nn::conv2d(p / name, i, o, k, nn::ConvConfig { padding: (k - 1) / 2, ..Default::default() })
-        };
+        let conv = |name: &str, i: i64, o: i64, k: i64| Conv2d::new(p / name, i, o, k);
         let time_embedding =
             TimestepEmbedding::new(p / "time_embedding", spec.time_channels, spec.time_embed_dim, layer.act, spec.timestep_post_act);
         let class_embedding = spec
@@ -77,7 +75,6 @@ impl UNet2DConditionModel {
             spec.down.iter().enumerate().map(|(i, b)| DownBlock::new(&(p / "down_blocks") / i, b, &layer)).collect();
         let mid_block = spec.mid.as_ref().map(|m| MidBlock::new(p / "mid_block", m, &layer));
         let up_blocks = spec.up.iter().enumerate().map(|(i, b)| UpBlock::new(&(p / "up_blocks") / i, b, &layer)).collect();
-        let gn = nn::GroupNormConfig { eps: layer.eps, ..Default::default() };
         Ok(Self {
             conv_in: conv("conv_in", config.in_channels, first, config.conv_in_kernel),
             time_embedding,
@@ -87,7 +84,7 @@ impl UNet2DConditionModel {
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: nn::group_norm(p / "conv_norm_out", layer.groups, first, gn),
+            conv_norm_out: GroupNorm::new(p / "conv_norm_out", layer.groups, first, layer.eps),
             conv_out: conv("conv_out", first, config.out_channels, config.conv_out_kernel),
             config: config.clone(),
             spec,
@@ -238,7 +235,7 @@ impl LoadedUNet {
     /// The kind the weights are in. (`VarStore::kind` is not updated by
     /// `VarStore::half`, so ask a weight.)
     pub fn kind(&self) -> Kind {
-        self.model.conv_in.ws.kind()
+        self.model.conv_in.inner.ws.kind()
     }
 
     /// The number of parameters.

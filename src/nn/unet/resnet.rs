@@ -8,7 +8,7 @@
 
 use tch::{nn, Tensor};
 
-use crate::nn::layers::{ApplyLinear, Linear};
+use crate::nn::layers::{ApplyLinear, Conv2d, GroupNorm, Linear};
 
 use super::config::{LayerSettings, TimeScaleShift};
 
@@ -24,12 +24,12 @@ pub enum Resample {
 
 #[derive(Debug)]
 pub struct ResnetBlock2D {
-    norm1: nn::GroupNorm,
-    conv1: nn::Conv2D,
+    norm1: GroupNorm,
+    conv1: Conv2d,
     time_emb_proj: Linear,
-    norm2: nn::GroupNorm,
-    conv2: nn::Conv2D,
-    conv_shortcut: Option<nn::Conv2D>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
     resample: Resample,
     settings: LayerSettings,
     output_scale_factor: f64,
@@ -47,20 +47,18 @@ pub struct ResnetShape {
 impl ResnetBlock2D {
     pub fn new(p: nn::Path, shape: ResnetShape, settings: &LayerSettings) -> Self {
         let ResnetShape { in_channels, out_channels, resample, output_scale_factor } = shape;
-        let gn = nn::GroupNormConfig { eps: settings.eps, ..Default::default() };
-        let conv3 = nn::ConvConfig { padding: 1, ..Default::default() };
         let temb_out = match settings.time_scale_shift {
             TimeScaleShift::Default => out_channels,
             TimeScaleShift::ScaleShift => 2 * out_channels,
         };
         Self {
-            norm1: nn::group_norm(&p / "norm1", settings.groups, in_channels, gn),
-            conv1: nn::conv2d(&p / "conv1", in_channels, out_channels, 3, conv3),
+            norm1: GroupNorm::new(&p / "norm1", settings.groups, in_channels, settings.eps),
+            conv1: Conv2d::new(&p / "conv1", in_channels, out_channels, 3),
             time_emb_proj: Linear::new(&p / "time_emb_proj", settings.temb_channels, temb_out),
-            norm2: nn::group_norm(&p / "norm2", settings.groups, out_channels, gn),
-            conv2: nn::conv2d(&p / "conv2", out_channels, out_channels, 3, conv3),
+            norm2: GroupNorm::new(&p / "norm2", settings.groups, out_channels, settings.eps),
+            conv2: Conv2d::new(&p / "conv2", out_channels, out_channels, 3),
             conv_shortcut: (in_channels != out_channels)
-                .then(|| nn::conv2d(&p / "conv_shortcut", in_channels, out_channels, 1, Default::default())),
+                .then(|| Conv2d::new(&p / "conv_shortcut", in_channels, out_channels, 1)),
             resample,
             settings: *settings,
             output_scale_factor,
