@@ -1,6 +1,6 @@
 //! Small pieces shared by the networks: activations by their config names, and
-//! linear and convolution layers whose result for one sample does not depend on
-//! the batch around it.
+//! linear, convolution and GroupNorm layers whose result for one sample does
+//! not depend on the batch around it.
 //!
 //! Activation names follow diffusers' `get_activation` and transformers'
 //! `ACT2FN`, so a config's `act_fn` / `hidden_act` / `dense_act_fn` maps one to one.
@@ -35,10 +35,7 @@ impl Linear {
 
     /// `[B, …, in] -> [B, …, out]`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        if x.dim() < 2 || x.size()[0] != 1 {
-            return self.per_sample(x);
-        }
-        self.single.run(x, || self.per_sample(x), || self.per_sample(&Tensor::cat(&[x, x], 0)).narrow(0, 0, 1))
+        self.single.apply(x, |t| self.per_sample(t))
     }
 
     fn per_sample(&self, x: &Tensor) -> Tensor {
@@ -62,8 +59,8 @@ impl Linear {
 ///
 /// Why: oneDNN (and cuDNN) pick a kernel by shape, the batch size included, and
 /// at some shapes the batch-of-one kernel sums in another order (measured on an
-/// AVX-512 CPU: the 3×3 and 1×1 convolutions of 192 channels at 8×8 differ in
-/// the 6th digit, every larger map is exact). Doubling every single sample keeps
+/// AVX-512 CPU: the convolutions of 192 channels at 8×8 and of 64 channels at
+/// 16×16 differ in the 6th digit, most other shapes are exact). Doubling every single sample keeps
 /// the bits but doubles the work of an unguided image; doubling it only where
 /// the first try shows a difference keeps the bits at the cost of the small
 /// layers alone.
@@ -89,17 +86,23 @@ impl BatchKey {
 }
 
 impl BatchOfOne {
-    /// `alone` computes the result for the single sample `x`; `doubled` computes
-    /// it for `x` twice over and keeps the first half. Runs `alone` where it is
-    /// known to match, else `doubled` (trying `alone` too the first time).
-    pub fn run(&self, x: &Tensor, alone: impl Fn() -> Tensor, doubled: impl Fn() -> Tensor) -> Tensor {
-        match self.try_run(x, || Ok::<_, std::convert::Infallible>(alone()), || Ok(doubled())) {
+    /// `f(x)`, where a batch of one (`x` with a leading dimension of 1) is
+    /// computed alone if that is known to match a batch, else as `f` of `x`
+    /// twice over, keeping the first half (trying alone too the first time).
+    pub fn apply(&self, x: &Tensor, f: impl Fn(&Tensor) -> Tensor) -> Tensor {
+        if x.dim() < 2 || x.size()[0] != 1 {
+            return f(x);
+        }
+        let doubled = || f(&Tensor::cat(&[x, x], 0)).narrow(0, 0, 1);
+        match self.try_run(x, || Ok::<_, std::convert::Infallible>(f(x)), || Ok(doubled())) {
             Ok(t) => t,
             Err(never) => match never {},
         }
     }
 
-    /// [`Self::run`] for computations that can fail.
+    /// For a single sample `x`: `alone` computes its result, `doubled` computes
+    /// it for `x` twice over and keeps the first half. Runs `alone` where that
+    /// is known to match, else `doubled` (trying both the first time).
     pub fn try_run<E>(&self, x: &Tensor, alone: impl Fn() -> Result<Tensor, E>, doubled: impl Fn() -> Result<Tensor, E>) -> Result<Tensor, E> {
         match self.verdict(x) {
             Some(true) => alone(),
@@ -149,10 +152,10 @@ impl Conv2d {
 
 impl nn::Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Tensor {
-        if x.dim() != 4 || x.size()[0] != 1 {
+        if x.dim() != 4 {
             return x.apply(&self.inner);
         }
-        self.single.run(x, || x.apply(&self.inner), || Tensor::cat(&[x, x], 0).apply(&self.inner).narrow(0, 0, 1))
+        self.single.apply(x, |t| t.apply(&self.inner))
     }
 }
 
@@ -174,10 +177,7 @@ impl GroupNorm {
 
 impl nn::Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Tensor {
-        if x.dim() < 2 || x.size()[0] != 1 {
-            return x.apply(&self.inner);
-        }
-        self.single.run(x, || x.apply(&self.inner), || Tensor::cat(&[x, x], 0).apply(&self.inner).narrow(0, 0, 1))
+        self.single.apply(x, |t| t.apply(&self.inner))
     }
 }
 

@@ -129,10 +129,7 @@ impl TextTimeEmbedding {
 
     /// `[B, L, encoder_dim] -> [B, time_embed_dim]`.
     pub fn forward(&self, text: &Tensor) -> Tensor {
-        if text.size()[0] != 1 {
-            return self.pooled(text);
-        }
-        self.single.run(text, || self.pooled(text), || self.pooled(&Tensor::cat(&[text, text], 0)).narrow(0, 0, 1))
+        self.single.apply(text, |t| self.pooled(t))
     }
 
     fn pooled(&self, text: &Tensor) -> Tensor {
