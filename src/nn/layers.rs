@@ -93,7 +93,7 @@ impl BatchOfOne {
         if x.dim() < 2 || x.size()[0] != 1 {
             return f(x);
         }
-        let doubled = || f(&Tensor::cat(&[x, x], 0)).narrow(0, 0, 1);
+        let doubled = || f(&twice(x)).narrow(0, 0, 1);
         match self.try_run(x, || Ok::<_, std::convert::Infallible>(f(x)), || Ok(doubled())) {
             Ok(t) => t,
             Err(never) => match never {},
@@ -131,6 +131,25 @@ impl BatchOfOne {
         // The list is only ever appended to whole entries: a poisoned lock holds good data.
         self.verdicts.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// A single sample `x` twice over along the batch, each copy laid out as `x`
+/// is (channels-last stays channels-last).
+///
+/// Why: a batch of two made by `cat` is contiguous whatever `x` was, and
+/// GroupNorm and convolutions take another kernel for channels-last input, so
+/// the doubled sample would not get the bits it gets inside a real batch, whose
+/// tensors keep the layout the layers before produced.
+pub fn twice(x: &Tensor) -> Tensor {
+    let (mut size, mut strides) = (x.size(), x.stride());
+    // A batch of one's own stride is arbitrary: the copies sit one sample's extent apart.
+    strides[0] = size.iter().zip(&strides).skip(1).map(|(n, s)| n * s).max().unwrap_or(1).max(1);
+    size[0] = 2;
+    let out = Tensor::empty_strided(size.as_slice(), strides.as_slice(), (x.kind(), x.device()));
+    for i in 0..2 {
+        out.narrow(0, i, 1).copy_(x);
+    }
+    out
 }
 
 /// A 2-D convolution (`weight` [out, in, k, k], `bias` [out], as in PyTorch)
@@ -263,6 +282,20 @@ mod tests {
             let plain = x.apply(&conv.inner);
             assert!((&plain.get(0) - &batched).abs().max().double_value(&[]) < 1e-5);
         }
+    }
+
+    #[test]
+    fn a_doubled_sample_keeps_its_layout() {
+        let opts = (tch::Kind::Float, tch::Device::Cpu);
+        // Channels-last, as attention hands it on: [1, C, H, W] viewed from [1, H·W, C].
+        let x = Tensor::randn([1, 16, 24], opts).transpose(1, 2).reshape([1, 24, 4, 4]);
+        assert_eq!(x.stride()[1], 1);
+        let two = twice(&x);
+        assert_eq!(two.size(), [2, 24, 4, 4]);
+        assert_eq!(two.stride(), [384, 1, 96, 24], "channels-last, one sample's extent apart");
+        assert!(two.get(0).equal(&x.get(0)) && two.get(1).equal(&x.get(0)));
+        let plain = Tensor::randn([1, 3, 5], opts);
+        assert_eq!(twice(&plain).stride(), [15, 5, 1]);
     }
 
     #[test]

@@ -161,7 +161,7 @@ impl UpBlock {
         let mut h = x.shallow_clone();
         for (resnet, attn) in self.resnets.iter().zip(&self.attentions) {
             let skip = skips.pop().expect("the UNet pushes one skip per up-block layer");
-            h = resnet.forward(&Tensor::cat(&[&h, &skip], 1), cond.temb, cond.train);
+            h = resnet.forward(&joined(&h, &skip), cond.temb, cond.train);
             if let Some(attn) = attn {
                 h = attn.forward(&h, cond.text, cond.maps);
             }
@@ -170,5 +170,47 @@ impl UpBlock {
             h = up.forward(&h, cond.temb, cond.train);
         }
         h
+    }
+}
+
+/// `[h; skip]` along the channels, laid out as `h` is.
+///
+/// Why: `cat` lays its output out channels-last only when every input is, and
+/// a skip's layout can differ between a batch of one and a larger batch with
+/// the same values; the ResNet's GroupNorm after it then takes another kernel
+/// and the sample's bits change with the batch around it.
+fn joined(h: &Tensor, skip: &Tensor) -> Tensor {
+    let out = Tensor::cat(&[h, skip], 1);
+    if is_channels_last(h) && !is_channels_last(&out) {
+        return out.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]);
+    }
+    out
+}
+
+/// Channels-last strides (the batch's own stride aside, which a batch of one may set freely).
+fn is_channels_last(t: &Tensor) -> bool {
+    let (size, strides) = (t.size(), t.stride());
+    size.len() == 4 && size[1] > 1 && strides[1] == 1 && strides[3] == size[1] && strides[2] == size[1] * size[3]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_join_keeps_the_layout_of_the_path_from_below() {
+        let opts = (tch::Kind::Float, tch::Device::Cpu);
+        let channels_last = |t: Tensor| t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]);
+        for batch in [1, 2] {
+            let h = channels_last(Tensor::randn([batch, 8, 4, 4], opts));
+            let skip = Tensor::randn([batch, 6, 4, 4], opts);
+            // cat alone would fall back to NCHW because the skip is NCHW.
+            assert!(!is_channels_last(&Tensor::cat(&[&h, &skip], 1)));
+            let out = joined(&h, &skip);
+            assert!(is_channels_last(&out), "batch {batch}");
+            assert!(out.equal(&Tensor::cat(&[&h, &skip], 1)));
+            let plain = joined(&h.contiguous(), &skip);
+            assert!(!is_channels_last(&plain) && plain.is_contiguous());
+        }
     }
 }
