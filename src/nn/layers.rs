@@ -44,10 +44,11 @@ impl Linear {
         let out_dim = self.ws.size()[0];
         let rows = if size.len() == 1 { x.reshape([1, 1, in_dim]) } else { x.reshape([batch, -1, in_dim]) };
         let weight = self.ws.tr().unsqueeze(0).expand([rows.size()[0], in_dim, out_dim], false);
-        let mut y = rows.bmm(&weight);
-        if let Some(bs) = &self.bs {
-            y += bs;
-        }
+        // The bias enters the product itself (one pass over the output, not two).
+        let y = match &self.bs {
+            Some(bs) => bs.baddbmm(&rows, &weight, 1.0, 1.0),
+            None => rows.bmm(&weight),
+        };
         let last = size.len() - 1;
         size[last] = out_dim;
         y.reshape(size)
