@@ -110,8 +110,8 @@ $(REFENV_STAMP): scripts/gen_fixtures.py | $(TORCH_STAMP)
 # base-eps trains the base stage with the ε objective, base-v fine-tunes it to
 # v, base-minsnr continues that with Min-SNR-γ weighting, base-ground fine-tunes
 # it on the narrowed dataset (six shapes, six colours, larger objects) with the
-# grounding loss, and base continues base-ground (base-ground3, a further
-# continuation of base, is kept as a record and not shipped); sr64-eps trains the
+# grounding loss, and base continues base-ground (base-ground3 and base-ground10,
+# further continuations of base, are kept as records and not shipped); sr64-eps trains the
 # first super-resolution stage with ε and sr64 fine-tunes it to v, and
 # likewise sr128-eps and sr128 for the second (each config's `init` names the
 # previous run). DEVICE=cuda trains on a GPU (fp16 mixed precision).
