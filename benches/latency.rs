@@ -13,21 +13,19 @@
 //!     cargo bench --bench latency                  # 2 threads, median of 3
 //!     BENCH_THREADS=1 BENCH_ITERS=5 BENCH_SIZES=1 BENCH_MODEL=models/default cargo bench --bench latency
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
+use common::env_or;
 use diffusiond::nn::device::{DeviceSetting, Precision};
 use diffusiond::nn::weights;
 use diffusiond::pipeline::{Cascade, LoadOptions, RequestSpec};
 
 const PROMPT: &str = "a red circle above a blue square";
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
-}
 
 /// Timings of one side: the whole cascade and each stage, median over the runs.
 struct Timing {
@@ -74,19 +72,10 @@ fn time_ours(cascade: &Cascade, n: usize, iters: usize) -> Timing {
 
 fn time_theirs(py: &Path, model: &Path, embeds: &Path, threads: usize, n: usize, iters: usize) -> Option<Timing> {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/diffusers_cascade_bench.py");
-    let out = Command::new(py)
-        .arg(script)
-        .arg(model)
-        .arg(embeds)
-        .args([threads.to_string(), n.to_string(), iters.to_string()])
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        eprintln!("diffusers failed: {}", String::from_utf8_lossy(&out.stderr));
-        return None;
-    }
-    let line = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(line.lines().last()?).ok()?;
+    let counts = [threads, n, iters].map(|k| std::ffi::OsString::from(k.to_string()));
+    let mut argv = vec![model.as_os_str(), embeds.as_os_str()];
+    argv.extend(counts.iter().map(|c| c.as_os_str()));
+    let v = common::python_json(py, &script, &argv)?;
     let stages_ms = v["stages_ms"].as_array()?.iter().filter_map(serde_json::Value::as_f64).collect();
     Some(Timing { total_ms: v["median_ms"].as_f64()?, stages_ms })
 }

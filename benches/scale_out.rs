@@ -12,19 +12,18 @@
 //!     cargo bench --bench scale_out
 //!     BENCH_MODEL=models/default BENCH_REQUESTS=64 cargo bench --bench scale_out
 
+mod common;
+
 #[path = "../tests/cluster/mod.rs"]
 mod cluster;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::env_or;
 use cluster::{Redis, Replica, ReplicaOptions, Scratch};
 use diffusiond::jobs::{open_store, JobStatus};
 use serde_json::json;
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
-}
 
 struct Load {
     jobs: usize,

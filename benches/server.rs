@@ -15,11 +15,14 @@
 //! The server runs as a separate process (`DIFFUSIOND_BIN`, default: the one
 //! cargo built), the clients in this one.
 
+mod common;
+
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::env_or;
 use diffusiond::diffusion::SchedulerConfig;
 use diffusiond::nn::device::{DeviceSetting, Precision};
 use diffusiond::nn::unet::{LoadedUNet, UNetConfig};
@@ -29,10 +32,6 @@ use diffusiond::pipeline::writer::{write_stage, StageFiles};
 use diffusiond::pipeline::{Cascade, LoadOptions, Manifest, RequestSpec};
 use serde_json::json;
 use tch::Kind;
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
-}
 
 fn unet(size: i64, channels: &[i64], in_channels: i64, text_width: i64, sr: bool) -> LoadedUNet {
     let n = channels.len();

@@ -11,18 +11,17 @@
 //!     BENCH_DEVICE=cuda BENCH_DTYPE=float16 cargo bench --bench unet
 //!     BENCH_THREADS=4 BENCH_ITERS=20 cargo bench --bench unet
 
+mod common;
+
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
+use common::env_or;
 use diffusiond::nn::unet::{LoadedUNet, UNetConfig, UNetInput};
 use diffusiond::nn::weights;
 use tch::{Cuda, Device, Kind, Tensor};
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
-}
 
 fn bench_config() -> UNetConfig {
     let json = serde_json::json!({
@@ -63,13 +62,9 @@ fn time_ours(unet: &LoadedUNet, input: &UNetInput<'_>, iters: usize, device: Dev
 
 fn time_theirs(py: &Path, dir: &Path, io: &Path, args: &[String]) -> Option<(f64, f64)> {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/diffusers_run_unet.py");
-    let out = Command::new(py).arg(script).arg("bench").arg(dir).arg(io).args(args).output().ok()?;
-    if !out.status.success() {
-        eprintln!("diffusers failed: {}", String::from_utf8_lossy(&out.stderr));
-        return None;
-    }
-    let line = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(line.lines().last()?).ok()?;
+    let mut argv: Vec<&OsStr> = vec!["bench".as_ref(), dir.as_os_str(), io.as_os_str()];
+    argv.extend(args.iter().map(OsStr::new));
+    let v = common::python_json(py, &script, &argv)?;
     Some((v["median_ms"].as_f64()?, v["min_ms"].as_f64()?))
 }
 

@@ -141,7 +141,7 @@ impl BatchOfOne {
 /// GroupNorm and convolutions take another kernel for channels-last input, so
 /// the doubled sample would not get the bits it gets inside a real batch, whose
 /// tensors keep the layout the layers before produced.
-pub fn twice(x: &Tensor) -> Tensor {
+fn twice(x: &Tensor) -> Tensor {
     let (mut size, mut strides) = (x.size(), x.stride());
     // A batch of one's own stride is arbitrary: the copies sit one sample's extent apart.
     strides[0] = size.iter().zip(&strides).skip(1).map(|(n, s)| n * s).max().unwrap_or(1).max(1);

@@ -182,9 +182,14 @@ impl UpBlock {
 fn joined(h: &Tensor, skip: &Tensor) -> Tensor {
     let out = Tensor::cat(&[h, skip], 1);
     if is_channels_last(h) && !is_channels_last(&out) {
-        return out.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]);
+        return to_channels_last(&out);
     }
     out
+}
+
+/// The same values with channels-last strides.
+fn to_channels_last(t: &Tensor) -> Tensor {
+    t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
 }
 
 /// Channels-last strides (the batch's own stride aside, which a batch of one may set freely).
@@ -200,9 +205,8 @@ mod tests {
     #[test]
     fn a_join_keeps_the_layout_of_the_path_from_below() {
         let opts = (tch::Kind::Float, tch::Device::Cpu);
-        let channels_last = |t: Tensor| t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]);
         for batch in [1, 2] {
-            let h = channels_last(Tensor::randn([batch, 8, 4, 4], opts));
+            let h = to_channels_last(&Tensor::randn([batch, 8, 4, 4], opts));
             let skip = Tensor::randn([batch, 6, 4, 4], opts);
             // cat alone would fall back to NCHW because the skip is NCHW.
             assert!(!is_channels_last(&Tensor::cat(&[&h, &skip], 1)));
