@@ -26,7 +26,8 @@ pub struct TrainArgs {
     /// Stop after this many seconds of training (with a checkpoint); resumable.
     #[arg(long)]
     pub max_seconds: Option<f64>,
-    /// auto (fp16 mixed precision on CUDA, f32 on the CPU), f32 or fp16.
+    /// auto (fp16 mixed precision on CUDA; on the CPU bf16 products where it
+    /// has bfloat16 instructions, else f32), f32, fp16 or bf16.
     #[arg(long, default_value = "auto")]
     pub precision: PrecisionSetting,
     /// Threads that render batches ahead of the training loop (default: 4 on
@@ -62,6 +63,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let precision = match args.precision {
         PrecisionSetting::Fixed(p) => p,
         PrecisionSetting::Auto if device.is_cuda() => Precision::Fp16,
+        PrecisionSetting::Auto if diffusiond::nn::precision::cpu_has_bf16() => Precision::Bf16,
         PrecisionSetting::Auto => Precision::F32,
     };
     if let Some(s) = args.max_seconds.filter(|s| !(s.is_finite() && *s > 0.0)) {

@@ -9,6 +9,8 @@ use std::sync::Mutex;
 
 use tch::{nn, Device, Kind, Tensor};
 
+use super::precision::{cast, product_kind};
+
 /// A linear layer (`weight` [out, in], `bias` [out], as in PyTorch) computed as
 /// one matrix product per sample.
 ///
@@ -43,12 +45,18 @@ impl Linear {
         let (batch, in_dim) = (size[0], size[size.len() - 1]);
         let out_dim = self.ws.size()[0];
         let rows = if size.len() == 1 { x.reshape([1, 1, in_dim]) } else { x.reshape([batch, -1, in_dim]) };
-        let weight = self.ws.tr().unsqueeze(0).expand([rows.size()[0], in_dim, out_dim], false);
+        // Mixed precision (training only): the product in the reduced kind.
+        let (rows, ws, bs) = match product_kind().filter(|&k| k != x.kind()) {
+            Some(k) => (cast(&rows, k), cast(&self.ws, k), self.bs.as_ref().map(|b| cast(b, k))),
+            None => (rows, self.ws.shallow_clone(), self.bs.as_ref().map(Tensor::shallow_clone)),
+        };
+        let weight = ws.tr().unsqueeze(0).expand([rows.size()[0], in_dim, out_dim], false);
         // The bias enters the product itself (one pass over the output, not two).
-        let y = match &self.bs {
+        let y = match &bs {
             Some(bs) => bs.baddbmm(&rows, &weight, 1.0, 1.0),
             None => rows.bmm(&weight),
         };
+        let y = cast(&y, x.kind());
         let last = size.len() - 1;
         size[last] = out_dim;
         y.reshape(size)
@@ -159,23 +167,36 @@ fn twice(x: &Tensor) -> Tensor {
 #[derive(Debug)]
 pub struct Conv2d {
     pub inner: nn::Conv2D,
+    /// The zero padding of each side (stride, dilation and groups are 1).
+    padding: i64,
     single: BatchOfOne,
 }
 
 impl Conv2d {
     /// Creates `weight` and `bias` under `p`; `padding` keeps the map's size for odd kernels.
     pub fn new(p: nn::Path, in_channels: i64, out_channels: i64, kernel: i64) -> Self {
-        let config = nn::ConvConfig { padding: (kernel - 1) / 2, ..Default::default() };
-        Self { inner: nn::conv2d(p, in_channels, out_channels, kernel, config), single: BatchOfOne::default() }
+        let padding = (kernel - 1) / 2;
+        let config = nn::ConvConfig { padding, ..Default::default() };
+        Self { inner: nn::conv2d(p, in_channels, out_channels, kernel, config), padding, single: BatchOfOne::default() }
+    }
+}
+
+impl Conv2d {
+    /// The plain convolution, its product in [`product_kind`] when one is set.
+    fn convolve(&self, x: &Tensor) -> Tensor {
+        let Some(k) = product_kind().filter(|&k| k != x.kind()) else { return x.apply(&self.inner) };
+        let bias = self.inner.bs.as_ref().map(|b| cast(b, k));
+        let y = cast(x, k).conv2d(&cast(&self.inner.ws, k), bias, [1, 1], [self.padding, self.padding], [1, 1], 1);
+        cast(&y, x.kind())
     }
 }
 
 impl nn::Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Tensor {
         if x.dim() != 4 {
-            return x.apply(&self.inner);
+            return self.convolve(x);
         }
-        self.single.apply(x, |t| t.apply(&self.inner))
+        self.single.apply(x, |t| self.convolve(t))
     }
 }
 
@@ -297,6 +318,29 @@ mod tests {
         assert!(two.get(0).equal(&x.get(0)) && two.get(1).equal(&x.get(0)));
         let plain = Tensor::randn([1, 3, 5], opts);
         assert_eq!(twice(&plain).stride(), [15, 5, 1]);
+    }
+
+    #[test]
+    fn bf16_products_stay_close_to_f32_and_train_f32_weights() {
+        use crate::nn::precision::with_product_kind;
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let lin = Linear::new(vs.root() / "lin", 96, 64);
+        let conv = Conv2d::new(vs.root() / "conv", 16, 8, 3);
+        let opts = (Kind::Float, tch::Device::Cpu);
+        let (x, img) = (Tensor::randn([4, 10, 96], opts), Tensor::randn([4, 16, 12, 12], opts));
+        let (lin32, conv32) = (lin.forward(&x), img.apply(&conv));
+        let (lin16, conv16) = with_product_kind(Some(Kind::BFloat16), || (lin.forward(&x), img.apply(&conv)));
+        for (name, low, full) in [("linear", &lin16, &lin32), ("conv", &conv16, &conv32)] {
+            assert_eq!(low.kind(), Kind::Float, "{name} hands back the input's kind");
+            let rel = ((low - full).norm() / full.norm()).double_value(&[]);
+            assert!(rel > 0.0 && rel < 1e-2, "{name}: relative error {rel}");
+        }
+        // Gradients reach the f32 weights through the casts.
+        with_product_kind(Some(Kind::BFloat16), || (lin.forward(&x).sum(Kind::Float) + img.apply(&conv).sum(Kind::Float)).backward());
+        for w in [&lin.ws, &conv.inner.ws] {
+            assert_eq!(w.kind(), Kind::Float);
+            assert!(w.grad().defined() && w.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+        }
     }
 
     #[test]

@@ -9,12 +9,14 @@
 //! |---|---|
 //! | `weights` | strict safetensors loading (single or sharded) and saving |
 //! | `device` | the device and precision settings |
+//! | `precision` | bfloat16 products inside f32 layers, for training on the CPU |
 //! | `unet` | the IF-style UNet: config, embeddings, ResNet blocks, attention, up/down blocks |
 //! | `text` | tokenizer and frozen text encoders (BERT, T5) |
 
 pub mod device;
 pub mod error;
 pub mod layers;
+pub mod precision;
 pub mod text;
 pub mod unet;
 pub mod weights;

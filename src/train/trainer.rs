@@ -24,7 +24,9 @@
 //!
 //! With [`Precision::Fp16`] the UNet's forward pass runs under CUDA autocast
 //! and the loss, computed in f32, is scaled for the backward pass by the
-//! optimiser's dynamic loss scale (see [`super::optim`]).
+//! optimiser's dynamic loss scale (see [`super::optim`]). With
+//! [`Precision::Bf16`] its linear and convolution layers multiply in bfloat16
+//! on the CPU (`nn::precision`); validation always runs in f32.
 
 use std::str::FromStr;
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -42,6 +44,7 @@ use super::loss::{HybridLoss, LossTerms};
 use super::optim::{Optimizer, StepReport};
 use crate::diffusion::forward::q_sample;
 use crate::diffusion::NoiseSchedule;
+use crate::nn::precision::with_product_kind;
 use crate::nn::text::TextEncoder;
 use crate::nn::unet::{AttentionMaps, LoadedUNet, UNetInput};
 
@@ -73,6 +76,10 @@ pub enum Precision {
     F32,
     /// fp16 autocast with f32 master weights and dynamic loss scaling (CUDA only).
     Fp16,
+    /// bfloat16 products in the linear and convolution layers, everything else
+    /// and the weights in f32 (see `nn::precision`): for CPUs with bfloat16
+    /// dot products.
+    Bf16,
 }
 
 impl Precision {
@@ -80,6 +87,7 @@ impl Precision {
         match self {
             Precision::F32 => "f32",
             Precision::Fp16 => "fp16",
+            Precision::Bf16 => "bf16",
         }
     }
 }
@@ -90,7 +98,8 @@ impl FromStr for Precision {
         match s {
             "f32" | "fp32" => Ok(Precision::F32),
             "fp16" | "f16" => Ok(Precision::Fp16),
-            _ => Err(format!("unknown precision {s:?}: expected f32 or fp16")),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            _ => Err(format!("unknown precision {s:?}: expected f32, fp16 or bf16")),
         }
     }
 }
@@ -338,8 +347,10 @@ impl StageTrainer<'_> {
         let t = Tensor::from_slice(&b.timesteps).to_device(b.sample.device());
         let input = UNetInput { sample: &b.sample, timesteps: &t, encoder_hidden_states: &b.text, class_labels: b.class_labels.as_ref() };
         let maps = b.grounding.as_ref().map(|_| AttentionMaps::default());
-        let output =
-            tch::autocast(self.precision == Precision::Fp16, || self.unet.model.forward_probed(&input, true, maps.as_ref()))?;
+        let products = (self.precision == Precision::Bf16).then_some(Kind::BFloat16);
+        let output = with_product_kind(products, || {
+            tch::autocast(self.precision == Precision::Fp16, || self.unet.model.forward_probed(&input, true, maps.as_ref()))
+        })?;
         // The loss (a log-likelihood with small differences of logs) in f32.
         let terms = self.loss.compute(&output.to_kind(Kind::Float), &b.images, &b.x_t, &b.noise, &b.timesteps);
         let grounding = b.grounding.as_ref().zip(maps).map(|(targets, maps)| targets.loss(&maps.take()));
