@@ -69,6 +69,16 @@ def cpu():
     return platform.processor() or "unknown CPU"
 
 
+def precision(run):
+    """The arithmetic a CPU run's start lines name (`# … precision bf16 …`)."""
+    names = {"f32": "f32", "bf16": "bf16 products in f32 layers (f32 weights)"}
+    for line in open(os.path.join(run, "train.log")):
+        f = line.split()
+        if line.startswith("#") and "precision" in f and f.index("precision") + 1 < len(f):
+            return names.get(f[f.index("precision") + 1].rstrip(","), f[f.index("precision") + 1].rstrip(","))
+    return "f32"
+
+
 def main(runs):
     print("# Training log of the default cascade\n")
     print("Made by `scripts/training_log.py` from each run's `train.log`; configs in `train/`.")
@@ -77,7 +87,7 @@ def main(runs):
         name = os.path.basename(os.path.normpath(run))
         config = json.load(open(os.path.join("models/default/train", f"{name}.json")))
         hardware_file = os.path.join(run, "hardware.txt")
-        hardware = open(hardware_file).read().strip() if os.path.exists(hardware_file) else f"{cpu()}; libtorch CPU, f32"
+        hardware = open(hardware_file).read().strip() if os.path.exists(hardware_file) else f"{cpu()}; libtorch CPU, {precision(run)}"
         target = "v" if config["scheduler"].get("prediction_type") == "v_prediction" else "ε"
         # Steps a stopped run took past its last checkpoint are not in the weights.
         rows, validations = read(run)
