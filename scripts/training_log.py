@@ -103,7 +103,10 @@ def main(runs):
         print(f"## {name}\n")
         print(f"- hardware: {hardware}")
         if config.get("init"):
-            print(f"- starts from the weights of `{os.path.basename(os.path.normpath(os.path.dirname(config['init'])))}` (`init`)")
+            init = os.path.normpath(config["init"])
+            # `runs/<name>/stage` names its run; a shipped stage folder names itself.
+            source = os.path.basename(os.path.dirname(init)) if os.path.basename(init) == "stage" else os.path.basename(init)
+            print(f"- starts from the weights of `{source}` (`init`)")
         print(f"- prediction: {target}; schedule {config['scheduler']['beta_schedule']}")
         print(f"- steps: {len(rows)} of batch {config['batch']} ({len(rows) * config['batch']} images), lr {learning_rates(rows, config)}, EMA {config['ema_decay']}")
         if config.get("min_snr_gamma"):
