@@ -179,9 +179,7 @@ impl Conv2d {
         let config = nn::ConvConfig { padding, ..Default::default() };
         Self { inner: nn::conv2d(p, in_channels, out_channels, kernel, config), padding, single: BatchOfOne::default() }
     }
-}
 
-impl Conv2d {
     /// The plain convolution, its product in [`product_kind`] when one is set.
     fn convolve(&self, x: &Tensor) -> Tensor {
         let Some(k) = product_kind().filter(|&k| k != x.kind()) else { return x.apply(&self.inner) };
