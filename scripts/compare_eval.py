@@ -50,23 +50,20 @@ def main():
     if [(c, p) for c, p, _ in a] != [(c, p) for c, p, _ in b]:
         sys.exit("the two runs judged different prompts: compare runs of the same benchmark")
     per = defaultdict(lambda: [0, 0, 0])
-    only_a, only_b = [], []
-    for (cat, prompt, pa), (_, _, pb) in zip(a, b):
+    for (cat, _, pa), (_, _, pb) in zip(a, b):
         per[cat][0] += 1
         per[cat][1] += pa
         per[cat][2] += pb
-        if pa and not pb:
-            only_a.append((cat, prompt))
-        elif pb and not pa:
-            only_b.append((cat, prompt))
+    only_a = sum(pa and not pb for (*_, pa), (*_, pb) in zip(a, b))
+    only_b = sum(pb and not pa for (*_, pa), (*_, pb) in zip(a, b))
     print(f"| category | images | A | B |\n|---|---:|---:|---:|")
     for cat, (n, sa, sb) in per.items():
         print(f"| {cat} | {n} | {100 * sa / n:.1f} | {100 * sb / n:.1f} |")
     n = len(a)
     sa, sb = sum(p for *_, p in a), sum(p for *_, p in b)
     print(f"| overall | {n} | {100 * sa / n:.1f} | {100 * sb / n:.1f} |")
-    print(f"\npassed by A only: {len(only_a)}, by B only: {len(only_b)}; "
-          f"two-sided sign test p = {sign_test(len(only_a), len(only_b)):.3f}")
+    print(f"\npassed by A only: {only_a}, by B only: {only_b}; "
+          f"two-sided sign test p = {sign_test(only_a, only_b):.3f}")
 
 
 if __name__ == "__main__":

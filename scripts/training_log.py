@@ -74,8 +74,9 @@ def precision(run):
     names = {"f32": "f32", "bf16": "bf16 products in f32 layers (f32 weights)"}
     for line in open(os.path.join(run, "train.log")):
         f = line.split()
-        if line.startswith("#") and "precision" in f and f.index("precision") + 1 < len(f):
-            return names.get(f[f.index("precision") + 1].rstrip(","), f[f.index("precision") + 1].rstrip(","))
+        if line.startswith("#") and "precision" in f[:-1]:
+            kind = f[f.index("precision") + 1].rstrip(",")
+            return names.get(kind, kind)
     return "f32"
 
 
