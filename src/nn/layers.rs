@@ -102,6 +102,7 @@ impl BatchOfOne {
         if x.dim() < 2 || x.size()[0] != 1 {
             return f(x);
         }
+        let x = &batch_strided(x);
         let doubled = || f(&twice(x)).narrow(0, 0, 1);
         match self.try_run(x, || Ok::<_, std::convert::Infallible>(f(x)), || Ok(doubled())) {
             Ok(t) => t,
@@ -142,6 +143,35 @@ impl BatchOfOne {
     }
 }
 
+/// The strides of `x` with the batch stride one sample's extent, as it is
+/// in any batch of two or more laid out like `x`.
+fn batch_strides(x: &Tensor) -> Vec<i64> {
+    let (size, mut strides) = (x.size(), x.stride());
+    strides[0] = size.iter().zip(&strides).skip(1).map(|(n, s)| n * s).max().unwrap_or(1).max(1);
+    strides
+}
+
+/// A batch of one with the batch stride it would have in a larger batch (the
+/// same data, a view).
+///
+/// Why: a batch of one's own batch stride is arbitrary (a reshape after a
+/// transpose leaves it at the channel count, say), and libtorch reads the
+/// memory format off all four strides: a channels-last sample whose batch
+/// stride is too small counts as contiguous, so convolutions and GroupNorm
+/// take their NCHW kernels for it while the same sample in a batch takes the
+/// channels-last ones, and the bits differ (measured: from the second down
+/// block of `models/default`'s base stage onwards, in the 6th digit).
+pub fn batch_strided(x: &Tensor) -> Tensor {
+    if x.dim() < 2 || x.size()[0] != 1 {
+        return x.shallow_clone();
+    }
+    let strides = batch_strides(x);
+    if strides == x.stride() {
+        return x.shallow_clone();
+    }
+    x.as_strided(x.size().as_slice(), strides.as_slice(), None)
+}
+
 /// A single sample `x` twice over along the batch, each copy laid out as `x`
 /// is (channels-last stays channels-last).
 ///
@@ -150,9 +180,7 @@ impl BatchOfOne {
 /// the doubled sample would not get the bits it gets inside a real batch, whose
 /// tensors keep the layout the layers before produced.
 fn twice(x: &Tensor) -> Tensor {
-    let (mut size, mut strides) = (x.size(), x.stride());
-    // A batch of one's own stride is arbitrary: the copies sit one sample's extent apart.
-    strides[0] = size.iter().zip(&strides).skip(1).map(|(n, s)| n * s).max().unwrap_or(1).max(1);
+    let (mut size, strides) = (x.size(), batch_strides(x));
     size[0] = 2;
     let out = Tensor::empty_strided(size.as_slice(), strides.as_slice(), (x.kind(), x.device()));
     for i in 0..2 {
@@ -284,6 +312,22 @@ mod tests {
             assert!(part.equal(&got.get(1)), "batch {n} changed sample 1");
         }
         assert_eq!(ours.forward(&Tensor::ones([3, 384], (tch::Kind::Float, tch::Device::Cpu))).size(), [3, 256]);
+    }
+
+    #[test]
+    fn a_batch_of_one_gets_the_batch_stride_of_a_batch() {
+        let opts = (tch::Kind::Float, tch::Device::Cpu);
+        // [B, T, C] tokens back to a channels-last map, as attention does.
+        let map = |b: i64| Tensor::randn([b, 64, 96], opts).transpose(1, 2).reshape([b, 96, 8, 8]);
+        let one = map(1);
+        assert_eq!(one.stride()[0], 96, "the reshape leaves the channel count");
+        let fixed = batch_strided(&one);
+        assert_eq!(fixed.stride(), map(2).stride());
+        assert!(fixed.equal(&one));
+        // Already a batch's strides, or a batch: untouched.
+        let plain = Tensor::randn([1, 3, 4, 4], opts);
+        assert_eq!(batch_strided(&plain).stride(), plain.stride());
+        assert_eq!(batch_strided(&map(2)).stride(), map(2).stride());
     }
 
     #[test]

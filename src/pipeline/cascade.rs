@@ -207,10 +207,10 @@ impl Cascade {
     /// the stage has been found to give them, else evaluated twice over (see
     /// [`crate::nn::layers::BatchOfOne`]). The linear, convolution and
     /// GroupNorm layers and the text pooling settle their own shapes; this
-    /// check covers the rest. On an AVX-512 CPU with one thread the down path of
-    /// `models/default`'s stages then matches, but the middle block still
-    /// differs in the 7th digit (an op not yet found), so there the check
-    /// keeps the doubled evaluation.
+    /// check covers the rest. On an AVX-512 CPU `models/default`'s stages pass
+    /// it once the attention hands a batch of one on with a batch's strides
+    /// (see [`crate::nn::layers::batch_strided`]), so a single image costs
+    /// one row, not two.
     pub fn forward(&self, stage: &Stage, rows: &ModelRows) -> Result<Tensor> {
         let run = |twice: bool| -> Result<Tensor> {
             let expand = |t: &Tensor| if twice { Tensor::cat(&[t, t], 0) } else { t.shallow_clone() };

@@ -18,7 +18,7 @@ use std::cell::RefCell;
 
 use tch::{nn, Kind, Tensor};
 
-use crate::nn::layers::{ApplyLinear, GroupNorm, Linear};
+use crate::nn::layers::{batch_strided, ApplyLinear, GroupNorm, Linear};
 
 use super::config::LayerSettings;
 
@@ -129,6 +129,43 @@ impl AddedKvAttention {
             }
         };
         let out = out.transpose(1, 2).reshape([b, -1, c]).apply_linear(&self.to_out);
-        out.transpose(-1, -2).reshape(size.as_slice()) + x
+        // The reshape leaves a batch of one with an arbitrary batch stride;
+        // restrided, its layout (and so every later kernel) is the batch's.
+        batch_strided(&(out.transpose(-1, -2).reshape(size.as_slice()) + x))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::layers::Activation;
+    use crate::nn::unet::config::TimeScaleShift;
+
+    #[test]
+    fn a_single_sample_leaves_with_the_layout_it_has_in_a_batch() {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let settings = LayerSettings {
+            act: Activation::Silu,
+            groups: 16,
+            eps: 1e-5,
+            temb_channels: 64,
+            time_scale_shift: TimeScaleShift::ScaleShift,
+            skip_time_act: false,
+            dropout: 0.0,
+            cross_attention_norm: true,
+        };
+        let shape = AttentionShape { channels: 96, head_dim: 32, added_kv_dim: 64, only_cross_attention: false };
+        let attention = AddedKvAttention::new(vs.root(), shape, &settings);
+        let opts = (Kind::Float, tch::Device::Cpu);
+        let x = Tensor::randn([3, 96, 8, 8], opts);
+        let text = Tensor::randn([3, 5, 64], opts);
+        tch::no_grad(|| {
+            let batch = attention.forward(&x, &text, None);
+            let one = attention.forward(&x.narrow(0, 0, 1), &text.narrow(0, 0, 1), None);
+            // The sample's values, and every stride, the batch's included:
+            // libtorch reads the memory format off all four.
+            assert!(one.get(0).equal(&batch.get(0)));
+            assert_eq!(one.stride(), batch.stride(), "layout of a batch of one");
+        });
     }
 }
