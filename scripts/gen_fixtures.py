@@ -66,8 +66,8 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import diffusers  # noqa: E402
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler  # noqa: E402
-from diffusers.schedulers import scheduling_ddpm  # noqa: E402
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UnCLIPScheduler  # noqa: E402
+from diffusers.schedulers import scheduling_ddpm, scheduling_unclip  # noqa: E402
 
 torch.set_num_threads(1)
 torch.use_deterministic_algorithms(True)
@@ -104,6 +104,7 @@ class NoiseReplay:
 
 REPLAY = NoiseReplay()
 scheduling_ddpm.randn_tensor = REPLAY
+scheduling_unclip.randn_tensor = REPLAY
 
 
 def guided(out: torch.Tensor, scale: float, channels: int, keep_variance: bool) -> torch.Tensor:
@@ -121,13 +122,17 @@ def guided(out: torch.Tensor, scale: float, channels: int, keep_variance: bool) 
 
 def run_case(case: dict, tensors: dict) -> None:
     cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler}[case["sampler"]]
+    # UnCLIPScheduler cases: diffusers' class, which our side reads as DDPM.
+    unclip = case["config"].get("_class_name") == "UnCLIPScheduler"
+    if unclip:
+        cls = UnCLIPScheduler
     steps = case.get("steps")
     eta = case.get("eta", 0.0)
     var_channels = case.get("var_channels", False)
     save_every = case.get("save_every", 1)
     name = case["name"]
     for i, (c, s, seed) in enumerate(zip(CONDS, SCALES, SEEDS)):
-        sched = cls(**case["config"])
+        sched = cls(**{k: v for k, v in case["config"].items() if not k.startswith("_")})
         if case.get("timesteps") is not None:
             sched.set_timesteps(timesteps=case["timesteps"])
         else:
@@ -147,7 +152,12 @@ def run_case(case: dict, tensors: dict) -> None:
             eps = guided(out, s, SHAPE[0], keep_variance)
             if case["sampler"] == "ddpm":
                 REPLAY.queue = [noise[drawn]] if drawn < len(noise) else []
-                x = sched.step(eps, t, x).prev_sample
+                if unclip:
+                    # As diffusers' UnCLIPPipeline calls it: the next timestep, None at the end.
+                    prev = timesteps[k + 1] if k + 1 < len(timesteps) else None
+                    x = sched.step(eps, t, x, prev_timestep=prev).prev_sample
+                else:
+                    x = sched.step(eps, t, x).prev_sample
                 drawn += 1 - len(REPLAY.queue)
             elif case["sampler"] == "ddim":
                 vn = noise[drawn] if eta > 0 else None
@@ -190,6 +200,18 @@ def trajectory_cases() -> list[dict]:
     cases.append(dict(name="ddpm_trailing_sigmoid", sampler="ddpm", steps=20,
                       config=dict(num_train_timesteps=1000, beta_schedule="sigmoid", timestep_spacing="trailing",
                                   variance_type="fixed_large", clip_sample=False)))
+    # UnCLIPScheduler as Karlo's three stages configure it (prior: x_0 clipped to
+    # +-5; decoder: learned range; super-resolution: 7 steps), and with its defaults.
+    unclip = dict(_class_name="UnCLIPScheduler", num_train_timesteps=1000)
+    cases.append(dict(name="unclip_prior", sampler="ddpm", steps=25,
+                      config=dict(unclip, variance_type="fixed_small_log", prediction_type="sample",
+                                  clip_sample=True, clip_sample_range=5.0)))
+    cases.append(dict(name="unclip_decoder", sampler="ddpm", steps=25, var_channels=True,
+                      config=dict(unclip, variance_type="learned_range", prediction_type="epsilon",
+                                  clip_sample=True, clip_sample_range=1.0)))
+    cases.append(dict(name="unclip_super_res", sampler="ddpm", steps=7,
+                      config=dict(unclip, variance_type="fixed_small_log", prediction_type="epsilon")))
+    cases.append(dict(name="unclip_defaults", sampler="ddpm", steps=12, config=dict(_class_name="UnCLIPScheduler")))
     # DDIM: eta x spacing x treatment.
     for eta in [0.0, 0.5, 1.0]:
         for spacing in ["leading", "trailing"]:

@@ -89,6 +89,9 @@ const NEUTRAL_OPTIONS: &[(&str, &str)] = &[
     ("timestep_type", "\"discrete\""),
 ];
 
+/// Karlo's scheduler class (DALL-E 2's unCLIP in diffusers), read as DDPM.
+const UNCLIP_CLASS: &str = "UnCLIPScheduler";
+
 /// Options whose value does not change what we compute (bookkeeping keys).
 const IGNORED_OPTIONS: &[&str] = &["flow_shift", "skip_prk_steps", "_use_default_values"];
 
@@ -97,9 +100,41 @@ impl SchedulerConfig {
     /// token `-Infinity`, which is not JSON; it is read as the string "-inf".
     pub fn from_json_str(text: &str) -> Result<Self> {
         let text = text.replace("-Infinity", "\"-inf\"").replace("Infinity", "\"inf\"").replace("NaN", "\"nan\"");
-        let config: Self = serde_json::from_str(&text)?;
+        let mut config: Self = serde_json::from_str(&text)?;
         config.check_other_fields()?;
+        if config.class_name.as_deref() == Some(UNCLIP_CLASS) {
+            config.as_ddpm_of_unclip()?;
+        }
         Ok(config)
+    }
+
+    /// Rewrites an `UnCLIPScheduler` file (Karlo's prior, decoder and
+    /// super-resolution stages) as the `DDPMScheduler` file that computes the
+    /// same steps, filling its absent keys with UnCLIP's defaults.
+    ///
+    /// UnCLIP's timesteps, round(i·(T−1)/(S−1)), are DDPM's `linspace`
+    /// spacing (equal for every S ≤ T ≤ 1000, checked with numpy); its step
+    /// recomputes β from ᾱ of the two timesteps as DDPM's does, and its two
+    /// variance types are DDPM's `fixed_small_log` and `learned_range`
+    /// (diffusers itself marks the class as superseded by DDPM). What differs
+    /// is float32 arithmetic, which [`ResolvedConfig::unclip_arithmetic`] keeps.
+    fn as_ddpm_of_unclip(&mut self) -> Result<()> {
+        if let Some(other) = self.beta_schedule.filter(|&b| b != BetaSchedule::SquaredCosCapV2) {
+            let name = serde_json::to_string(&other).unwrap_or_default();
+            return Err(DiffusionError::unsupported("beta_schedule", format!("UnCLIPScheduler has only squaredcos_cap_v2, got {name}")));
+        }
+        if let Some(other) = self.variance_type.filter(|v| !matches!(v, VarianceType::FixedSmallLog | VarianceType::LearnedRange)) {
+            return Err(DiffusionError::unsupported("variance_type", format!("UnCLIPScheduler has fixed_small_log and learned_range, got {}", serde_json::to_string(&other).unwrap_or_default())));
+        }
+        if self.prediction_type == Some(PredictionType::VPrediction) {
+            return Err(DiffusionError::unsupported("prediction_type", "UnCLIPScheduler predicts epsilon or sample"));
+        }
+        self.beta_schedule = Some(BetaSchedule::SquaredCosCapV2);
+        self.variance_type.get_or_insert(VarianceType::FixedSmallLog);
+        self.timestep_spacing = Some(TimestepSpacing::Linspace);
+        self.steps_offset = Some(0);
+        self.thresholding = Some(false);
+        Ok(())
     }
 
     pub fn from_file(path: &Path) -> std::io::Result<Result<Self>> {
@@ -127,7 +162,7 @@ impl SchedulerConfig {
     /// The sampler kind this file was written for, from `_class_name`.
     pub fn native_kind(&self) -> Option<SamplerKind> {
         match self.class_name.as_deref()? {
-            "DDPMScheduler" => Some(SamplerKind::Ddpm),
+            "DDPMScheduler" | UNCLIP_CLASS => Some(SamplerKind::Ddpm),
             "DDIMScheduler" => Some(SamplerKind::Ddim),
             "DPMSolverMultistepScheduler" => Some(SamplerKind::DpmSolverPlusPlus),
             _ => None,
@@ -174,6 +209,7 @@ impl SchedulerConfig {
             solver_order,
             solver_type: self.solver_type.unwrap_or(SolverType::Midpoint),
             lower_order_final: self.lower_order_final.unwrap_or(true),
+            unclip_arithmetic: kind == SamplerKind::Ddpm && self.class_name.as_deref() == Some(UNCLIP_CLASS),
         })
     }
 }
@@ -200,6 +236,11 @@ pub struct ResolvedConfig {
     /// Read for compatibility; with the final step always first order (σ = 0),
     /// it changes nothing for orders 1 and 2.
     pub lower_order_final: bool,
+    /// DDPM steps with `UnCLIPScheduler`'s float32 arithmetic: α = 1 − β
+    /// rather than ᾱ_t/ᾱ_prev (they part in the 4th digit where β is near 1,
+    /// the first steps of a cosine schedule), and the precomputed β_t for a
+    /// step to t − 1 (the last one).
+    pub unclip_arithmetic: bool,
 }
 
 #[cfg(test)]
@@ -247,6 +288,30 @@ mod tests {
             .resolve(SamplerKind::DpmSolverPlusPlus)
             .unwrap_err();
         assert!(err.to_string().contains("`solver_order`"), "{err}");
+    }
+
+    #[test]
+    fn reads_unclip_configs_as_the_ddpm_they_equal() {
+        // Karlo's prior: x_0 prediction clipped to ±5, UnCLIP's defaults elsewhere.
+        let text = r#"{"_class_name": "UnCLIPScheduler", "_diffusers_version": "0.12.0",
+            "clip_sample": true, "clip_sample_range": 5.0, "num_train_timesteps": 1000,
+            "prediction_type": "sample", "variance_type": "fixed_small_log"}"#;
+        let config = SchedulerConfig::from_json_str(text).unwrap();
+        assert_eq!(config.native_kind(), Some(SamplerKind::Ddpm));
+        let r = config.resolve(SamplerKind::Ddpm).unwrap();
+        assert_eq!(r.beta_schedule, BetaSchedule::SquaredCosCapV2);
+        assert_eq!(r.timestep_spacing, TimestepSpacing::Linspace);
+        assert_eq!(r.prediction_type, PredictionType::Sample);
+        assert_eq!(r.x0, X0Treatment::Clip { range: 5.0 });
+        assert!(r.unclip_arithmetic && !config.resolve(SamplerKind::Ddim).unwrap().unclip_arithmetic);
+        let bare = SchedulerConfig::from_json_str(r#"{"_class_name": "UnCLIPScheduler"}"#).unwrap();
+        assert_eq!(bare.resolve(SamplerKind::Ddpm).unwrap().variance_type, Some(VarianceType::FixedSmallLog));
+        for bad in [r#""beta_schedule": "linear""#, r#""variance_type": "fixed_large""#, r#""prediction_type": "v_prediction""#] {
+            let text = format!(r#"{{"_class_name": "UnCLIPScheduler", {bad}}}"#);
+            let field = bad.split('"').nth(1).unwrap();
+            let err = SchedulerConfig::from_json_str(&text).unwrap_err();
+            assert!(err.to_string().contains(field), "{err}");
+        }
     }
 
     #[test]

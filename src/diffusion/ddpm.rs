@@ -6,6 +6,8 @@
 //! comes from the model output (optionally clipped or thresholded). Follows
 //! diffusers' `DDPMScheduler.step` operation by operation; the one deliberate
 //! difference is `fixed_large_log` (see [`VarianceType::FixedLargeLog`]).
+//! Karlo's `UnCLIPScheduler` (DALL-E 2, Ramesh et al. 2022) is this sampler
+//! too, with that class's float32 arithmetic kept so trajectories match it.
 
 use std::sync::Arc;
 
@@ -26,6 +28,8 @@ pub struct Ddpm {
     variance: VarianceType,
     prediction: PredictionType,
     x0: X0Treatment,
+    /// `UnCLIPScheduler`'s arithmetic (see [`ResolvedConfig::unclip_arithmetic`]).
+    unclip: bool,
 }
 
 impl Ddpm {
@@ -36,6 +40,7 @@ impl Ddpm {
             variance: config.variance_type.unwrap_or(VarianceType::FixedSmall),
             prediction: config.prediction_type,
             x0: config.x0,
+            unclip: config.unclip_arithmetic,
         }
     }
 }
@@ -63,9 +68,16 @@ impl Sampler for Ddpm {
         if self.variance.is_learned() && v.is_none() {
             return Err(DiffusionError::invalid("model_output", "learned_range needs the model's variance channels"));
         }
-        let c = StepCoefficients::new(self.schedule.alpha_bar(t), self.schedule.alpha_bar(prev));
+        let mut c = StepCoefficients::new(self.schedule.alpha_bar(t), self.schedule.alpha_bar(prev));
         let (beta_prod, beta_prod_prev) = (1.0 - c.alpha_bar, 1.0 - c.alpha_bar_prev);
-        let current_alpha = c.alpha_bar / c.alpha_bar_prev;
+        let current_alpha = if self.unclip {
+            if prev == t - 1 {
+                c.beta = self.schedule.betas()[t as usize];
+            }
+            1.0 - c.beta
+        } else {
+            c.alpha_bar / c.alpha_bar_prev
+        };
 
         // 1. x̂_0 from the model output, then clip or threshold it.
         let (x0, _) = to_x0_and_eps(self.prediction, &output, sample, NoiseLevel::new(c.alpha_bar));
