@@ -318,6 +318,7 @@ PARTS = {
     "unet": lambda: __import__("fixtures_unet").generate(ROOT / "tests" / "fixtures" / "unet"),
     "text": lambda: __import__("fixtures_text").generate(ROOT / "tests" / "fixtures" / "text", ROOT),
     "pipeline": lambda: __import__("fixtures_pipeline").generate(ROOT / "tests" / "fixtures" / "cascade", ROOT),
+    "unclip": lambda: __import__("fixtures_unclip").generate(ROOT / "tests" / "fixtures" / "unclip"),
     # Reads the cascade fixture: after "pipeline".
     "edit": lambda: __import__("fixtures_edit").generate(ROOT / "tests" / "fixtures" / "edit", ROOT),
 }

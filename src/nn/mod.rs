@@ -12,12 +12,14 @@
 //! | `precision` | bfloat16 products inside f32 layers, for training on the CPU |
 //! | `unet` | the IF-style UNet: config, embeddings, ResNet blocks, attention, up/down blocks |
 //! | `text` | tokenizer and frozen text encoders (BERT, T5) |
+//! | `unclip` | DALL-E 2's prior transformer and the decoder's CLIP-embedding projection |
 
 pub mod device;
 pub mod error;
 pub mod layers;
 pub mod precision;
 pub mod text;
+pub mod unclip;
 pub mod unet;
 pub mod weights;
 

@@ -1,0 +1,125 @@
+"""unCLIP parity fixtures: tiny random `PriorTransformer`s and `UnCLIPTextProjModel`s
+written by diffusers, with inputs and diffusers' outputs, for `tests/unclip_parity.rs`.
+
+Imported by gen_fixtures.py (which pins the environment); `generate(out)` writes:
+  <out>/<case>/config.json, diffusion_pytorch_model.safetensors  (save_pretrained)
+  <out>/cases.json        the cases, their call options and versions
+  <out>/io.safetensors    inputs and outputs, keyed "<case>.<name>"
+
+Pinned as the UNet fixtures are: one intra-op thread, float32 computation from
+weights rounded to float16 (the files hold float16), fixed seeds. Every
+parameter is random, including those diffusers initialises to zero (positional
+and PRD embeddings, the CLIP statistics, the guidance embedding), so a swapped
+or skipped one changes the output.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import diffusers
+from diffusers import PriorTransformer
+from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
+
+# Karlo's prior layout (LayerNorm in, linear text projection, the PRD token) run
+# as UnCLIPPipeline runs it, with the text mask; a Kandinsky-style variant with
+# the other options (projection norm, no PRD token, no text tokens, its own
+# time-embedding, projection and output widths); and Karlo's layout without a mask.
+PRIORS = {
+    "prior_karlo": dict(
+        config=dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, embedding_dim=12, num_embeddings=5,
+                    additional_embeddings=4, norm_in_type="layer", embedding_proj_norm_type=None,
+                    encoder_hid_proj_type="linear", added_emb_type="prd"),
+        tokens=5, mask=[[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]],
+    ),
+    "prior_unmasked": dict(
+        config=dict(num_attention_heads=2, attention_head_dim=8, num_layers=1, embedding_dim=12, num_embeddings=5,
+                    additional_embeddings=4, norm_in_type="layer", encoder_hid_proj_type="linear",
+                    added_emb_type="prd"),
+        tokens=5, mask=None,
+    ),
+    "prior_variant": dict(
+        config=dict(num_attention_heads=3, attention_head_dim=4, num_layers=2, embedding_dim=12, num_embeddings=0,
+                    additional_embeddings=3, dropout=0.0, time_embed_act_fn="gelu", norm_in_type=None,
+                    embedding_proj_norm_type="layer", encoder_hid_proj_type=None, added_emb_type=None,
+                    time_embed_dim=20, embedding_proj_dim=10, clip_embed_dim=14),
+        tokens=None, mask=None,
+    ),
+}
+
+TEXT_PROJ = dict(clip_extra_context_tokens=2, clip_embeddings_dim=12, time_embed_dim=20, cross_attention_dim=16)
+
+
+def randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_((torch.randn_like(p) * 0.3).half().float())
+    return model.eval()
+
+
+def save(model, out: Path) -> list[str]:
+    model.half()
+    model.save_pretrained(out, safe_serialization=True)
+    model.float()
+    return sorted(p.name for p in out.iterdir())
+
+
+def generate(out: Path) -> None:
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    io: dict[str, torch.Tensor] = {}
+    meta = {"diffusers": diffusers.__version__, "torch": torch.__version__, "cases": {}}
+    batch = 3
+    for i, (name, case) in enumerate(PRIORS.items()):
+        config = case["config"]
+        model = randomised(PriorTransformer(**config), 300 + i)
+        files = save(model, out / name)
+        g = torch.Generator().manual_seed(400 + i)
+        width = config["embedding_dim"]
+        proj_width = config.get("embedding_proj_dim") or width
+        inputs = {
+            "hidden_states": torch.randn(batch, width, generator=g),
+            "timestep": torch.tensor([999, 421, 3]),
+            "proj_embedding": torch.randn(batch, proj_width, generator=g),
+        }
+        if case["tokens"]:
+            inputs["encoder_hidden_states"] = torch.randn(batch, case["tokens"], width, generator=g)
+        if case["mask"]:
+            inputs["attention_mask"] = torch.tensor(case["mask"], dtype=torch.bool)
+        with torch.no_grad():
+            output = model(**inputs).predicted_image_embedding
+            latents = model.post_process_latents(output)
+        for key, value in {**inputs, "output": output, "post_processed": latents}.items():
+            io[f"{name}.{key}"] = value.contiguous()
+        meta["cases"][name] = {"kind": "prior", "files": files, "output_shape": list(output.shape)}
+        print(f"unclip fixture {name}: files {files}, output {list(output.shape)}")
+
+    model = randomised(UnCLIPTextProjModel(**TEXT_PROJ), 500)
+    files = save(model, out / "text_proj")
+    g = torch.Generator().manual_seed(600)
+    dim = TEXT_PROJ["clip_embeddings_dim"]
+    image = torch.randn(batch, dim, generator=g)
+    for guided in (False, True):
+        rows = 2 * batch if guided else batch
+        prompt = torch.randn(rows, dim, generator=g)
+        text = torch.randn(rows, 4, dim, generator=g)
+        with torch.no_grad():
+            hidden, time = model(image_embeddings=image, prompt_embeds=prompt, text_encoder_hidden_states=text,
+                                 do_classifier_free_guidance=guided)
+        key = "text_proj_guided" if guided else "text_proj"
+        for k, v in {"image_embeddings": image, "prompt_embeds": prompt, "text_encoder_hidden_states": text,
+                     "hidden_states": hidden, "time_embeddings": time}.items():
+            io[f"{key}.{k}"] = v.clone().contiguous()
+        meta["cases"][key] = {"kind": "text_proj", "files": files, "guided": guided}
+    print(f"unclip fixture text_proj: files {files}")
+    save_file(io, str(out / "io.safetensors"))
+    (out / "cases.json").write_text(json.dumps(meta, indent=1) + "\n")

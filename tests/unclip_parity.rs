@@ -1,0 +1,95 @@
+//! unCLIP parity with diffusers: tiny random `PriorTransformer`s and an
+//! `UnCLIPTextProjModel` written by diffusers' `save_pretrained` (fixtures from
+//! `scripts/fixtures_unclip.py`) load in diffusiond and reproduce diffusers'
+//! outputs on the same inputs. (The `UnCLIPScheduler` trajectories are in
+//! `diffusion_parity.rs`.)
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{fixture_dir, load_json, load_tensors, relative_error};
+use diffusiond::nn::unclip::{LoadedPrior, LoadedTextProj, PriorInput};
+use tch::{Device, Kind, Tensor};
+
+/// The bound the network layer promises in f32 (max |ours − theirs| / max |theirs|).
+const TOLERANCE: f64 = 1e-4;
+
+fn check(name: &str, ours: &Tensor, theirs: &Tensor) {
+    assert_eq!(ours.size(), theirs.size(), "{name}: shape");
+    let err = relative_error(ours, theirs);
+    println!("{name}: max relative error {err:.2e}");
+    assert!(err <= TOLERANCE, "{name}: relative error {err:e}");
+}
+
+fn prior_case(name: &str, io: &HashMap<String, Tensor>) {
+    let prior = LoadedPrior::load(&fixture_dir().join("unclip").join(name), Device::Cpu, Kind::Float)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let get = |k: &str| io.get(&format!("{name}.{k}"));
+    let input = PriorInput {
+        hidden_states: get("hidden_states").unwrap(),
+        timesteps: get("timestep").unwrap(),
+        proj_embedding: get("proj_embedding").unwrap(),
+        encoder_hidden_states: get("encoder_hidden_states"),
+        attention_mask: get("attention_mask"),
+    };
+    let out = tch::no_grad(|| prior.model.forward(&input)).unwrap();
+    check(name, &out, get("output").unwrap());
+    check(&format!("{name} post-processed"), &prior.model.post_process_latents(&out), get("post_processed").unwrap());
+    // A row's prediction does not depend on the rows beside it.
+    let one = |t: &Tensor| t.narrow(0, 1, 1);
+    let (h, t, p) = (one(input.hidden_states), one(input.timesteps), one(input.proj_embedding));
+    let (e, m) = (input.encoder_hidden_states.map(one), input.attention_mask.map(one));
+    let single = PriorInput { hidden_states: &h, timesteps: &t, proj_embedding: &p, encoder_hidden_states: e.as_ref(), attention_mask: m.as_ref() };
+    let alone = tch::no_grad(|| prior.model.forward(&single)).unwrap();
+    assert!(alone.get(0).equal(&out.get(1)), "{name}: a row alone differs from the same row in a batch");
+}
+
+#[test]
+fn tiny_priors_written_by_diffusers_match_diffusers_outputs() {
+    let meta = load_json("unclip/cases.json");
+    let io = load_tensors("unclip/io.safetensors");
+    let priors: Vec<&String> = meta["cases"].as_object().unwrap().iter().filter(|(_, c)| c["kind"] == "prior").map(|(n, _)| n).collect();
+    assert_eq!(priors.len(), 3);
+    for name in priors {
+        prior_case(name, &io);
+    }
+}
+
+#[test]
+fn the_text_projection_matches_diffusers_with_and_without_guidance() {
+    let io = load_tensors("unclip/io.safetensors");
+    let model = LoadedTextProj::load(&fixture_dir().join("unclip/text_proj"), Device::Cpu, Kind::Float).unwrap();
+    for (case, guided) in [("text_proj", false), ("text_proj_guided", true)] {
+        let get = |k: &str| io.get(&format!("{case}.{k}")).unwrap_or_else(|| panic!("{case}.{k}"));
+        let out = tch::no_grad(|| {
+            model.model.forward(get("image_embeddings"), get("prompt_embeds"), get("text_encoder_hidden_states"), guided)
+        })
+        .unwrap();
+        check(&format!("{case} hidden states"), &out.hidden_states, get("hidden_states"));
+        check(&format!("{case} time embeddings"), &out.time_embeddings, get("time_embeddings"));
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors_naming_the_input() {
+    let io = load_tensors("unclip/io.safetensors");
+    let prior = LoadedPrior::load(&fixture_dir().join("unclip/prior_karlo"), Device::Cpu, Kind::Float).unwrap();
+    let get = |k: &str| io.get(&format!("prior_karlo.{k}")).unwrap();
+    let short = get("proj_embedding").narrow(1, 0, 5);
+    let four_words = get("attention_mask").narrow(1, 0, 4);
+    let cases: [(&str, PriorInput<'_>); 3] = [
+        ("proj_embedding", PriorInput { hidden_states: get("hidden_states"), timesteps: get("timestep"), proj_embedding: &short, encoder_hidden_states: Some(get("encoder_hidden_states")), attention_mask: None }),
+        ("encoder_hidden_states", PriorInput { hidden_states: get("hidden_states"), timesteps: get("timestep"), proj_embedding: get("proj_embedding"), encoder_hidden_states: None, attention_mask: None }),
+        ("attention_mask", PriorInput { hidden_states: get("hidden_states"), timesteps: get("timestep"), proj_embedding: get("proj_embedding"), encoder_hidden_states: Some(get("encoder_hidden_states")), attention_mask: Some(&four_words) }),
+    ];
+    for (field, input) in cases {
+        let err = prior.model.forward(&input).unwrap_err();
+        assert!(err.to_string().contains(field), "{field}: {err}");
+    }
+    let model = LoadedTextProj::load(&fixture_dir().join("unclip/text_proj"), Device::Cpu, Kind::Float).unwrap();
+    let tp = |k: &str| io.get(&format!("text_proj.{k}")).unwrap();
+    // Guided needs twice the prompt rows.
+    let err = model.model.forward(tp("image_embeddings"), tp("prompt_embeds"), tp("text_encoder_hidden_states"), true).err().unwrap();
+    assert!(err.to_string().contains("prompt_embeds"), "{err}");
+}
