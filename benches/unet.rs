@@ -104,7 +104,7 @@ fn main() {
         weights::save_tensors(&inputs, &io).unwrap();
         let on = |k: &str| inputs[k].to_device(device).to_kind(kind);
         let (sample, text, t) = (on("sample"), on("encoder_hidden_states"), inputs["timesteps"].to_device(device));
-        let input = UNetInput { sample: &sample, timesteps: &t, encoder_hidden_states: &text, class_labels: None };
+        let input = UNetInput { sample: &sample, timesteps: &t, encoder_hidden_states: &text, class_labels: None, text_mask: None };
         let (ours, _) = time_ours(&unet, &input, iters, device);
         let dev = if device.is_cuda() { "cuda" } else { "cpu" };
         let args = [threads.to_string(), iters.to_string(), dev.to_owned(), dtype.clone()];

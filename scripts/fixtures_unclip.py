@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 import diffusers
-from diffusers import PriorTransformer
+from diffusers import PriorTransformer, UNet2DConditionModel
 from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 
 # Karlo's prior layout (LayerNorm in, linear text projection, the PRD token) run
@@ -51,6 +51,15 @@ PRIORS = {
         tokens=None, mask=None,
     ),
 }
+
+# Karlo's decoder layout, tiny: IF's blocks, the CLIP conditioning as an
+# identity class embedding (added to the timestep embedding) and a text mask.
+DECODER = dict(sample_size=16, layers_per_block=1, block_out_channels=[32, 64], in_channels=3, out_channels=6,
+               cross_attention_dim=32, attention_head_dim=8, class_embed_type="identity",
+               resnet_time_scale_shift="scale_shift", act_fn="silu",
+               down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
+               mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+               up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"])
 
 TEXT_PROJ = dict(clip_extra_context_tokens=2, clip_embeddings_dim=12, time_embed_dim=20, cross_attention_dim=16)
 
@@ -102,6 +111,24 @@ def generate(out: Path) -> None:
             io[f"{name}.{key}"] = value.contiguous()
         meta["cases"][name] = {"kind": "prior", "files": files, "output_shape": list(output.shape)}
         print(f"unclip fixture {name}: files {files}, output {list(output.shape)}")
+
+    decoder = randomised(UNet2DConditionModel(**DECODER), 700)
+    files = save(decoder, out / "decoder")
+    g = torch.Generator().manual_seed(800)
+    inputs = {
+        "sample": torch.randn(batch, 3, 16, 16, generator=g),
+        "timestep": torch.tensor([999.0, 421.0, 3.0]),
+        "encoder_hidden_states": torch.randn(batch, 6, 32, generator=g),
+        "class_labels": torch.randn(batch, 4 * 32, generator=g),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]], dtype=torch.bool),
+    }
+    with torch.no_grad():
+        output = decoder(inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"],
+                         class_labels=inputs["class_labels"], attention_mask=inputs["attention_mask"]).sample
+    for key, value in {**inputs, "output": output}.items():
+        io[f"decoder.{key}"] = value.contiguous()
+    meta["cases"]["decoder"] = {"kind": "decoder", "files": files, "output_shape": list(output.shape)}
+    print(f"unclip fixture decoder: files {files}")
 
     model = randomised(UnCLIPTextProjModel(**TEXT_PROJ), 500)
     files = save(model, out / "text_proj")

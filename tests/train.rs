@@ -98,7 +98,7 @@ fn the_probed_forward_pass_is_the_forward_pass() {
     let (unet, encoder, s) = (unet(16, false), encoder(), schedule());
     let b = trainer(&unet, &encoder, &s, BASE).batch(7).unwrap();
     let t = tch::Tensor::from_slice(&b.timesteps);
-    let input = UNetInput { sample: &b.sample, timesteps: &t, encoder_hidden_states: &b.text, class_labels: None };
+    let input = UNetInput { sample: &b.sample, timesteps: &t, encoder_hidden_states: &b.text, class_labels: None, text_mask: None };
     let plain = unet.model.forward(&input).unwrap();
     let maps = AttentionMaps::default();
     let probed = unet.model.forward_probed(&input, false, Some(&maps)).unwrap();

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 
 use common::{fixture_dir, load_json, load_tensors, relative_error};
 use diffusiond::nn::unclip::{LoadedPrior, LoadedTextProj, PriorInput};
+use diffusiond::nn::unet::{LoadedUNet, UNetInput};
 use tch::{Device, Kind, Tensor};
 
 /// The bound the network layer promises in f32 (max |ours − theirs| / max |theirs|).
@@ -69,6 +70,33 @@ fn the_text_projection_matches_diffusers_with_and_without_guidance() {
         check(&format!("{case} hidden states"), &out.hidden_states, get("hidden_states"));
         check(&format!("{case} time embeddings"), &out.time_embeddings, get("time_embeddings"));
     }
+}
+
+#[test]
+fn a_karlo_style_decoder_matches_diffusers_with_its_text_mask() {
+    let io = load_tensors("unclip/io.safetensors");
+    let unet = LoadedUNet::load(&fixture_dir().join("unclip/decoder"), Device::Cpu, Kind::Float).unwrap();
+    let get = |k: &str| io.get(&format!("decoder.{k}")).unwrap_or_else(|| panic!("decoder.{k}"));
+    let input = |mask: Option<&Tensor>| {
+        let input = UNetInput {
+            sample: get("sample"),
+            timesteps: get("timestep"),
+            encoder_hidden_states: get("encoder_hidden_states"),
+            class_labels: Some(get("class_labels")),
+            text_mask: mask,
+        };
+        tch::no_grad(|| unet.model.forward(&input)).unwrap()
+    };
+    let masked = input(Some(get("attention_mask")));
+    check("decoder", &masked, get("output"));
+    // The mask is used: row 0 has padding, row 1 has none.
+    let unmasked = input(None);
+    assert!(!unmasked.get(0).allclose(&masked.get(0), 1e-4, 1e-4, false), "padding changed nothing");
+    assert!(unmasked.get(1).allclose(&masked.get(1), 1e-6, 1e-6, false));
+    // The identity class embedding takes a vector of the time-embedding width.
+    let short = get("class_labels").narrow(1, 0, 5);
+    let bad = UNetInput { sample: get("sample"), timesteps: get("timestep"), encoder_hidden_states: get("encoder_hidden_states"), class_labels: Some(&short), text_mask: None };
+    assert!(unet.model.forward(&bad).unwrap_err().to_string().contains("class_labels"));
 }
 
 #[test]

@@ -28,7 +28,7 @@ fn worst_error(device: Device, kind: Kind) -> f64 {
         let on = |k: &str| get(k).unwrap().to_kind(kind);
         let labels = get("class_labels");
         let (sample, text, t) = (on("sample"), on("encoder_hidden_states"), get("timesteps").unwrap());
-        let input = UNetInput { sample: &sample, timesteps: &t, encoder_hidden_states: &text, class_labels: labels.as_ref() };
+        let input = UNetInput { sample: &sample, timesteps: &t, encoder_hidden_states: &text, class_labels: labels.as_ref(), text_mask: None };
         let out = tch::no_grad(|| unet.model.forward(&input)).unwrap();
         assert_eq!(out.kind(), kind);
         let err = relative_error(&out, &io[&format!("{name}.output")]);
@@ -68,7 +68,7 @@ fn batch_composition_does_not_change_an_image_on_cuda() {
         let pick = |k: &str| on(k).index_select(0, &idx);
         let (s, e) = (pick("sample").to_kind(Kind::Half), pick("encoder_hidden_states").to_kind(Kind::Half));
         let (t, c) = (pick("timesteps"), pick("class_labels"));
-        let input = UNetInput { sample: &s, timesteps: &t, encoder_hidden_states: &e, class_labels: Some(&c) };
+        let input = UNetInput { sample: &s, timesteps: &t, encoder_hidden_states: &e, class_labels: Some(&c), text_mask: None };
         tch::no_grad(|| unet.model.forward(&input)).unwrap()
     };
     let alone = run(&[1]);

@@ -54,6 +54,7 @@ fn a_unet_saved_by_diffusiond_loads_and_runs_in_diffusers() {
         timesteps: &inputs["timesteps"],
         encoder_hidden_states: &inputs["encoder_hidden_states"],
         class_labels: Some(&inputs["class_labels"]),
+        text_mask: None,
     };
     let ours = tch::no_grad(|| unet.model.forward(&input)).unwrap();
     std::fs::remove_dir_all(&tmp).unwrap();

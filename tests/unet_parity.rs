@@ -20,6 +20,7 @@ fn run_case(name: &str, io: &std::collections::HashMap<String, Tensor>) -> (Tens
         timesteps: get("timesteps").unwrap(),
         encoder_hidden_states: get("encoder_hidden_states").unwrap(),
         class_labels: get("class_labels"),
+        text_mask: None,
     };
     let out = tch::no_grad(|| unet.model.forward(&input)).unwrap();
     (out, get("output").unwrap().shallow_clone())
@@ -58,7 +59,7 @@ fn bad_inputs_are_errors_naming_the_argument() {
     let text = Tensor::zeros([2, 7, 32], opts);
     let labels = Tensor::from_slice(&[0.0f32, 0.0]);
     let call = |sample: &Tensor, text: &Tensor, labels: Option<&Tensor>| {
-        let input = UNetInput { sample, timesteps: &t, encoder_hidden_states: text, class_labels: labels };
+        let input = UNetInput { sample, timesteps: &t, encoder_hidden_states: text, class_labels: labels, text_mask: None };
         unet.model.forward(&input).map(|_| ()).unwrap_err().to_string()
     };
     assert!(call(&Tensor::zeros([2, 3, 16, 16], opts), &text, Some(&labels)).contains("`sample`"));

@@ -216,7 +216,7 @@ impl Cascade {
             let expand = |t: &Tensor| if twice { Tensor::cat(&[t, t], 0) } else { t.shallow_clone() };
             let (sample, timesteps, text) = (expand(&rows.sample), expand(&rows.timesteps), expand(&rows.text));
             let class_labels = rows.class_labels.as_ref().map(expand);
-            let input = UNetInput { sample: &sample, timesteps: &timesteps, encoder_hidden_states: &text, class_labels: class_labels.as_ref() };
+            let input = UNetInput { sample: &sample, timesteps: &timesteps, encoder_hidden_states: &text, class_labels: class_labels.as_ref(), text_mask: None };
             let out = tch::no_grad(|| stage.unet.model.forward(&input))?;
             Ok(if twice { out.narrow(0, 0, 1) } else { out })
         };

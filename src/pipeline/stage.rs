@@ -91,6 +91,11 @@ impl Stage {
         if config.out_channels != IMAGE_CHANNELS && config.out_channels != 2 * IMAGE_CHANNELS {
             return Err(PipelineError::model(&config_file, format!("out_channels {}: expected 3, or 6 with learned variance", config.out_channels)));
         }
+        if config.class_embed_type.as_deref().is_some_and(|c| c != "timestep") {
+            // An unCLIP decoder (`identity`) is conditioned on a CLIP image
+            // embedding, which only a prior can give it.
+            return Err(PipelineError::model(&config_file, "class_embed_type: a cascade stage takes none or `timestep` (the noise level)"));
+        }
         if (index == 0) != (stage_kind == StageKind::Base) {
             return Err(PipelineError::model(&config_file, "the first stage must be a base model and every later one super-resolution"));
         }

@@ -345,7 +345,7 @@ impl StageTrainer<'_> {
 
     fn loss_of(&self, b: &TrainBatch) -> anyhow::Result<StepLosses> {
         let t = Tensor::from_slice(&b.timesteps).to_device(b.sample.device());
-        let input = UNetInput { sample: &b.sample, timesteps: &t, encoder_hidden_states: &b.text, class_labels: b.class_labels.as_ref() };
+        let input = UNetInput { sample: &b.sample, timesteps: &t, encoder_hidden_states: &b.text, class_labels: b.class_labels.as_ref(), text_mask: None };
         let maps = b.grounding.as_ref().map(|_| AttentionMaps::default());
         let products = (self.precision == Precision::Bf16).then_some(Kind::BFloat16);
         let output = with_product_kind(products, || {
@@ -365,7 +365,7 @@ impl StageTrainer<'_> {
     pub(super) fn x0_error(&self, host: HostBatch, text: &Tensor) -> anyhow::Result<X0Error> {
         let b = self.assemble_encoded(host, text.shallow_clone(), false)?;
         let t = Tensor::from_slice(&b.timesteps).to_device(b.sample.device());
-        let input = UNetInput { sample: &b.sample, timesteps: &t, encoder_hidden_states: &b.text, class_labels: b.class_labels.as_ref() };
+        let input = UNetInput { sample: &b.sample, timesteps: &t, encoder_hidden_states: &b.text, class_labels: b.class_labels.as_ref(), text_mask: None };
         let output = tch::no_grad(|| tch::autocast(self.precision == Precision::Fp16, || self.unet.model.forward_t(&input, false)))?;
         let c = b.images.size()[1];
         let pred = output.to_kind(Kind::Float).narrow(1, 0, c);

@@ -91,9 +91,10 @@ impl AddedKvAttention {
         }
     }
 
-    /// `x`: `[B, C, H, W]`; `text`: `[B, L, added_kv_dim]`. With `maps`, the
-    /// layer records its attention on the text tokens there.
-    pub fn forward(&self, x: &Tensor, text: &Tensor, maps: Option<&AttentionMaps>) -> Tensor {
+    /// `x`: `[B, C, H, W]`; `text`: `[B, L, added_kv_dim]`; `text_bias`:
+    /// `[B, L]`, added to the scores of the text keys (padding: −10000). With
+    /// `maps`, the layer records its attention on the text tokens there.
+    pub fn forward(&self, x: &Tensor, text: &Tensor, text_bias: Option<&Tensor>, maps: Option<&AttentionMaps>) -> Tensor {
         let size = x.size();
         let (b, c) = (size[0], size[1]);
         let heads = self.heads;
@@ -117,13 +118,19 @@ impl AddedKvAttention {
             ),
             _ => (text_k, text_v),
         };
-        // 3. Attention, output projection, residual.
+        // 3. Attention, output projection, residual. The image keys are never
+        // masked: the bias is padded with zeros over them, as diffusers pads it.
+        let words = text.size()[1];
+        let bias = text_bias.map(|t| t.to_kind(q.kind()).constant_pad_nd([0, k.size()[2] - words]).view([b, 1, 1, -1]));
         let out = match maps {
-            None => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false),
+            None => Tensor::scaled_dot_product_attention(&q, &k, &v, bias.as_ref(), 0.0, false, None, false),
             Some(maps) => {
                 let scale = 1.0 / ((c / heads) as f64).sqrt();
-                let weights = (q.matmul(&k.transpose(-2, -1)) * scale).softmax(-1, Kind::Float).to_kind(q.kind());
-                let words = text.size()[1];
+                let mut scores = q.matmul(&k.transpose(-2, -1)) * scale;
+                if let Some(bias) = &bias {
+                    scores += bias;
+                }
+                let weights = scores.softmax(-1, Kind::Float).to_kind(q.kind());
                 maps.record(weights.narrow(-1, 0, words).mean_dim(1, false, Kind::Float));
                 weights.matmul(&v)
             }
@@ -160,8 +167,8 @@ mod tests {
         let x = Tensor::randn([3, 96, 8, 8], opts);
         let text = Tensor::randn([3, 5, 64], opts);
         tch::no_grad(|| {
-            let batch = attention.forward(&x, &text, None);
-            let one = attention.forward(&x.narrow(0, 0, 1), &text.narrow(0, 0, 1), None);
+            let batch = attention.forward(&x, &text, None, None);
+            let one = attention.forward(&x.narrow(0, 0, 1), &text.narrow(0, 0, 1), None, None);
             // The sample's values, and every stride, the batch's included:
             // libtorch reads the memory format off all four.
             assert!(one.get(0).equal(&batch.get(0)));

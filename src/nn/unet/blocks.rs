@@ -21,6 +21,8 @@ use super::resnet::{Resample, ResnetBlock2D, ResnetShape};
 pub struct Conditioning<'a> {
     pub temb: &'a Tensor,
     pub text: &'a Tensor,
+    /// `[B, L]`, additive: 0 for a text token that counts, −10000 for padding.
+    pub text_bias: Option<&'a Tensor>,
     pub train: bool,
     /// Where attention layers record their maps of the text tokens, if asked.
     pub maps: Option<&'a AttentionMaps>,
@@ -79,7 +81,7 @@ impl DownBlock {
         for (resnet, attn) in self.resnets.iter().zip(&self.attentions) {
             h = resnet.forward(&h, cond.temb, cond.train);
             if let Some(attn) = attn {
-                h = attn.forward(&h, cond.text, cond.maps);
+                h = attn.forward(&h, cond.text, cond.text_bias, cond.maps);
             }
             skips.push(h.shallow_clone());
         }
@@ -117,7 +119,7 @@ impl MidBlock {
 
     pub fn forward(&self, x: &Tensor, cond: &Conditioning<'_>) -> Tensor {
         let h = self.resnets[0].forward(x, cond.temb, cond.train);
-        let h = self.attention.forward(&h, cond.text, cond.maps);
+        let h = self.attention.forward(&h, cond.text, cond.text_bias, cond.maps);
         self.resnets[1].forward(&h, cond.temb, cond.train)
     }
 }
@@ -163,7 +165,7 @@ impl UpBlock {
             let skip = skips.pop().expect("the UNet pushes one skip per up-block layer");
             h = resnet.forward(&joined(&h, &skip), cond.temb, cond.train);
             if let Some(attn) = attn {
-                h = attn.forward(&h, cond.text, cond.maps);
+                h = attn.forward(&h, cond.text, cond.text_bias, cond.maps);
             }
         }
         if let Some(up) = &self.upsampler {

@@ -12,7 +12,8 @@
 //! Supported subset: the blocks DeepFloyd IF uses (`ResnetDownsampleBlock2D`,
 //! `SimpleCrossAttnDownBlock2D`, `UNetMidBlock2DSimpleCrossAttn`,
 //! `SimpleCrossAttnUpBlock2D`, `ResnetUpsampleBlock2D`), positional timestep
-//! embeddings, `class_embed_type` `timestep` (SR noise level), `addition_embed_type`
+//! embeddings, `class_embed_type` `timestep` (SR noise level) and `identity`
+//! (unCLIP's decoder: a vector added to the timestep embedding), `addition_embed_type`
 //! `text` and `encoder_hid_dim_type` `text_proj`.
 
 use std::path::Path;
@@ -222,6 +223,16 @@ pub struct MidSpec {
     pub output_scale_factor: f64,
 }
 
+/// How `class_labels` enter the timestep embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClassEmbedding {
+    /// A scalar per sample, embedded like a timestep (IF's SR noise level).
+    Timestep,
+    /// A `[B, time_embed_dim]` vector used as it is (unCLIP's decoder, which
+    /// is given the projected CLIP embeddings there).
+    Identity,
+}
+
 /// Everything the model constructor needs, validated.
 #[derive(Debug, Clone)]
 pub struct UNetSpec {
@@ -230,7 +241,7 @@ pub struct UNetSpec {
     pub time_embed_dim: i64,
     pub time_embedding_act: Option<Activation>,
     pub timestep_post_act: Option<Activation>,
-    pub class_embedding: bool,
+    pub class_embedding: Option<ClassEmbedding>,
     pub class_embeddings_concat: bool,
     pub text_time_embedding: Option<(i64, i64)>,
     pub encoder_hid_proj: Option<(i64, i64)>,
@@ -426,11 +437,12 @@ impl UNetConfig {
             Some(other) => return Err(unsupported("addition_embed_type", format!("`{other}` (supported: text)"))),
         };
         let class_embedding = match self.class_embed_type.as_deref() {
-            None => false,
-            Some("timestep") => true,
-            Some(other) => return Err(unsupported("class_embed_type", format!("`{other}` (supported: timestep)"))),
+            None => None,
+            Some("timestep") => Some(ClassEmbedding::Timestep),
+            Some("identity") => Some(ClassEmbedding::Identity),
+            Some(other) => return Err(unsupported("class_embed_type", format!("`{other}` (supported: timestep, identity)"))),
         };
-        if self.class_embeddings_concat && !class_embedding {
+        if self.class_embeddings_concat && class_embedding.is_none() {
             return Err(unsupported("class_embeddings_concat", "true without a class embedding"));
         }
         for (field, k) in [("conv_in_kernel", self.conv_in_kernel), ("conv_out_kernel", self.conv_out_kernel)] {
@@ -524,7 +536,7 @@ mod tests {
         assert_eq!(spec.time_embed_dim, 32);
         assert_eq!(spec.text_time_embedding, Some((32, 2)));
         assert_eq!(spec.encoder_hid_proj, Some((32, 32)));
-        assert!(spec.class_embedding);
+        assert_eq!(spec.class_embedding, Some(ClassEmbedding::Timestep));
     }
 
     #[test]

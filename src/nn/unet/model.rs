@@ -17,7 +17,7 @@ use crate::nn::layers::{ApplyLinear, Conv2d, GroupNorm, Linear};
 
 use super::attention::AttentionMaps;
 use super::blocks::{Conditioning, DownBlock, MidBlock, UpBlock};
-use super::config::{UNetConfig, UNetSpec};
+use super::config::{ClassEmbedding, UNetConfig, UNetSpec};
 use super::embeddings::{timestep_embedding, TextTimeEmbedding, TimestepEmbedding};
 use crate::nn::device::place;
 use crate::nn::error::{NnError, Result};
@@ -34,8 +34,20 @@ pub struct UNetInput<'a> {
     pub timesteps: &'a Tensor,
     /// `[B, L, D]`: text-encoder tokens (`D = encoder_hid_dim` or `cross_attention_dim`).
     pub encoder_hidden_states: &'a Tensor,
-    /// `[B]`: SR noise-augmentation levels, required iff the model has a class embedding.
+    /// Required iff the model has a class embedding: `[B]` SR noise-augmentation
+    /// levels (`timestep`), or `[B, time_embed_dim]` vectors (`identity`).
     pub class_labels: Option<&'a Tensor>,
+    /// `[B, L]`, 1 where a text token is real and 0 where it is padding, which
+    /// attention then skips (diffusers' `attention_mask`, as unCLIP's decoder
+    /// passes it); none: every token counts.
+    pub text_mask: Option<&'a Tensor>,
+}
+
+/// The class embedding's module (see [`ClassEmbedding`]).
+#[derive(Debug)]
+enum ClassEmbed {
+    Timestep(TimestepEmbedding),
+    Identity,
 }
 
 #[derive(Debug)]
@@ -44,7 +56,7 @@ pub struct UNet2DConditionModel {
     spec: UNetSpec,
     conv_in: Conv2d,
     time_embedding: TimestepEmbedding,
-    class_embedding: Option<TimestepEmbedding>,
+    class_embedding: Option<ClassEmbed>,
     add_embedding: Option<TextTimeEmbedding>,
     encoder_hid_proj: Option<Linear>,
     down_blocks: Vec<DownBlock>,
@@ -63,9 +75,16 @@ impl UNet2DConditionModel {
         let conv = |name: &str, i: i64, o: i64, k: i64| Conv2d::new(p / name, i, o, k);
         let time_embedding =
             TimestepEmbedding::new(p / "time_embedding", spec.time_channels, spec.time_embed_dim, layer.act, spec.timestep_post_act);
-        let class_embedding = spec
-            .class_embedding
-            .then(|| TimestepEmbedding::new(p / "class_embedding", spec.time_channels, spec.time_embed_dim, layer.act, None));
+        let class_embedding = spec.class_embedding.map(|kind| match kind {
+            ClassEmbedding::Timestep => ClassEmbed::Timestep(TimestepEmbedding::new(
+                p / "class_embedding",
+                spec.time_channels,
+                spec.time_embed_dim,
+                layer.act,
+                None,
+            )),
+            ClassEmbedding::Identity => ClassEmbed::Identity,
+        });
         let add_embedding = spec
             .text_time_embedding
             .map(|(from, heads)| TextTimeEmbedding::new(p / "add_embedding", from, spec.time_embed_dim, heads));
@@ -120,13 +139,21 @@ impl UNet2DConditionModel {
         if e.len() != 3 || e[0] != b || e[2] != width || e[1] == 0 {
             return Err(NnError::input("encoder_hidden_states", format!("shape {e:?}; expected [{b}, L, {width}]")));
         }
-        match (input.class_labels, self.class_embedding.is_some()) {
-            (None, true) => return Err(NnError::input("class_labels", "required by this model (class_embed_type = timestep)")),
-            (Some(_), false) => return Err(NnError::input("class_labels", "given, but the model has no class embedding")),
-            (Some(c), true) if !(c.size().is_empty() || c.size() == [b]) => {
+        match (input.class_labels, &self.class_embedding) {
+            (None, Some(_)) => return Err(NnError::input("class_labels", "required by this model (it has a class_embed_type)")),
+            (Some(_), None) => return Err(NnError::input("class_labels", "given, but the model has no class embedding")),
+            (Some(c), Some(ClassEmbed::Timestep(_))) if !(c.size().is_empty() || c.size() == [b]) => {
                 return Err(NnError::input("class_labels", format!("shape {:?}; expected [] or [{b}]", c.size())))
             }
+            (Some(c), Some(ClassEmbed::Identity)) if c.size() != [b, self.spec.time_embed_dim] => {
+                return Err(NnError::input("class_labels", format!("shape {:?}; expected [{b}, {}]", c.size(), self.spec.time_embed_dim)))
+            }
             _ => {}
+        }
+        if let Some(m) = input.text_mask {
+            if m.size() != [b, e[1]] {
+                return Err(NnError::input("text_mask", format!("shape {:?}; expected [{b}, {}]", m.size(), e[1])));
+            }
         }
         Ok(b)
     }
@@ -154,7 +181,10 @@ impl UNet2DConditionModel {
         // 1. Time embedding, plus the SR noise level and the pooled text.
         let mut emb = self.time_embedding.forward(&sinusoid(input.timesteps));
         if let (Some(class_embedding), Some(labels)) = (&self.class_embedding, input.class_labels) {
-            let class_emb = class_embedding.forward(&sinusoid(labels));
+            let class_emb = match class_embedding {
+                ClassEmbed::Timestep(embedding) => embedding.forward(&sinusoid(labels)),
+                ClassEmbed::Identity => labels.to_kind(kind),
+            };
             emb = if self.spec.class_embeddings_concat { Tensor::cat(&[emb, class_emb], -1) } else { emb + class_emb };
         }
         if let Some(add) = &self.add_embedding {
@@ -168,7 +198,9 @@ impl UNet2DConditionModel {
             Some(proj) => input.encoder_hidden_states.apply_linear(proj),
             None => input.encoder_hidden_states.shallow_clone(),
         };
-        let cond = Conditioning { temb: &emb, text: &text, train, maps };
+        // diffusers' additive form: 0 where a token counts, −10000 where it is padding.
+        let text_bias = input.text_mask.map(|m| (m.to_kind(kind).neg() + 1.0) * -10000.0);
+        let cond = Conditioning { temb: &emb, text: &text, text_bias: text_bias.as_ref(), train, maps };
         // 3. Down path, keeping every intermediate for the skips.
         let sample = if cfg.center_input_sample { input.sample * 2.0 - 1.0 } else { input.sample.shallow_clone() };
         let mut h = sample.apply(&self.conv_in);
