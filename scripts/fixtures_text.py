@@ -8,6 +8,8 @@ runs it inside .venv-fixtures with transformers pinned. Writes tests/fixtures/te
   tiny-t5-sharded/    a T5ForConditionalGeneration whose encoder equals tiny-t5's, saved in
                       shards: tests the index loader and that decoder.* / lm_head.* are ignored
   tiny-t5-relu/       a T5EncoderModel with the original T5's non-gated ReLU feed-forward
+  tiny-clip/          a random CLIPTextModelWithProjection (quick_gelu, causal) + a CLIP-style
+                      BPE tokenizer (</w> word ends, start/end-of-text, padded with end-of-text)
   reference.safetensors, reference.json
                       token ids, masks and `last_hidden_state` from transformers, for the
                       tiny models and for the real all-MiniLM-L6-v2 (read from models/, which
@@ -31,8 +33,9 @@ import torch
 import transformers
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import (AutoModel, AutoTokenizer, BertConfig, BertModel, PreTrainedTokenizerFast, T5Config,
-                          T5EncoderModel, T5ForConditionalGeneration)
+from transformers import (AutoModel, AutoTokenizer, BertConfig, BertModel, CLIPTextConfig,
+                          CLIPTextModelWithProjection, PreTrainedTokenizerFast, T5Config, T5EncoderModel,
+                          T5ForConditionalGeneration)
 
 PROMPTS = [
     "a red circle on top of a blue square",
@@ -47,6 +50,7 @@ WORDS = ("a an the of on in at by to and under next top red blue green circle sq
 PUNCT = list("!,.?—-'")
 LETTERS = list("abcdefghijklmnopqrstuvwxyz")
 
+CLIP_MAX = 20
 BERT_MAX = 24  # max_position_embeddings: also the tokenizer's default max length
 T5_MAX = 16
 MINILM_SHORT = 32  # the real model's hidden states are compared at this length (size)
@@ -83,6 +87,55 @@ def t5_tokenizer(dest: Path) -> PreTrainedTokenizerFast:
                                    model_max_length=512)
     fast.save_pretrained(dest)
     return fast
+
+
+def clip_tokenizer(dest: Path) -> PreTrainedTokenizerFast:
+    # Characters only, no merges: BPE then spells each word, the last character
+    # marked </w> as CLIP marks word ends. End-of-text is the highest id, as in
+    # OpenAI's vocabulary (the original configs' pooling relies on it).
+    vocab = list(dict.fromkeys(LETTERS + PUNCT + [c + "</w>" for c in LETTERS + PUNCT]))
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    ids = {t: i for i, t in enumerate(vocab)}
+    tok = Tokenizer(models.BPE(ids, [], unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", pair="<|startoftext|> $A <|endoftext|> $B <|endoftext|>",
+        special_tokens=[("<|startoftext|>", ids["<|startoftext|>"]), ("<|endoftext|>", ids["<|endoftext|>"])])
+    tok.decoder = decoders.BPEDecoder(suffix="</w>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   bos_token="<|startoftext|>", eos_token="<|endoftext|>", model_max_length=CLIP_MAX)
+    fast.save_pretrained(dest)
+    return fast
+
+
+def tiny_clip(out: Path, tensors: dict, meta: dict) -> None:
+    dest = out / "tiny-clip"
+    tok = clip_tokenizer(dest)
+    torch.manual_seed(3)
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    cfg = CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=40, projection_dim=24,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=CLIP_MAX,
+                         bos_token_id=eos - 1, eos_token_id=eos, pad_token_id=eos, attn_implementation="eager")
+    model = CLIPTextModelWithProjection(cfg).eval()
+    perturb_norms(model, torch.Generator().manual_seed(4))
+    model.save_pretrained(dest, safe_serialization=True)
+    ids, mask = encode(tok, CLIP_MAX)
+    with torch.no_grad():
+        out_p = model(input_ids=ids, attention_mask=mask)
+    tensors.update({"tiny-clip/prompts/input_ids": ids, "tiny-clip/prompts/attention_mask": mask,
+                    "tiny-clip/prompts/last_hidden_state": out_p.last_hidden_state.contiguous(),
+                    "tiny-clip/prompts/text_embeds": out_p.text_embeds.contiguous()})
+    # The original configs' rule (eos_token_id 2: the highest id is end-of-text), on ids not from the tokenizer.
+    model.config.eos_token_id = 2
+    model.text_model.eos_token_id = 2
+    ids, mask = direct_inputs(cfg.vocab_size, 12, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out_d = model(input_ids=ids, attention_mask=mask)
+    tensors.update({"tiny-clip/direct/input_ids": ids, "tiny-clip/direct/attention_mask": mask,
+                    "tiny-clip/direct/last_hidden_state": out_d.last_hidden_state.contiguous(),
+                    "tiny-clip/direct/text_embeds": out_d.text_embeds.contiguous()})
+    meta["tiny-clip"] = {"max_length": CLIP_MAX, "eos_token_id": eos}
 
 
 def perturb_norms(model: torch.nn.Module, gen: torch.Generator) -> None:
@@ -200,7 +253,7 @@ def minilm(root: Path, tensors: dict, meta: dict) -> None:
 def generate(out: Path, root: Path) -> None:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    for sub in ["tiny-bert", "tiny-t5", "tiny-t5-sharded", "tiny-t5-relu"]:
+    for sub in ["tiny-bert", "tiny-t5", "tiny-t5-sharded", "tiny-t5-relu", "tiny-clip"]:
         shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -208,6 +261,7 @@ def generate(out: Path, root: Path) -> None:
                   "tokenizers": tokenizers.__version__, "safetensors": safetensors.__version__, "prompts": PROMPTS}
     tiny_bert(out, tensors, meta)
     tiny_t5(out, tensors, meta)
+    tiny_clip(out, tensors, meta)
     minilm(root, tensors, meta)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "reference.safetensors"))
     (out / "reference.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")

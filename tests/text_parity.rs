@@ -76,6 +76,38 @@ fn tiny_bert_matches_transformers() {
 }
 
 #[test]
+fn tiny_clip_matches_transformers_with_both_end_of_text_rules() {
+    let refs = reference();
+    let dir = fixtures().join("tiny-clip");
+    let encoder = load(&dir, None);
+    assert_eq!(encoder.max_length(), 20, "max_position_embeddings is the default length");
+    check_prompts(&encoder, &refs, "tiny-clip");
+    check_direct(&encoder, &refs, "tiny-clip", "direct");
+    let key = |name: &str, t: &str| format!("tiny-clip/{name}/{t}");
+    let embeds = |encoder: &TextEncoder, name: &str| {
+        encoder.text_embeds(&refs[&key(name, "input_ids")], &refs[&key(name, "attention_mask")]).unwrap().expect("CLIP has text_embeds")
+    };
+    // Padding is end-of-text too: the first one is the pooled token.
+    assert_close("tiny-clip text_embeds", &embeds(&encoder, "prompts"), &refs[&key("prompts", "text_embeds")]);
+    // The original configs' eos_token_id 2 means "the highest id".
+    let legacy = std::env::temp_dir().join(format!("diffusiond-clip-eos2-{}", std::process::id()));
+    std::fs::create_dir_all(&legacy).unwrap();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, legacy.join(path.file_name().unwrap())).unwrap();
+    }
+    let config = legacy.join("config.json");
+    let mut value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    value["eos_token_id"] = 2.into();
+    std::fs::write(&config, value.to_string()).unwrap();
+    let encoder = load(&legacy, None);
+    assert_close("tiny-clip text_embeds (eos 2)", &embeds(&encoder, "direct"), &refs[&key("direct", "text_embeds")]);
+    std::fs::remove_dir_all(&legacy).unwrap();
+    // Encoders without a projection have none.
+    assert!(load(&fixtures().join("tiny-bert"), None).text_embeds(&refs[&key("direct", "input_ids")], &refs[&key("direct", "attention_mask")]).unwrap().is_none());
+}
+
+#[test]
 fn tiny_t5_matches_transformers() {
     let refs = reference();
     let encoder = load(&fixtures().join("tiny-t5"), Some(16));

@@ -56,7 +56,7 @@ pub fn describe(cascade: &Cascade) -> Value {
         "precision": format!("{:?}", cascade.kind()),
         "text_encoder": {
             "directory": enc.dir().display().to_string(),
-            "type": match enc.config() { diffusiond::nn::text::EncoderConfig::Bert(_) => "bert", diffusiond::nn::text::EncoderConfig::T5(_) => "t5" },
+            "type": match enc.config() { diffusiond::nn::text::EncoderConfig::Bert(_) => "bert", diffusiond::nn::text::EncoderConfig::T5(_) => "t5", diffusiond::nn::text::EncoderConfig::Clip(_) => "clip" },
             "hidden_size": enc.hidden_size(),
             "max_length": enc.max_length(),
         },

@@ -258,6 +258,8 @@ pub enum Activation {
     GeluTanh,
     Mish,
     Relu,
+    /// x·σ(1.702·x), the GELU approximation of OpenAI's CLIP (`"quick_gelu"`).
+    QuickGelu,
 }
 
 impl Activation {
@@ -269,6 +271,7 @@ impl Activation {
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
             "mish" => Self::Mish,
             "relu" => Self::Relu,
+            "quick_gelu" => Self::QuickGelu,
             _ => return None,
         })
     }
@@ -280,6 +283,7 @@ impl Activation {
             Self::GeluTanh => x.gelu("tanh"),
             Self::Mish => x.mish(),
             Self::Relu => x.relu(),
+            Self::QuickGelu => x * (x * 1.702).sigmoid(),
         }
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Architectures and parameter names follow Hugging Face diffusers
 //! (`UNet2DConditionModel` as DeepFloyd IF configures it) and transformers
-//! (`BertModel`, `T5EncoderModel`), so checkpoints move between diffusiond and
+//! (`BertModel`, `T5EncoderModel`, `CLIPTextModelWithProjection`), so checkpoints move between diffusiond and
 //! those libraries without conversion.
 //!
 //! | module | owns |
@@ -11,7 +11,7 @@
 //! | `device` | the device and precision settings |
 //! | `precision` | bfloat16 products inside f32 layers, for training on the CPU |
 //! | `unet` | the IF-style UNet: config, embeddings, ResNet blocks, attention, up/down blocks |
-//! | `text` | tokenizer and frozen text encoders (BERT, T5) |
+//! | `text` | tokenizer and frozen text encoders (BERT, T5, CLIP) |
 //! | `unclip` | DALL-E 2's prior transformer and the decoder's CLIP-embedding projection |
 
 pub mod device;

@@ -189,6 +189,7 @@ impl Cascade {
             encoder_kind: match self.encoder.config() {
                 crate::nn::text::EncoderConfig::Bert(_) => "bert".into(),
                 crate::nn::text::EncoderConfig::T5(_) => "t5".into(),
+                crate::nn::text::EncoderConfig::Clip(_) => "clip".into(),
             },
             encoder_hidden_size: self.encoder.hidden_size(),
             encoder_max_length: self.encoder.max_length(),

@@ -21,6 +21,25 @@ use crate::nn::layers::Activation;
 pub enum EncoderConfig {
     Bert(BertConfig),
     T5(T5Config),
+    Clip(ClipTextConfig),
+}
+
+/// `CLIPTextModel` / `CLIPTextModelWithProjection` (configuration_clip.py).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipTextConfig {
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    /// The width of `text_embeds` (with a `text_projection`).
+    pub projection_dim: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub max_position_embeddings: i64,
+    pub hidden_act: Activation,
+    pub layer_norm_eps: f64,
+    /// The end-of-text token, whose output is the pooled one; 2 means the
+    /// original CLIP's rule instead (the highest id in the sequence).
+    pub eos_token_id: i64,
 }
 
 /// transformers' `BertConfig`, restricted to what `BertModel`'s encoder needs.
@@ -95,6 +114,21 @@ struct RawT5 {
     feed_forward_proj: Option<String>,
 }
 
+/// The raw CLIP text file (transformers' `CLIPTextConfig` defaults).
+#[derive(Debug, Deserialize)]
+struct RawClipText {
+    vocab_size: Option<i64>,
+    hidden_size: Option<i64>,
+    intermediate_size: Option<i64>,
+    projection_dim: Option<i64>,
+    num_hidden_layers: Option<i64>,
+    num_attention_heads: Option<i64>,
+    max_position_embeddings: Option<i64>,
+    hidden_act: Option<String>,
+    layer_norm_eps: Option<f64>,
+    eos_token_id: Option<i64>,
+}
+
 /// Collects errors against one file so each names it.
 struct Checker<'a> {
     file: &'a str,
@@ -155,8 +189,9 @@ impl EncoderConfig {
             "bert" => Ok(Self::Bert(BertConfig::validate(serde_json::from_value(value).map_err(json)?, &check)?)),
             // mT5 is t5-v1_1's architecture with another vocabulary.
             "t5" | "mt5" => Ok(Self::T5(T5Config::validate(serde_json::from_value(value).map_err(json)?, &check)?)),
-            "" => Err(check.invalid("model_type", "missing; expected \"bert\" or \"t5\"")),
-            other => Err(check.unsupported("model_type", format!("`{other}`; expected \"bert\", \"t5\" or \"mt5\""))),
+            "clip_text_model" => Ok(Self::Clip(ClipTextConfig::validate(serde_json::from_value(value).map_err(json)?, &check)?)),
+            "" => Err(check.invalid("model_type", "missing; expected \"bert\", \"t5\" or \"clip_text_model\"")),
+            other => Err(check.unsupported("model_type", format!("`{other}`; expected \"bert\", \"t5\", \"mt5\" or \"clip_text_model\""))),
         }
     }
 
@@ -165,7 +200,30 @@ impl EncoderConfig {
         match self {
             Self::Bert(c) => c.hidden_size,
             Self::T5(c) => c.d_model,
+            Self::Clip(c) => c.hidden_size,
         }
+    }
+}
+
+impl ClipTextConfig {
+    fn validate(raw: RawClipText, check: &Checker<'_>) -> Result<Self> {
+        let hidden_size = check.positive("hidden_size", raw.hidden_size, 512)?;
+        let num_attention_heads = check.positive("num_attention_heads", raw.num_attention_heads, 8)?;
+        if hidden_size % num_attention_heads != 0 {
+            return Err(check.invalid("num_attention_heads", format!("{num_attention_heads} does not divide hidden_size {hidden_size}")));
+        }
+        Ok(Self {
+            vocab_size: check.positive("vocab_size", raw.vocab_size, 49408)?,
+            hidden_size,
+            intermediate_size: check.positive("intermediate_size", raw.intermediate_size, 2048)?,
+            projection_dim: check.positive("projection_dim", raw.projection_dim, 512)?,
+            num_hidden_layers: check.positive("num_hidden_layers", raw.num_hidden_layers, 12)?,
+            num_attention_heads,
+            max_position_embeddings: check.positive("max_position_embeddings", raw.max_position_embeddings, 77)?,
+            hidden_act: check.activation("hidden_act", raw.hidden_act.as_deref().unwrap_or("quick_gelu"))?,
+            layer_norm_eps: check.epsilon("layer_norm_eps", raw.layer_norm_eps, 1e-5)?,
+            eos_token_id: raw.eos_token_id.unwrap_or(49407),
+        })
     }
 }
 

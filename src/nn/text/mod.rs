@@ -12,12 +12,14 @@
 //! | `tokenizer` | fixed-length batches of ids and masks from `tokenizer.json` |
 //! | `bert` | transformers' `BertModel` encoder (modeling_bert.py) |
 //! | `t5` | transformers' `T5EncoderModel` (modeling_t5.py) |
+//! | `clip` | transformers' `CLIPTextModel(WithProjection)` (modeling_clip.py), unCLIP's encoder |
 //! | `parts` | linear, LayerNorm, attention mask, checkpoint names |
 //!
 //! The default encoder is all-MiniLM-L6-v2 (a 6-layer BERT, fetched by
 //! `make encoder`); DeepFloyd IF's is T5-v1.1-XXL, read with 77 tokens per prompt.
 
 pub mod bert;
+pub mod clip;
 pub mod config;
 mod parts;
 pub mod t5;
@@ -28,7 +30,8 @@ use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 pub use bert::BertModel;
-pub use config::{BertConfig, EncoderConfig, FeedForwardProj, T5Config};
+pub use clip::{ClipTextModel, ClipTextOutput};
+pub use config::{BertConfig, ClipTextConfig, EncoderConfig, FeedForwardProj, T5Config};
 pub use t5::{EmbeddingKey, T5Encoder};
 pub use tokenizer::{TokenBatch, Tokenizer, TokenizerOptions};
 
@@ -67,6 +70,7 @@ pub struct TextEmbeddings {
 enum Model {
     Bert(BertModel),
     T5(T5Encoder),
+    Clip(ClipTextModel),
 }
 
 /// A frozen text encoder with its tokenizer, loaded from a model directory.
@@ -113,6 +117,12 @@ impl TextEncoder {
                 weights::load_into(&vs, &files, &t5::ignorable)?;
                 Model::T5(model)
             }
+            EncoderConfig::Clip(cfg) => {
+                let projection = parts::checkpoint_names(&files)?.contains("text_projection.weight");
+                let model = ClipTextModel::new(&vs.root(), cfg, projection);
+                weights::load_into(&vs, &files, &clip::ignorable)?;
+                Model::Clip(model)
+            }
         };
         vs.freeze();
         Ok(Self { vs, model, tokenizer, config, kind: Kind::Float, dir: dir.to_owned() })
@@ -152,7 +162,18 @@ impl TextEncoder {
         tch::no_grad(|| match &self.model {
             Model::Bert(model) => model.forward(&ids, &mask),
             Model::T5(model) => model.forward(&ids, &mask),
+            Model::Clip(model) => Ok(model.forward(&ids, &mask)?.hidden),
         })
+    }
+
+    /// CLIP's projected text embedding (`text_embeds`, `[B, projection_dim]`)
+    /// of ids and mask `[B, L]`, which unCLIP's prior is conditioned on; none
+    /// for encoders without one.
+    pub fn text_embeds(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Option<Tensor>> {
+        let Model::Clip(model) = &self.model else { return Ok(None) };
+        let device = self.device();
+        let (ids, mask) = (input_ids.f_to_device(device)?, attention_mask.f_to_device(device)?);
+        Ok(tch::no_grad(|| model.forward(&ids, &mask))?.text_embeds)
     }
 
     /// The width D of the hidden states.
@@ -193,17 +214,16 @@ impl TextEncoder {
 fn max_length(config: &EncoderConfig, requested: Option<usize>, config_file: &Path) -> Result<usize> {
     match (config, requested) {
         (_, Some(0)) => Err(NnError::input("max_length", "must be at least 1")),
-        (EncoderConfig::Bert(c), Some(n)) if n as i64 > c.max_position_embeddings => Err(NnError::input(
-            "max_length",
-            format!(
-                "{n} exceeds max_position_embeddings {} in {}",
-                c.max_position_embeddings,
-                config_file.display()
-            ),
-        )),
+        (EncoderConfig::Bert(BertConfig { max_position_embeddings: positions, .. }), Some(n))
+        | (EncoderConfig::Clip(ClipTextConfig { max_position_embeddings: positions, .. }), Some(n))
+            if n as i64 > *positions =>
+        {
+            Err(NnError::input("max_length", format!("{n} exceeds max_position_embeddings {positions} in {}", config_file.display())))
+        }
         (_, Some(n)) => Ok(n),
         (EncoderConfig::Bert(c), None) => Ok(c.max_position_embeddings as usize),
         (EncoderConfig::T5(_), None) => Ok(T5_DEFAULT_MAX_LENGTH),
+        (EncoderConfig::Clip(c), None) => Ok(c.max_position_embeddings as usize),
     }
 }
 
