@@ -398,6 +398,8 @@ mod tests {
         assert!((exact.double_value(&[0]) + 0.158_655).abs() < 1e-6);
         assert!((approx.double_value(&[0]) + 0.158_808).abs() < 1e-6);
         assert_eq!(Activation::from_name("swish"), Some(Activation::Silu));
-        assert_eq!(Activation::from_name("quick_gelu"), None);
+        let quick = Activation::from_name("quick_gelu").unwrap().forward(&x);
+        assert!((quick.double_value(&[0]) + 1.0 / (1.0 + 1.702f64.exp())).abs() < 1e-6);
+        assert_eq!(Activation::from_name("laplace"), None);
     }
 }

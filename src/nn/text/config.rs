@@ -329,8 +329,8 @@ mod tests {
             (r#"{"model_type": "bert", "position_embedding_type": "relative_key"}"#, "position_embedding_type"),
             (r#"{"model_type": "bert", "is_decoder": true}"#, "is_decoder"),
             (r#"{"model_type": "bert", "add_cross_attention": true}"#, "add_cross_attention"),
-            (r#"{"model_type": "bert", "hidden_act": "quick_gelu"}"#, "hidden_act"),
-            (r#"{"model_type": "t5", "feed_forward_proj": "gated-quick_gelu"}"#, "feed_forward_proj"),
+            (r#"{"model_type": "bert", "hidden_act": "laplace"}"#, "hidden_act"),
+            (r#"{"model_type": "t5", "feed_forward_proj": "gated-laplace"}"#, "feed_forward_proj"),
             (r#"{"model_type": "roberta"}"#, "model_type"),
         ] {
             let err = parse(json).unwrap_err();

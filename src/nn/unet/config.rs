@@ -557,7 +557,7 @@ mod tests {
         assert!(with("mid_block_type", "UNetMidBlock2DCrossAttn".into()).contains("`mid_block_type`"));
         assert!(with("class_embed_type", "projection".into()).contains("`class_embed_type`"));
         assert!(with("time_cond_proj_dim", 8.into()).contains("`time_cond_proj_dim`"));
-        assert!(with("act_fn", "quick_gelu".into()).contains("`act_fn`"));
+        assert!(with("act_fn", "laplace".into()).contains("`act_fn`"));
         assert!(with("attention_head_dim", 7.into()).contains("`attention_head_dim`"));
         assert!(with("layers_per_block", serde_json::json!([1, 2, 3])).contains("`layers_per_block`"));
         assert!(with("not_a_diffusers_key", 1.into()).contains("not_a_diffusers_key"));
