@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 import diffusers
-from diffusers import PriorTransformer, UNet2DConditionModel
+from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel
 from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 
 # Karlo's prior layout (LayerNorm in, linear text projection, the PRD token) run
@@ -60,6 +60,22 @@ DECODER = dict(sample_size=16, layers_per_block=1, block_out_channels=[32, 64], 
                down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
                mid_block_type="UNetMidBlock2DSimpleCrossAttn",
                up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"])
+
+# unCLIP's super-resolution stages: UNet2DModel on [noisy; upsampled] images.
+# Karlo-style (scale-shift ResNets, so the middle attention has no GroupNorm),
+# and a variant with the default time shift (GroupNorm in the attention), a
+# noise-level class embedding, no middle attention head size, and a rescale.
+SUPER_RES = {
+    "super_res": dict(sample_size=16, in_channels=6, out_channels=3, layers_per_block=1,
+                      block_out_channels=[32, 64], down_block_types=["ResnetDownsampleBlock2D"] * 2,
+                      up_block_types=["ResnetUpsampleBlock2D"] * 2, resnet_time_scale_shift="scale_shift",
+                      attention_head_dim=16, norm_num_groups=16),
+    "super_res_variant": dict(sample_size=16, in_channels=6, out_channels=6, layers_per_block=2,
+                              block_out_channels=[16, 32, 32], down_block_types=["ResnetDownsampleBlock2D"] * 3,
+                              up_block_types=["ResnetUpsampleBlock2D"] * 3, act_fn="gelu",
+                              class_embed_type="timestep", attention_head_dim=None, mid_block_scale_factor=1.414,
+                              norm_num_groups=8, freq_shift=1, flip_sin_to_cos=False),
+}
 
 TEXT_PROJ = dict(clip_extra_context_tokens=2, clip_embeddings_dim=12, time_embed_dim=20, cross_attention_dim=16)
 
@@ -129,6 +145,28 @@ def generate(out: Path) -> None:
         io[f"decoder.{key}"] = value.contiguous()
     meta["cases"]["decoder"] = {"kind": "decoder", "files": files, "output_shape": list(output.shape)}
     print(f"unclip fixture decoder: files {files}")
+
+    for i, (name, config) in enumerate(SUPER_RES.items()):
+        unet = randomised(UNet2DModel(**config), 900 + i)
+        # Without a GroupNorm before it, random weights give the middle attention
+        # scores of order 1e5: a one-hot softmax that turns float32 rounding into
+        # 1e-4 output differences between any two implementations (diffusers'
+        # own f32 against f64: 4e-6 here; 1e-6 noise on its input: 2e-5). Small
+        # query and key weights keep the scores in a trained model's range.
+        with torch.no_grad():
+            for proj in (unet.mid_block.attentions[0].to_q, unet.mid_block.attentions[0].to_k):
+                proj.weight.copy_((proj.weight * 0.02).half().float())
+        files = save(unet, out / name)
+        g = torch.Generator().manual_seed(1000 + i)
+        inputs = {"sample": torch.randn(batch, 6, 16, 16, generator=g), "timestep": torch.tensor([999.0, 421.0, 3.0])}
+        if config.get("class_embed_type"):
+            inputs["class_labels"] = torch.tensor([250.0, 0.0, 77.0])
+        with torch.no_grad():
+            output = unet(inputs["sample"], inputs["timestep"], class_labels=inputs.get("class_labels")).sample
+        for key, value in {**inputs, "output": output}.items():
+            io[f"{name}.{key}"] = value.contiguous()
+        meta["cases"][name] = {"kind": "super_res", "files": files, "output_shape": list(output.shape)}
+        print(f"unclip fixture {name}: files {files}")
 
     model = randomised(UnCLIPTextProjModel(**TEXT_PROJ), 500)
     files = save(model, out / "text_proj")

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 
 use common::{fixture_dir, load_json, load_tensors, relative_error};
 use diffusiond::nn::unclip::{LoadedPrior, LoadedTextProj, PriorInput};
+use diffusiond::nn::unet::unet2d::LoadedUNet2D;
 use diffusiond::nn::unet::{LoadedUNet, UNetInput};
 use tch::{Device, Kind, Tensor};
 
@@ -97,6 +98,25 @@ fn a_karlo_style_decoder_matches_diffusers_with_its_text_mask() {
     let short = get("class_labels").narrow(1, 0, 5);
     let bad = UNetInput { sample: get("sample"), timesteps: get("timestep"), encoder_hidden_states: get("encoder_hidden_states"), class_labels: Some(&short), text_mask: None };
     assert!(unet.model.forward(&bad).unwrap_err().to_string().contains("class_labels"));
+}
+
+#[test]
+fn super_resolution_unet2d_models_match_diffusers() {
+    let meta = load_json("unclip/cases.json");
+    let io = load_tensors("unclip/io.safetensors");
+    let cases: Vec<&String> = meta["cases"].as_object().unwrap().iter().filter(|(_, c)| c["kind"] == "super_res").map(|(n, _)| n).collect();
+    assert_eq!(cases.len(), 2);
+    for name in cases {
+        let unet = LoadedUNet2D::load(&fixture_dir().join("unclip").join(name), Device::Cpu, Kind::Float).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let get = |k: &str| io.get(&format!("{name}.{k}"));
+        let out = tch::no_grad(|| unet.model.forward(get("sample").unwrap(), get("timestep").unwrap(), get("class_labels"))).unwrap();
+        check(name, &out, get("output").unwrap());
+        // A row alone gets the bits it has in the batch.
+        let one = |t: &Tensor| t.narrow(0, 2, 1);
+        let labels = get("class_labels").map(one);
+        let alone = tch::no_grad(|| unet.model.forward(&one(get("sample").unwrap()), &one(get("timestep").unwrap()), labels.as_ref())).unwrap();
+        assert!(alone.get(0).equal(&out.get(2)), "{name}: a row alone differs from the same row in a batch");
+    }
 }
 
 #[test]

@@ -9,6 +9,7 @@
 //! | `attention` | attention with added text keys and values |
 //! | `blocks` | down, middle and up blocks |
 //! | `model` | the model, its forward pass, loading and saving |
+//! | `unet2d` | `UNet2DModel`, the text-free UNet of unCLIP's super-resolution stages |
 
 pub mod attention;
 pub mod blocks;
@@ -16,6 +17,7 @@ pub mod config;
 pub mod embeddings;
 pub mod model;
 pub mod resnet;
+pub mod unet2d;
 
 pub use attention::AttentionMaps;
 pub use config::UNetConfig;
