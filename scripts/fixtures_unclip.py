@@ -188,3 +188,94 @@ def generate(out: Path) -> None:
     print(f"unclip fixture text_proj: files {files}")
     save_file(io, str(out / "io.safetensors"))
     (out / "cases.json").write_text(json.dumps(meta, indent=1) + "\n")
+    pipeline(out)
+
+
+def pipeline(out: Path) -> None:
+    """A tiny UnCLIPPipeline saved by diffusers, run with every noise draw recorded."""
+    import sys
+
+    from diffusers import UnCLIPScheduler
+    from diffusers.pipelines.deprecated.unclip.pipeline_unclip import UnCLIPPipeline
+    from diffusers.schedulers import scheduling_unclip
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from fixtures_text import clip_tokenizer
+
+    dest = out / "pipeline"
+    tokenizer = clip_tokenizer(dest / "tokenizer")
+    words = tokenizer.model_max_length
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    torch.manual_seed(1100)
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, projection_dim=32, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=words, bos_token_id=eos - 1, eos_token_id=eos,
+        pad_token_id=eos)).eval()
+    prior = randomised(PriorTransformer(num_attention_heads=2, attention_head_dim=12, embedding_dim=32, num_layers=1,
+                                        num_embeddings=words, additional_embeddings=4, norm_in_type="layer"), 1101)
+    text_proj = randomised(UnCLIPTextProjModel(clip_extra_context_tokens=4, clip_embeddings_dim=32,
+                                               time_embed_dim=64, cross_attention_dim=32), 1102)
+    # Narrower than the single-model fixtures: the folder is committed whole.
+    decoder = randomised(UNet2DConditionModel(**dict(DECODER, sample_size=8, block_out_channels=[16, 32],
+                                                     norm_num_groups=8, cross_attention_dim=32)), 1103)
+    sr_config = dict(SUPER_RES["super_res"], sample_size=16, block_out_channels=[16, 32], norm_num_groups=8)
+    super_res = []
+    for seed in (1104, 1105):
+        unet = randomised(UNet2DModel(**sr_config), seed)
+        with torch.no_grad():
+            for proj in (unet.mid_block.attentions[0].to_q, unet.mid_block.attentions[0].to_k):
+                proj.weight.copy_((proj.weight * 0.02).half().float())
+        super_res.append(unet)
+    pipe = UnCLIPPipeline(
+        prior=prior, decoder=decoder, text_encoder=text_encoder, tokenizer=tokenizer, text_proj=text_proj,
+        super_res_first=super_res[0], super_res_last=super_res[1],
+        prior_scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample",
+                                        clip_sample_range=5.0),
+        decoder_scheduler=UnCLIPScheduler(variance_type="learned_range", prediction_type="epsilon"),
+        super_res_scheduler=UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="epsilon"))
+    with torch.no_grad():
+        for p in text_encoder.parameters():
+            p.copy_(p.half().float())
+    # float16 files holding exactly the values the reference runs in float32.
+    pipe.to(torch.float16)
+    pipe.save_pretrained(dest, safe_serialization=True)
+    pipe.to(torch.float32)
+
+    prompts = ["a red circle", "zebra on a river"]
+    steps = dict(prior_num_inference_steps=6, decoder_num_inference_steps=5, super_res_num_inference_steps=4)
+    g = torch.Generator().manual_seed(1200)
+    starts = {"prior": torch.randn(2, 32, generator=g), "decoder": torch.randn(2, 3, 8, 8, generator=g),
+              "super_res": torch.randn(2, 3, 16, 16, generator=g)}
+    draws: list[torch.Tensor] = []
+
+    def recorded(shape, generator=None, device=None, dtype=None, layout=None):
+        draws.append(torch.randn(shape, generator=g))
+        return draws[-1].clone()
+
+    scheduling_unclip.randn_tensor = recorded
+    captured = {}
+    def capture(module, args, kwargs, output):
+        captured.setdefault("image_embeddings", kwargs["image_embeddings"].clone())
+
+    pipe.text_proj.register_forward_hook(capture, with_kwargs=True)
+    with torch.no_grad():
+        image = pipe(prompts, prior_latents=starts["prior"], decoder_latents=starts["decoder"],
+                     super_res_latents=starts["super_res"], prior_guidance_scale=4.0, decoder_guidance_scale=8.0,
+                     output_type="np", **steps).images
+    # Each stage draws at every step but its last (t = 0), in stage order.
+    counts = {"prior": steps["prior_num_inference_steps"] - 1, "decoder": steps["decoder_num_inference_steps"] - 1,
+              "super_res": steps["super_res_num_inference_steps"] - 1}
+    assert len(draws) == sum(counts.values()), (len(draws), counts)
+    io: dict[str, torch.Tensor] = {"image": torch.from_numpy(image).permute(0, 3, 1, 2).contiguous(),
+                                   "image_embeddings": captured["image_embeddings"]}
+    k = 0
+    for stage, n in counts.items():
+        io[f"{stage}/start"] = starts[stage]
+        io[f"{stage}/steps"] = torch.stack(draws[k:k + n]) if n else torch.zeros(0)
+        k += n
+    save_file({key: v.contiguous() for key, v in io.items()}, str(dest / "reference.safetensors"))
+    (dest / "reference.json").write_text(json.dumps({"diffusers": diffusers.__version__, "prompts": prompts,
+                                                     "prior_guidance_scale": 4.0, "decoder_guidance_scale": 8.0,
+                                                     **steps}, indent=1) + "\n")
+    print(f"unclip pipeline fixture: {sorted(p.name for p in dest.iterdir())}, image {list(io['image'].shape)}")

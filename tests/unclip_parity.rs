@@ -141,3 +141,50 @@ fn bad_shapes_are_errors_naming_the_input() {
     let err = model.model.forward(tp("image_embeddings"), tp("prompt_embeds"), tp("text_encoder_hidden_states"), true).err().unwrap();
     assert!(err.to_string().contains("prompt_embeds"), "{err}");
 }
+
+/// Each image's recorded draws of one stage: its start, then one per step.
+fn replay(io: &HashMap<String, Tensor>, stage: &str, images: i64) -> diffusiond::diffusion::BatchNoise {
+    use diffusiond::diffusion::{NoiseSource, ReplayNoise};
+    let start = &io[&format!("{stage}/start")];
+    let steps = &io[&format!("{stage}/steps")];
+    let streams = (0..images)
+        .map(|i| {
+            let mut draws = vec![start.get(i)];
+            if steps.numel() > 0 {
+                draws.extend((0..steps.size()[0]).map(|k| steps.get(k).get(i)));
+            }
+            Box::new(ReplayNoise::new(draws)) as Box<dyn NoiseSource>
+        })
+        .collect();
+    diffusiond::diffusion::BatchNoise::new(streams)
+}
+
+#[test]
+fn a_tiny_unclip_pipeline_matches_diffusers_on_the_same_noise() {
+    use diffusiond::pipeline::unclip::{UnClipNoise, UnClipPipeline, UnClipSettings};
+    let dir = fixture_dir().join("unclip/pipeline");
+    let meta = load_json("unclip/pipeline/reference.json");
+    let io = load_tensors("unclip/pipeline/reference.safetensors");
+    let pipeline = UnClipPipeline::load(&dir).unwrap();
+    let prompts: Vec<String> = serde_json::from_value(meta["prompts"].clone()).unwrap();
+    let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+    let n = |k: &str| meta[k].as_u64().unwrap() as usize;
+    let settings = UnClipSettings {
+        prior_steps: n("prior_num_inference_steps"),
+        decoder_steps: n("decoder_num_inference_steps"),
+        super_res_steps: n("super_res_num_inference_steps"),
+        prior_guidance_scale: meta["prior_guidance_scale"].as_f64().unwrap() as f32,
+        decoder_guidance_scale: meta["decoder_guidance_scale"].as_f64().unwrap() as f32,
+    };
+    let b = prompts.len() as i64;
+    let mut noise = UnClipNoise { prior: replay(&io, "prior", b), decoder: replay(&io, "decoder", b), super_res: replay(&io, "super_res", b) };
+    let out = pipeline.generate(&prompts, &settings, &mut noise).unwrap();
+    let abs = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+    let embeddings = abs(&out.image_embeddings, &io["image_embeddings"]);
+    let image = abs(&out.image, &io["image"]);
+    println!("unCLIP pipeline: image embeddings max abs difference {embeddings:.2e}, image {image:.2e}");
+    assert!(embeddings <= 1e-3 && image <= 1e-3, "embeddings {embeddings:e}, image {image:e}");
+    // The image is not trivially saturated: some pixels are inside (0, 1).
+    let inside = io["image"].gt(0.01).logical_and(&io["image"].lt(0.99)).sum(Kind::Int64).int64_value(&[]);
+    assert!(inside > 100, "only {inside} unsaturated pixels");
+}

@@ -14,6 +14,7 @@
 //! | `png` | 8-bit RGB conversion and PNG files with their parameters |
 //! | `format` | the delivered file format: PNG, JPEG at a quality, lossless WebP |
 //! | `writer` | writing stage folders diffusers and `Cascade::load` both read |
+//! | `unclip` | DALL-E 2's unCLIP: CLIP prior, decoder, super-resolution (Karlo's layout) |
 
 pub mod cascade;
 pub mod denoise;
@@ -24,6 +25,7 @@ pub mod png;
 pub mod request;
 pub mod source;
 pub mod stage;
+pub mod unclip;
 pub mod writer;
 
 pub use cascade::{Cascade, CascadeInfo, GeneratedImage, JobText, LoadOptions, Progress};
