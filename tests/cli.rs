@@ -87,3 +87,35 @@ fn info_describes_the_cascade() {
     assert_eq!(info["stages"][1]["defaults"]["noise_level"], 250);
     assert!(info["stages"][0]["parameters"].as_i64().unwrap() > 100_000);
 }
+
+#[test]
+fn generate_runs_an_unclip_pipeline_folder() {
+    let out = std::env::temp_dir().join(format!("diffusiond-cli-unclip-{}", std::process::id()));
+    let model = fixture_dir().join("unclip/pipeline");
+    let run = |n: &str, seed: &str, dir: &str| {
+        diffusiond()
+            .args(["generate", "a red circle", "--seed", seed, "-n", n, "--steps", "4", "--sr-steps", "3", "--model"])
+            .arg(&model)
+            .arg("-o")
+            .arg(out.join(dir))
+            .output()
+            .unwrap()
+    };
+    let batch = run("2", "3", "batch");
+    assert!(batch.status.success(), "{}", String::from_utf8_lossy(&batch.stderr));
+    let files: Vec<String> = String::from_utf8(batch.stdout).unwrap().lines().map(str::to_owned).collect();
+    assert_eq!(files.len(), 2);
+    assert!(files[1].ends_with("a-red-circle-4.png"));
+    let image = image::open(&files[1]).unwrap().to_rgb8();
+    assert_eq!(image.dimensions(), (16, 16));
+    // Image i uses seed + i: the second image alone is the same picture.
+    let alone = run("1", "4", "alone");
+    assert!(alone.status.success(), "{}", String::from_utf8_lossy(&alone.stderr));
+    let single = image::open(out.join("alone/a-red-circle-4.png")).unwrap().to_rgb8();
+    assert_eq!(single, image, "an unCLIP image changed with its batch");
+    // Cascade-only options are refused by name.
+    let refused = diffusiond().args(["generate", "x", "--init-image", "x.png", "--model"]).arg(&model).output().unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--init-image"));
+    std::fs::remove_dir_all(&out).unwrap();
+}

@@ -147,7 +147,7 @@ impl GenerateArgs {
 }
 
 /// A short file-name-safe form of the prompt.
-fn slug(prompt: &str) -> String {
+pub(super) fn slug(prompt: &str) -> String {
     let s: String = prompt
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
@@ -176,6 +176,9 @@ fn bar(name: &str, total: usize) -> ProgressBar {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    if super::unclip::is_unclip_folder(&args.model.model) {
+        return super::unclip::run(&args);
+    }
     let loading = Instant::now();
     let cascade = args.model.load()?;
     let load_time = loading.elapsed();

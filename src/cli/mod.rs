@@ -9,6 +9,7 @@ mod openapi;
 mod schedule;
 mod serve;
 mod train;
+mod unclip;
 
 use clap::{Parser, Subcommand};
 
