@@ -110,20 +110,21 @@ $(REFENV_STAMP): scripts/gen_fixtures.py | $(TORCH_STAMP)
 # base-eps trains the base stage with the ε objective, base-v fine-tunes it to
 # v, base-minsnr continues that with Min-SNR-γ weighting, base-ground fine-tunes
 # it on the narrowed dataset (six shapes, six colours, larger objects) with the
-# grounding loss, base continues base-ground, and base-ab-minsnr continues base
-# and is shipped as models/default/base (base-ground3, base-ground10 and
-# base-ab-v, other continuations of base, are kept as records and not shipped); sr64-eps trains the
+# grounding loss, base continues base-ground, base-ab-minsnr continues base,
+# and base-uncond2 continues that with a fifth of the captions dropped and is
+# shipped as models/default/base (base-ground3, base-ground10 and base-ab-v,
+# other continuations of base, are kept as records and not shipped); sr64-eps trains the
 # first super-resolution stage with ε and sr64 fine-tunes it to v, and
 # likewise sr128-eps and sr128 for the second (each config's `init` names the
 # previous run). DEVICE=cuda trains on a GPU (fp16 mixed precision).
-STAGES := base-eps base-v base-minsnr base-ground base base-ab-minsnr sr64-eps sr64 sr128-eps sr128
+STAGES := base-eps base-v base-minsnr base-ground base base-ab-minsnr base-uncond2 sr64-eps sr64 sr128-eps sr128
 DEVICE ?= auto
 .PHONY: train eval
 train: build encoder
 	for stage in $(STAGES); do \
 		target/release/diffusiond train --config models/default/train/$$stage.json --out runs/$$stage \
 			--device $(DEVICE) --export runs/$$stage/stage || exit 1; \
-		dest=$$( [ $$stage = base-ab-minsnr ] && echo base || echo $$stage ); \
+		dest=$$( [ $$stage = base-uncond2 ] && echo base || echo $$stage ); \
 		if [ -f models/default/$$dest/model_index.json ]; then \
 			rm -rf models/default/$$dest && cp -r runs/$$stage/stage models/default/$$dest || exit 1; \
 		fi; \
