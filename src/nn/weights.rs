@@ -54,6 +54,24 @@ pub fn checkpoint_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
 /// `embeddings.position_ids` buffer, or a pooler the encoder does not run).
 pub type Ignore<'a> = &'a dyn Fn(&str) -> bool;
 
+/// A frozen model from the checkpoint `<stem>` in `dir`: `build` declares its
+/// variables (on the CPU, in f32), every one is filled strictly (see
+/// [`load_into`]), and the store is frozen and moved to `device` in `kind`.
+pub fn load_frozen<M>(
+    dir: &Path,
+    stem: &str,
+    device: tch::Device,
+    kind: Kind,
+    build: impl FnOnce(&tch::nn::Path<'_>) -> Result<M>,
+) -> Result<(tch::nn::VarStore, M)> {
+    let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let model = build(&vs.root())?;
+    load_into(&vs, &checkpoint_files(dir, stem)?, &|_| false)?;
+    vs.freeze();
+    super::device::place(&mut vs, device, kind);
+    Ok((vs, model))
+}
+
 /// Loads `files` into the variables of `vs`. Every variable must be present with
 /// its exact shape; every tensor in the files must be a variable unless `ignore`
 /// accepts its name. Values are converted to each variable's kind and device.

@@ -14,7 +14,6 @@ use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 
 use super::config::{PriorConfig, PriorSpec};
-use crate::nn::device::place;
 use crate::nn::error::{NnError, Result};
 use crate::nn::layers::{Activation, ApplyLinear, Linear};
 use crate::nn::unet::model::WEIGHTS_STEM;
@@ -259,13 +258,7 @@ impl LoadedPrior {
     /// Loads a diffusers `PriorTransformer` directory onto `device` in `kind`.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         let config = PriorConfig::from_dir(dir)?;
-        let vs = nn::VarStore::new(Device::Cpu);
-        let model = PriorTransformer::new(&vs.root(), &config)?;
-        let mut prior = Self { vs, model };
-        let files = weights::checkpoint_files(dir, WEIGHTS_STEM)?;
-        weights::load_into(&prior.vs, &files, &|_| false)?;
-        prior.vs.freeze();
-        place(&mut prior.vs, device, kind);
-        Ok(prior)
+        let (vs, model) = weights::load_frozen(dir, WEIGHTS_STEM, device, kind, |p| PriorTransformer::new(p, &config))?;
+        Ok(Self { vs, model })
     }
 }

@@ -10,7 +10,6 @@ use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 
 use super::config::TextProjConfig;
-use crate::nn::device::place;
 use crate::nn::error::{NnError, Result};
 use crate::nn::layers::{ApplyLinear, Linear};
 use crate::nn::unet::model::WEIGHTS_STEM;
@@ -107,13 +106,7 @@ impl LoadedTextProj {
     /// Loads a diffusers `UnCLIPTextProjModel` directory onto `device` in `kind`.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         let config = TextProjConfig::from_dir(dir)?;
-        let vs = nn::VarStore::new(Device::Cpu);
-        let model = UnCLIPTextProjModel::new(&vs.root(), &config);
-        let mut loaded = Self { vs, model };
-        let files = weights::checkpoint_files(dir, WEIGHTS_STEM)?;
-        weights::load_into(&loaded.vs, &files, &|_| false)?;
-        loaded.vs.freeze();
-        place(&mut loaded.vs, device, kind);
-        Ok(loaded)
+        let (vs, model) = weights::load_frozen(dir, WEIGHTS_STEM, device, kind, |p| Ok(UnCLIPTextProjModel::new(p, &config)))?;
+        Ok(Self { vs, model })
     }
 }

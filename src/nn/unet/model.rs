@@ -19,7 +19,6 @@ use super::attention::AttentionMaps;
 use super::blocks::{Conditioning, DownBlock, MidBlock, UpBlock};
 use super::config::{ClassEmbedding, UNetConfig, UNetSpec};
 use super::embeddings::{timestep_embedding, TextTimeEmbedding, TimestepEmbedding};
-use crate::nn::device::place;
 use crate::nn::error::{NnError, Result};
 use crate::nn::weights;
 
@@ -241,12 +240,8 @@ impl LoadedUNet {
     /// `device` in `kind`.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         let config = UNetConfig::from_dir(dir)?;
-        let mut unet = Self::random(&config)?;
-        let files = weights::checkpoint_files(dir, WEIGHTS_STEM)?;
-        weights::load_into(&unet.vs, &files, &|_| false)?;
-        unet.vs.freeze();
-        place(&mut unet.vs, device, kind);
-        Ok(unet)
+        let (vs, model) = weights::load_frozen(dir, WEIGHTS_STEM, device, kind, |p| UNet2DConditionModel::new(p, &config))?;
+        Ok(Self { vs, model })
     }
 
     /// Writes `config.json` and the weights (in `kind`) so that diffusers'

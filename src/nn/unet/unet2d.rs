@@ -23,7 +23,6 @@ use super::config::{PerBlock, SampleSize, UNetConfig};
 use super::embeddings::{timestep_embedding, TimestepEmbedding};
 use super::model::WEIGHTS_STEM;
 use super::resnet::{Resample, ResnetBlock2D, ResnetShape};
-use crate::nn::device::place;
 use crate::nn::error::{NnError, Result};
 use crate::nn::layers::{batch_strided, Activation, ApplyLinear, Conv2d, GroupNorm, Linear};
 use crate::nn::weights;
@@ -353,14 +352,8 @@ impl LoadedUNet2D {
     /// Loads a diffusers `UNet2DModel` directory onto `device` in `kind`.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
         let config = UNet2DModelConfig::from_dir(dir)?;
-        let vs = nn::VarStore::new(Device::Cpu);
-        let model = UNet2DModel::new(&vs.root(), &config)?;
-        let mut loaded = Self { vs, model };
-        let files = weights::checkpoint_files(dir, WEIGHTS_STEM)?;
-        weights::load_into(&loaded.vs, &files, &|_| false)?;
-        loaded.vs.freeze();
-        place(&mut loaded.vs, device, kind);
-        Ok(loaded)
+        let (vs, model) = weights::load_frozen(dir, WEIGHTS_STEM, device, kind, |p| UNet2DModel::new(p, &config))?;
+        Ok(Self { vs, model })
     }
 }
 
