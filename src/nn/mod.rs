@@ -10,10 +10,12 @@
 //! | `weights` | strict safetensors loading (single or sharded) and saving |
 //! | `device` | the device and precision settings |
 //! | `precision` | bfloat16 products inside f32 layers, for training on the CPU |
+//! | `config_file` | reading a diffusers `config.json` into a serde struct |
 //! | `unet` | the IF-style UNet: config, embeddings, ResNet blocks, attention, up/down blocks |
 //! | `text` | tokenizer and frozen text encoders (BERT, T5, CLIP) |
 //! | `unclip` | DALL-E 2's prior transformer and the decoder's CLIP-embedding projection |
 
+mod config_file;
 pub mod device;
 pub mod error;
 pub mod layers;

@@ -4,10 +4,9 @@
 
 use std::path::Path;
 
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
+use crate::nn::config_file::{from_dir, from_json, in_file};
 use crate::nn::error::{NnError, Result};
 use crate::nn::layers::Activation;
 
@@ -176,37 +175,6 @@ impl TextProjConfig {
         let file = dir.join("config.json");
         let text = std::fs::read_to_string(&file).map_err(|e| NnError::io(&file, e))?;
         Self::from_json(&text).map_err(|e| in_file(e, &file))
-    }
-}
-
-/// Parses a config of diffusers class `class`, dropping its bookkeeping keys.
-fn from_json<T: DeserializeOwned>(text: &str, class: &str) -> Result<T> {
-    let json = |source| NnError::Json { file: "config.json".into(), source };
-    let Value::Object(mut map) = serde_json::from_str(text).map_err(json)? else {
-        return Err(invalid("config", "not a JSON object"));
-    };
-    if let Some(name) = map.get("_class_name").and_then(Value::as_str) {
-        if name != class {
-            return Err(unsupported("_class_name", format!("`{name}` (expected {class})")));
-        }
-    }
-    map.retain(|k, _| !k.starts_with('_'));
-    serde_json::from_value(Value::Object(map)).map_err(json)
-}
-
-fn from_dir<T: DeserializeOwned>(dir: &Path, class: &str) -> Result<T> {
-    let file = dir.join("config.json");
-    let text = std::fs::read_to_string(&file).map_err(|e| NnError::io(&file, e))?;
-    from_json(&text, class).map_err(|e| in_file(e, &file))
-}
-
-fn in_file(e: NnError, file: &Path) -> NnError {
-    let file = file.display().to_string();
-    match e {
-        NnError::Unsupported { field, reason, .. } => NnError::Unsupported { file, field, reason },
-        NnError::Invalid { field, reason, .. } => NnError::Invalid { file, field, reason },
-        NnError::Json { source, .. } => NnError::Json { file, source },
-        other => other,
     }
 }
 

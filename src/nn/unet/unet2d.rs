@@ -15,7 +15,6 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tch::{nn, Device, Kind, Tensor};
 
 use super::blocks::{Conditioning, DownBlock, UpBlock};
@@ -25,6 +24,7 @@ use super::model::WEIGHTS_STEM;
 use super::resnet::{Resample, ResnetBlock2D, ResnetShape};
 use crate::nn::error::{NnError, Result};
 use crate::nn::layers::{batch_strided, Activation, ApplyLinear, Conv2d, GroupNorm, Linear};
+use crate::nn::config_file as diffusers_config;
 use crate::nn::weights;
 
 pub const CLASS_NAME: &str = "UNet2DModel";
@@ -101,28 +101,11 @@ impl Default for UNet2DModelConfig {
 
 impl UNet2DModelConfig {
     pub fn from_json(text: &str) -> Result<Self> {
-        let json = |source| NnError::Json { file: "config.json".into(), source };
-        let Value::Object(mut map) = serde_json::from_str(text).map_err(json)? else {
-            return Err(invalid("config", "not a JSON object"));
-        };
-        if let Some(class) = map.get("_class_name").and_then(Value::as_str) {
-            if class != CLASS_NAME {
-                return Err(unsupported("_class_name", format!("`{class}` (expected {CLASS_NAME})")));
-            }
-        }
-        map.retain(|k, _| !k.starts_with('_'));
-        serde_json::from_value(Value::Object(map)).map_err(json)
+        diffusers_config::from_json(text, CLASS_NAME)
     }
 
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let file = dir.join("config.json");
-        let text = std::fs::read_to_string(&file).map_err(|e| NnError::io(&file, e))?;
-        Self::from_json(&text).map_err(|e| match e {
-            NnError::Unsupported { field, reason, .. } => NnError::Unsupported { file: file.display().to_string(), field, reason },
-            NnError::Invalid { field, reason, .. } => NnError::Invalid { file: file.display().to_string(), field, reason },
-            NnError::Json { source, .. } => NnError::Json { file: file.display().to_string(), source },
-            other => other,
-        })
+        diffusers_config::from_dir(dir, CLASS_NAME)
     }
 
     /// The same network as a conditional UNet's config without text
