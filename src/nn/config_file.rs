@@ -1,7 +1,7 @@
 //! A diffusers model's `config.json`: the `_class_name` check, the bookkeeping
 //! keys (`_diffusers_version`, …) dropped, and errors that name the file.
-//! Shared by the model configs that are plain serde structs (unCLIP's prior and
-//! text projection, `UNet2DModel`).
+//! Shared by every diffusers model config (`UNet2DConditionModel`,
+//! `UNet2DModel`, unCLIP's prior and text projection).
 
 use std::path::Path;
 
@@ -42,10 +42,12 @@ pub(crate) fn in_file(e: NnError, file: &Path) -> NnError {
     }
 }
 
-fn invalid(field: &str, reason: impl Into<String>) -> NnError {
+/// An invalid value of `field` in a `config.json` (the file is named by [`in_file`]).
+pub(crate) fn invalid(field: &str, reason: impl Into<String>) -> NnError {
     NnError::Invalid { file: "config.json".into(), field: field.into(), reason: reason.into() }
 }
 
-fn unsupported(field: &str, reason: impl Into<String>) -> NnError {
+/// A value of `field` selecting something not implemented.
+pub(crate) fn unsupported(field: &str, reason: impl Into<String>) -> NnError {
     NnError::Unsupported { file: "config.json".into(), field: field.into(), reason: reason.into() }
 }

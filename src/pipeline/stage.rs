@@ -67,7 +67,8 @@ pub struct Stage {
     pub single_row: BatchOfOne,
 }
 
-fn load_scheduler(dir: &Path, folder: &str) -> Result<Scheduler> {
+/// The scheduler in `dir/folder/scheduler_config.json`, its errors naming that file.
+pub(crate) fn load_scheduler(dir: &Path, folder: &str) -> Result<Scheduler> {
     let file = dir.join(folder).join("scheduler_config.json");
     let config = SchedulerConfig::from_file(&file)
         .map_err(|e| PipelineError::model(&file, e.to_string()))?

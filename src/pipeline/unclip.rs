@@ -16,13 +16,14 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 use crate::diffusion::guidance::classifier_free;
-use crate::diffusion::{BatchNoise, SamplerKind, SamplerOptions, Scheduler, SchedulerConfig};
+use crate::diffusion::{BatchNoise, SamplerKind, SamplerOptions, Scheduler};
 use crate::nn::text::{TextEncoder, TextEncoderOptions};
 use crate::nn::unclip::{LoadedPrior, LoadedTextProj, PriorInput};
 use crate::nn::unet::unet2d::LoadedUNet2D;
 use crate::nn::unet::{LoadedUNet, UNetInput};
 
 use super::error::{PipelineError, Result};
+use super::stage::load_scheduler;
 
 /// Steps and guidance of the three stages (Karlo's defaults in [`Default`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -77,14 +78,6 @@ pub struct UnClipPipeline {
     super_res_scheduler: Scheduler,
 }
 
-fn scheduler(dir: &Path, folder: &str) -> Result<Scheduler> {
-    let file = dir.join(folder).join("scheduler_config.json");
-    let config = SchedulerConfig::from_file(&file)
-        .map_err(|e| PipelineError::model(&file, e.to_string()))?
-        .map_err(|e| PipelineError::model(&file, e.to_string()))?;
-    Scheduler::new(config).map_err(|e| PipelineError::model(&file, e.to_string()))
-}
-
 impl UnClipPipeline {
     /// Loads an `UnCLIPPipeline` folder onto the CPU in f32.
     pub fn load(dir: &Path) -> Result<Self> {
@@ -93,13 +86,13 @@ impl UnClipPipeline {
         Ok(Self {
             encoder: TextEncoder::load(&dir.join("text_encoder"), &options)?,
             prior: LoadedPrior::load(&dir.join("prior"), device, kind)?,
-            prior_scheduler: scheduler(dir, "prior_scheduler")?,
+            prior_scheduler: load_scheduler(dir, "prior_scheduler")?,
             text_proj: LoadedTextProj::load(&dir.join("text_proj"), device, kind)?,
             decoder: LoadedUNet::load(&dir.join("decoder"), device, kind)?,
-            decoder_scheduler: scheduler(dir, "decoder_scheduler")?,
+            decoder_scheduler: load_scheduler(dir, "decoder_scheduler")?,
             super_res_first: LoadedUNet2D::load(&dir.join("super_res_first"), device, kind)?,
             super_res_last: LoadedUNet2D::load(&dir.join("super_res_last"), device, kind)?,
-            super_res_scheduler: scheduler(dir, "super_res_scheduler")?,
+            super_res_scheduler: load_scheduler(dir, "super_res_scheduler")?,
         })
     }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::nn::config_file::{from_dir, from_json, in_file};
+use crate::nn::config_file::{from_dir, from_json, in_file, invalid, unsupported};
 use crate::nn::error::{NnError, Result};
 use crate::nn::layers::Activation;
 
@@ -178,13 +178,7 @@ impl TextProjConfig {
     }
 }
 
-fn invalid(field: &str, reason: impl Into<String>) -> NnError {
-    NnError::Invalid { file: "config.json".into(), field: field.into(), reason: reason.into() }
-}
 
-fn unsupported(field: &str, reason: impl Into<String>) -> NnError {
-    NnError::Unsupported { file: "config.json".into(), field: field.into(), reason: reason.into() }
-}
 
 #[cfg(test)]
 mod tests {

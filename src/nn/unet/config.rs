@@ -21,6 +21,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::nn::config_file::{in_file, invalid, unsupported};
 use crate::nn::error::{NnError, Result};
 use crate::nn::layers::Activation;
 
@@ -250,13 +251,7 @@ pub struct UNetSpec {
     pub up: Vec<BlockSpec>,
 }
 
-fn invalid(field: &str, reason: impl Into<String>) -> NnError {
-    NnError::Invalid { file: "config.json".into(), field: field.into(), reason: reason.into() }
-}
 
-fn unsupported(field: &str, reason: impl Into<String>) -> NnError {
-    NnError::Unsupported { file: "config.json".into(), field: field.into(), reason: reason.into() }
-}
 
 fn activation(field: &str, name: &str) -> Result<Activation> {
     Activation::from_name(name).ok_or_else(|| unsupported(field, format!("activation `{name}`")))
@@ -285,7 +280,7 @@ impl UNetConfig {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let file = dir.join("config.json");
         let text = std::fs::read_to_string(&file).map_err(|e| NnError::io(&file, e))?;
-        Self::from_json(&text).map_err(|e| rename(e, &file))
+        Self::from_json(&text).map_err(|e| in_file(e, &file))
     }
 
     /// The config as diffusers' `save_pretrained` writes it.
@@ -492,16 +487,6 @@ impl UNetConfig {
     }
 }
 
-/// Puts the real file name into errors raised while parsing its text.
-fn rename(e: NnError, file: &Path) -> NnError {
-    let f = file.display().to_string();
-    match e {
-        NnError::Unsupported { field, reason, .. } => NnError::Unsupported { file: f, field, reason },
-        NnError::Invalid { field, reason, .. } => NnError::Invalid { file: f, field, reason },
-        NnError::Json { source, .. } => NnError::Json { file: f, source },
-        other => other,
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -24,7 +24,7 @@ use super::model::WEIGHTS_STEM;
 use super::resnet::{Resample, ResnetBlock2D, ResnetShape};
 use crate::nn::error::{NnError, Result};
 use crate::nn::layers::{batch_strided, Activation, ApplyLinear, Conv2d, GroupNorm, Linear};
-use crate::nn::config_file as diffusers_config;
+use crate::nn::config_file::{self as diffusers_config, invalid, unsupported};
 use crate::nn::weights;
 
 pub const CLASS_NAME: &str = "UNet2DModel";
@@ -338,12 +338,4 @@ impl LoadedUNet2D {
         let (vs, model) = weights::load_frozen(dir, WEIGHTS_STEM, device, kind, |p| UNet2DModel::new(p, &config))?;
         Ok(Self { vs, model })
     }
-}
-
-fn invalid(field: &str, reason: impl Into<String>) -> NnError {
-    NnError::Invalid { file: "config.json".into(), field: field.into(), reason: reason.into() }
-}
-
-fn unsupported(field: &str, reason: impl Into<String>) -> NnError {
-    NnError::Unsupported { file: "config.json".into(), field: field.into(), reason: reason.into() }
 }
