@@ -68,14 +68,29 @@ impl Linear {
 ///
 /// Why: oneDNN (and cuDNN) pick a kernel by shape, the batch size included, and
 /// at some shapes the batch-of-one kernel sums in another order (measured on an
-/// AVX-512 CPU: the convolutions of 192 channels at 8×8 and of 64 channels at
-/// 16×16 differ in the 6th digit, most other shapes are exact). Doubling every single sample keeps
-/// the bits but doubles the work of an unguided image; doubling it only where
-/// the first try shows a difference keeps the bits at the cost of the small
-/// layers alone.
+/// AVX-512 CPU: the convolutions of 192 channels at 8×8 and of 48 → 96 or
+/// 64 → 128 channels at 16×16 differ in the 6th digit, most other shapes are
+/// exact). Doubling every single sample keeps the bits but doubles the work of
+/// an unguided image; doubling it only where the first try shows a difference
+/// keeps the bits at the cost of those layers alone. Layers that work row by
+/// row (a convolution) can do better still: the sample's two halves, each with
+/// the rows its kernel reaches across the cut, make a batch of two that takes
+/// the batch kernel at little more than the single sample's work (measured:
+/// every shape of `models/default` that differs alone is exact split).
 #[derive(Debug, Default)]
 pub struct BatchOfOne {
-    verdicts: Mutex<Vec<(BatchKey, bool)>>,
+    verdicts: Mutex<Vec<(BatchKey, Route)>>,
+}
+
+/// How a batch of one is computed so that it gets a batch's bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// As it is: its own kernel sums as the batch kernel does.
+    Alone,
+    /// Its top and bottom halves (with their halo rows) as a batch of two.
+    Split,
+    /// Twice over as a batch of two, keeping the first.
+    Doubled,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -99,15 +114,41 @@ impl BatchOfOne {
     /// computed alone if that is known to match a batch, else as `f` of `x`
     /// twice over, keeping the first half (trying alone too the first time).
     pub fn apply(&self, x: &Tensor, f: impl Fn(&Tensor) -> Tensor) -> Tensor {
+        self.apply_with(x, None, f)
+    }
+
+    /// As [`BatchOfOne::apply`] for an `f` that works on `[N, C, H, W]` maps
+    /// row by row, each output row reading `halo` input rows on either side
+    /// (a stride-1 convolution with `halo` rows of zero padding): between
+    /// alone and doubled it also tries the two halves as a batch.
+    pub fn apply_rows(&self, x: &Tensor, halo: i64, f: impl Fn(&Tensor) -> Tensor) -> Tensor {
+        self.apply_with(x, Some(halo), f)
+    }
+
+    fn apply_with(&self, x: &Tensor, halo: Option<i64>, f: impl Fn(&Tensor) -> Tensor) -> Tensor {
         if x.dim() < 2 || x.size()[0] != 1 {
             return f(x);
         }
         let x = &batch_strided(x);
+        let f = &f;
         let doubled = || f(&twice(x)).narrow(0, 0, 1);
-        match self.try_run(x, || Ok::<_, std::convert::Infallible>(f(x)), || Ok(doubled())) {
-            Ok(t) => t,
-            Err(never) => match never {},
+        let split = halo.filter(|&halo| splittable(x, halo)).map(|halo| move || split_rows(x, halo, f));
+        match self.verdict(x) {
+            Some(Route::Alone) => return f(x),
+            Some(Route::Split) if split.is_some() => return split.as_ref().map(|s| s()).expect("checked"),
+            Some(_) => return doubled(),
+            None => {}
         }
+        let (one, two) = (f(x), doubled());
+        let route = if same_result(&one, &two) {
+            Route::Alone
+        } else if split.as_ref().is_some_and(|s| same_result(&s(), &two)) {
+            Route::Split
+        } else {
+            Route::Doubled
+        };
+        self.record(x, route);
+        two
     }
 
     /// For a single sample `x`: `alone` computes its result, `doubled` computes
@@ -115,32 +156,69 @@ impl BatchOfOne {
     /// is known to match, else `doubled` (trying both the first time).
     pub fn try_run<E>(&self, x: &Tensor, alone: impl Fn() -> Result<Tensor, E>, doubled: impl Fn() -> Result<Tensor, E>) -> Result<Tensor, E> {
         match self.verdict(x) {
-            Some(true) => alone(),
-            Some(false) => doubled(),
+            Some(Route::Alone) => alone(),
+            Some(_) => doubled(),
             None => {
                 let (one, two) = (alone()?, doubled()?);
-                let same = one.size() == two.size() && one.equal(&two);
-                let key = BatchKey::of(x);
-                let mut verdicts = self.lock();
-                if !verdicts.iter().any(|(k, _)| *k == key) {
-                    tracing::debug!(shape = ?key.shape, threads = key.threads, same, "batch of one tried");
-                    verdicts.push((key, same));
-                }
+                self.record(x, if same_result(&one, &two) { Route::Alone } else { Route::Doubled });
                 Ok(two)
             }
         }
     }
 
-    /// Whether the shape of `x` has been tried, and how it came out.
-    pub fn verdict(&self, x: &Tensor) -> Option<bool> {
+    /// Whether the shape of `x` has been tried, and how it is computed since.
+    pub fn verdict(&self, x: &Tensor) -> Option<Route> {
         let key = BatchKey::of(x);
-        self.lock().iter().find(|(k, _)| *k == key).map(|(_, same)| *same)
+        self.lock().iter().find(|(k, _)| *k == key).map(|(_, route)| *route)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(BatchKey, bool)>> {
+    fn record(&self, x: &Tensor, route: Route) {
+        let key = BatchKey::of(x);
+        let mut verdicts = self.lock();
+        if !verdicts.iter().any(|(k, _)| *k == key) {
+            tracing::debug!(shape = ?key.shape, threads = key.threads, ?route, "batch of one tried");
+            verdicts.push((key, route));
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(BatchKey, Route)>> {
         // The list is only ever appended to whole entries: a poisoned lock holds good data.
         self.verdicts.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// The same values in the same layout (the batch stride aside, which a batch
+/// of one does not use).
+fn same_result(a: &Tensor, b: &Tensor) -> bool {
+    a.size() == b.size() && a.stride().get(1..) == b.stride().get(1..) && a.equal(b)
+}
+
+/// Whether `x` ([1, C, H, W]) has two halves that each keep more rows of
+/// their own than they borrow across the cut.
+fn splittable(x: &Tensor, halo: i64) -> bool {
+    let size = x.size();
+    size.len() == 4 && halo >= 0 && size[2] % 2 == 0 && size[2] / 2 > halo
+}
+
+/// `f(x)` for a row-wise `f` (see [`BatchOfOne::apply_rows`]) computed as one
+/// batch of the top and bottom halves of `x`, each with `halo` rows of the
+/// other, the result laid out as `f` lays out a batch.
+///
+/// Rows that read across the cut see the true neighbours; the rows `f`
+/// computes against its padding at the cut are the ones dropped.
+fn split_rows(x: &Tensor, halo: i64, f: &impl Fn(&Tensor) -> Tensor) -> Tensor {
+    let half = x.size()[2] / 2;
+    let rows = half + halo;
+    let halves = stack_like(x, &[x.narrow(2, 0, rows), x.narrow(2, half - halo, rows)]);
+    let y = f(&halves);
+    let mut size = y.size();
+    size[0] = 1;
+    size[2] = 2 * half;
+    let out = Tensor::empty(size.as_slice(), (y.kind(), y.device()));
+    let out = out.as_strided(size.as_slice(), dense_strides_like(&y, &size).as_slice(), None);
+    out.narrow(2, 0, half).copy_(&y.narrow(0, 0, 1).narrow(2, 0, half));
+    out.narrow(2, half, half).copy_(&y.narrow(0, 1, 1).narrow(2, halo, half));
+    out
 }
 
 /// The strides of `x` with the batch stride one sample's extent, as it is
@@ -189,6 +267,37 @@ fn twice(x: &Tensor) -> Tensor {
     out
 }
 
+/// `parts` (batches of one, all of one size) as one batch, dense and with
+/// its dimensions ordered in memory as `x`'s are.
+fn stack_like(x: &Tensor, parts: &[Tensor]) -> Tensor {
+    let mut size = parts[0].size();
+    size[0] = parts.len() as i64;
+    let strides = dense_strides_like(&batch_strided(x), &size);
+    let out = Tensor::empty_strided(size.as_slice(), strides.as_slice(), (x.kind(), x.device()));
+    for (i, part) in parts.iter().enumerate() {
+        out.narrow(0, i as i64, 1).copy_(part);
+    }
+    out
+}
+
+/// The strides of a dense tensor of `size` whose dimensions lie in memory in
+/// the order of `like`'s strides (outermost first; ties keep their order).
+fn dense_strides_like(like: &Tensor, size: &[i64]) -> Vec<i64> {
+    let order = {
+        let strides = like.stride();
+        let mut order: Vec<usize> = (0..size.len()).collect();
+        order.sort_by_key(|&d| std::cmp::Reverse(strides[d]));
+        order
+    };
+    let mut strides = vec![0; size.len()];
+    let mut extent = 1;
+    for &d in order.iter().rev() {
+        strides[d] = extent;
+        extent *= size[d].max(1);
+    }
+    strides
+}
+
 /// A 2-D convolution (`weight` [out, in, k, k], `bias` [out], as in PyTorch)
 /// whose result for a batch of one is the one it has in any larger batch
 /// (see [`BatchOfOne`]).
@@ -222,7 +331,7 @@ impl nn::Module for Conv2d {
         if x.dim() != 4 {
             return self.convolve(x);
         }
-        self.single.apply(x, |t| self.convolve(t))
+        self.single.apply_rows(x, self.padding, |t| self.convolve(t))
     }
 }
 
@@ -337,19 +446,49 @@ mod tests {
     #[test]
     fn a_single_sample_convolves_as_it_does_in_a_batch() {
         let vs = nn::VarStore::new(tch::Device::Cpu);
-        // 192 channels at 8×8 is a shape where oneDNN's batch-of-one kernel differs on some CPUs.
-        for (channels, side, kernel) in [(192, 8, 3), (192, 8, 1), (48, 32, 3), (6, 64, 3)] {
-            let conv = Conv2d::new(vs.root() / format!("c{channels}_{side}_{kernel}"), channels, 32, kernel);
-            let x = Tensor::randn([3, channels, side, side], (tch::Kind::Float, tch::Device::Cpu));
+        let opts = (tch::Kind::Float, tch::Device::Cpu);
+        // 192 channels at 8×8 and 48 → 96 at 16×16 are shapes where oneDNN's
+        // batch-of-one kernel differs on some CPUs; 5 rows cannot split.
+        let shapes = [(192, 32, 8, 3), (192, 192, 8, 3), (48, 96, 16, 3), (64, 128, 16, 3), (192, 32, 8, 1), (48, 32, 32, 3), (6, 32, 64, 3), (8, 8, 5, 3)];
+        for (layout, (inputs, outputs, side, kernel)) in ["nchw", "channels-last"].into_iter().flat_map(|l| shapes.map(|s| (l, s))) {
+            let conv = Conv2d::new(vs.root() / format!("{layout}_{inputs}_{outputs}_{side}_{kernel}"), inputs, outputs, kernel);
+            let x = Tensor::randn([3, inputs, side, side], opts);
+            // Channels-last as attention hands it on.
+            let x = if layout == "nchw" { x } else { x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]) };
             let batched = x.apply(&conv).get(0);
             for _ in 0..2 {
                 // The first call tries both ways, the second uses the verdict.
-                assert!(x.narrow(0, 0, 1).apply(&conv).get(0).equal(&batched), "{channels} channels at {side}²");
+                let alone = x.narrow(0, 0, 1).apply(&conv);
+                assert!(alone.get(0).equal(&batched), "{inputs} → {outputs} channels at {side}², {layout}");
+                assert_eq!(alone.stride()[1..], x.apply(&conv).stride()[1..], "{layout}: the layout of a batch");
             }
-            assert!(conv.single.verdict(&x.narrow(0, 0, 1)).is_some());
+            let route = conv.single.verdict(&x.narrow(0, 0, 1)).expect("tried");
+            assert!(side != 5 || route != Route::Split, "{side} rows cannot split");
             let plain = x.apply(&conv.inner);
             assert!((&plain.get(0) - &batched).abs().max().double_value(&[]) < 1e-5);
         }
+    }
+
+    #[test]
+    fn split_rows_computes_the_whole_map_from_its_halves() {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let opts = (tch::Kind::Float, tch::Device::Cpu);
+        let conv = Conv2d::new(vs.root() / "c", 16, 8, 3);
+        for channels_last in [false, true] {
+            let x = Tensor::randn([1, 16, 10, 12], opts);
+            let x = if channels_last { x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]) } else { x };
+            let split = split_rows(&x, 1, &|t: &Tensor| t.apply(&conv.inner));
+            let whole = x.apply(&conv.inner);
+            assert_eq!(split.size(), whole.size());
+            assert_eq!(split.stride()[1..], whole.stride()[1..], "channels-last {channels_last}");
+            assert!((&split - &whole).abs().max().double_value(&[]) < 1e-5, "the rows at the cut see their true neighbours");
+            // Row by row without a halo: exact.
+            let doubled = |t: &Tensor| t * 2.0;
+            assert!(split_rows(&x, 0, &doubled).equal(&(&x * 2.0)));
+        }
+        let map = |h: i64| Tensor::zeros([1, 4, h, 8], opts);
+        assert!(splittable(&map(16), 1) && splittable(&map(4), 1) && splittable(&map(2), 0));
+        assert!(!splittable(&map(15), 1) && !splittable(&map(2), 1) && !splittable(&Tensor::zeros([1, 4, 8], opts), 0));
     }
 
     #[test]

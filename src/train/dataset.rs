@@ -14,7 +14,7 @@ use tch::Tensor;
 
 use super::caption::{worded, Mention};
 use super::claims::Claim;
-use super::layout::{self, Description};
+use super::layout::{self, Description, Mix};
 use super::render;
 use super::scene::Scene;
 
@@ -50,10 +50,11 @@ impl Sample {
     }
 }
 
-/// The synthetic captioned-shapes dataset for one seed.
+/// The synthetic captioned-shapes dataset for one seed and description mix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dataset {
     seed: u64,
+    mix: Mix,
 }
 
 /// Which of a sample's random streams.
@@ -64,8 +65,15 @@ enum Stream {
 }
 
 impl Dataset {
+    /// The dataset with the default description mix.
     pub fn new(seed: u64) -> Self {
-        Self { seed }
+        Self { seed, mix: Mix::default() }
+    }
+
+    /// The dataset drawing its kinds of description by `mix`.
+    pub fn with_mix(seed: u64, mix: Mix) -> Result<Self, layout::MixError> {
+        mix.validate()?;
+        Ok(Self { seed, mix })
     }
 
     pub fn seed(&self) -> u64 {
@@ -74,7 +82,7 @@ impl Dataset {
 
     /// Sample `index`: always the same for the same seed.
     pub fn sample(&self, index: u64) -> Sample {
-        let (scene, description) = layout::sample(&mut self.rng(index, Stream::Layout));
+        let (scene, description) = layout::sample_mixed(&mut self.rng(index, Stream::Layout), &self.mix);
         let worded = worded(&description, &mut self.rng(index, Stream::Caption));
         let claims = description.claims();
         Sample { index, scene, description, caption: worded.text, mentions: worded.mentions, claims }
@@ -142,6 +150,7 @@ fn splitmix64(x: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::layout::Content;
 
     #[test]
     fn samples_depend_on_seed_and_index_only() {
@@ -159,5 +168,39 @@ mod tests {
         assert_eq!(images.size(), [3, 3, 16, 16]);
         assert_eq!(captions.len(), 3);
         assert!(matches!(Dataset::new(1).batch(&[0], 0), Err(DatasetError::Size(0))));
+    }
+
+    fn kind(sample: &Sample) -> &'static str {
+        match &sample.description.content {
+            Content::Single { .. } => "single",
+            Content::Pair { .. } => "pair",
+            Content::Groups { groups } if groups.len() == 2 => "two_kinds",
+            Content::Groups { .. } => "counted",
+        }
+    }
+
+    #[test]
+    fn the_mix_sets_how_often_each_kind_of_description_is_drawn() {
+        let count = |data: Dataset, what: &str| (0..2000).filter(|&i| kind(&data.sample(i)) == what).count();
+        let pairs_only = Dataset::with_mix(3, Mix { single: 0, pair: 1, two_kinds: 0, counted: 0 }).unwrap();
+        assert_eq!(count(pairs_only, "pair"), 2000);
+        // Default weights 25/30/20/25: 500/600/400/500 expected of 2000.
+        let default = Dataset::new(3);
+        for (what, expected) in [("single", 500.0), ("pair", 600.0), ("two_kinds", 400.0), ("counted", 500.0)] {
+            let n = count(default, what) as f64;
+            assert!((n - expected).abs() < 4.0 * expected.sqrt(), "{what}: {n} of 2000");
+        }
+        let shifted = Dataset::with_mix(3, Mix { single: 10, pair: 40, two_kinds: 25, counted: 25 }).unwrap();
+        let (s, p) = (count(shifted, "single") as f64, count(shifted, "pair") as f64);
+        assert!((s - 200.0).abs() < 60.0 && (p - 800.0).abs() < 120.0, "single {s}, pair {p}");
+        assert!(Dataset::with_mix(3, Mix { single: 0, pair: 0, two_kinds: 0, counted: 0 }).is_err());
+    }
+
+    #[test]
+    fn the_default_mix_written_out_draws_the_same_samples() {
+        let explicit = Dataset::with_mix(5, Mix { single: 25, pair: 30, two_kinds: 20, counted: 25 }).unwrap();
+        for i in 0..50 {
+            assert_eq!(explicit.sample(i), Dataset::new(5).sample(i));
+        }
     }
 }

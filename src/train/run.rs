@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::dataset::Dataset;
+use super::layout::Mix;
 use super::loss::HybridLoss;
 use super::optim::{LossScale, OptimConfig, Optimizer};
 use super::trainer::{BatchSource, Precision, Prefetcher, StageData, StageTrainer, StepConfig};
@@ -64,6 +65,11 @@ pub struct TrainConfig {
     pub vlb_lambda: f64,
     #[serde(default = "default_uncond")]
     pub uncond_prob: f64,
+    /// How often each kind of description is drawn; absent: the default mix.
+    /// Validation always uses the default, so runs with other mixes stay
+    /// comparable on it.
+    #[serde(default)]
+    pub mix: Option<Mix>,
     /// Weight of the grounding loss (TokenCompose's token loss on the caption
     /// words' attention maps, see [`super::grounding`]); 0 or absent: none.
     #[serde(default)]
@@ -117,6 +123,9 @@ impl TrainConfig {
         }
         if config.grounding_weight > 0.0 && (config.low_res.is_some() || config.crop.is_some()) {
             anyhow::bail!("{}: grounding_weight is for base stages trained on whole images (no low_res, no crop)", file.display());
+        }
+        if let Some(mix) = &config.mix {
+            mix.validate().with_context(|| format!("{}: mix", file.display()))?;
         }
         if config.cooldown_steps > config.steps {
             anyhow::bail!("{}: cooldown_steps ({}) exceeds steps ({})", file.display(), config.cooldown_steps, config.steps);
@@ -222,7 +231,7 @@ impl Run {
         let source = BatchSource {
             data: StageData { size: c.size, low_res: c.low_res, max_noise_level: c.max_noise_level, crop: c.crop },
             config: StepConfig { batch: c.batch, uncond_prob: c.uncond_prob, seed: c.seed },
-            dataset: Dataset::new(c.seed),
+            dataset: Dataset::with_mix(c.seed, c.mix.unwrap_or_default())?,
             train_steps: schedule.len() as i64,
         };
         let first = opt.step_count();
