@@ -76,6 +76,7 @@ fn random_cascade(dir: &Path, encoder: &Path, text_width: i64) -> PathBuf {
         steps,
         guidance_scale: 4.0,
         eta: 0.0,
+        use_clipped_model_output: false,
         noise_level,
     };
     Manifest {

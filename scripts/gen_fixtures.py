@@ -162,7 +162,8 @@ def run_case(case: dict, tensors: dict) -> None:
             elif case["sampler"] == "ddim":
                 vn = noise[drawn] if eta > 0 else None
                 drawn += 1 if eta > 0 else 0
-                x = sched.step(eps, t, x, eta=eta, variance_noise=vn).prev_sample
+                x = sched.step(eps, t, x, eta=eta, variance_noise=vn,
+                               use_clipped_model_output=case.get("clipped", False)).prev_sample
             else:
                 x = sched.step(eps, t, x).prev_sample
             if (k + 1) % save_every == 0 or k + 1 == len(timesteps):
@@ -221,6 +222,11 @@ def trajectory_cases() -> list[dict]:
     cases.append(dict(name="ddim_clip_offset1", sampler="ddim", steps=50, eta=0.0,
                       config=dict(base, timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False,
                                   **treatments["clip"])))
+    # ε̂ re-derived from the thresholded or clipped x̂_0 (GLIDE; `use_clipped_model_output`).
+    cases.append(dict(name="ddim_clipped_v_dynamic", sampler="ddim", steps=20, eta=0.0, clipped=True,
+                      config=dict(base, prediction_type="v_prediction", **treatments["dynamic"])))
+    cases.append(dict(name="ddim_clipped_eta0.5_clip", sampler="ddim", steps=20, eta=0.5, clipped=True,
+                      config=dict(base, **treatments["clip"])))
     for pred in ["v_prediction", "sample"]:
         cases.append(dict(name=f"ddim_{pred}", sampler="ddim", steps=10, eta=0.0,
                           config=dict(base, prediction_type=pred, clip_sample=False)))

@@ -386,6 +386,8 @@ async fn meta_endpoints() {
     assert_eq!(info["limits"]["sizes"], json!(["16x16", "32x32"]));
     assert_eq!(info["stages"][1]["kind"], "super_resolution");
     assert_eq!(info["stages"][1]["defaults"]["noise_level"], 250);
+    assert_eq!(info["stages"][0]["defaults"]["use_clipped_model_output"], json!(false));
+    assert_eq!(info["stages"][1]["defaults"]["use_clipped_model_output"], json!(true));
     assert_eq!(info["stages"][0]["parameters"], 1000);
     assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
 

@@ -51,6 +51,7 @@ fn random_cascade() -> PathBuf {
         steps,
         guidance_scale: 3.0,
         eta: 0.0,
+        use_clipped_model_output: false,
         noise_level,
     };
     let encoder = std::fs::canonicalize(fixture_dir().join("text/tiny-bert")).unwrap();

@@ -75,11 +75,15 @@ pub struct SamplerOptions {
     pub timesteps: Option<Vec<i64>>,
     /// DDIM's η: 0 is deterministic, 1 has DDPM's posterior variance.
     pub eta: f64,
+    /// DDIM: derive ε̂ from the clipped or thresholded x̂_0 (GLIDE's choice,
+    /// diffusers' `use_clipped_model_output`), see [`super::ddim`].
+    #[serde(default)]
+    pub clipped_model_output: bool,
 }
 
 impl SamplerOptions {
     pub fn new(kind: SamplerKind, steps: usize) -> Self {
-        Self { kind, steps, timesteps: None, eta: 0.0 }
+        Self { kind, steps, timesteps: None, eta: 0.0, clipped_model_output: false }
     }
 }
 
@@ -202,7 +206,11 @@ impl Scheduler {
         let schedule = Arc::clone(&self.schedule);
         Ok(match options.kind {
             SamplerKind::Ddpm => Box::new(Ddpm::new(schedule, &resolved, timesteps)),
-            SamplerKind::Ddim => Box::new(Ddim::new(schedule, &resolved, timesteps, options.eta)),
+            SamplerKind::Ddim => {
+                let mut ddim = Ddim::new(schedule, &resolved, timesteps, options.eta);
+                ddim.use_clipped_model_output = options.clipped_model_output;
+                Box::new(ddim)
+            }
             SamplerKind::DpmSolverPlusPlus => Box::new(DpmSolverPlusPlus::new(schedule, &resolved, timesteps)),
         })
     }

@@ -57,8 +57,8 @@ pub fn run_all(make: StoreFactory<'_>) {
 /// A realistic request: two stages, explicit timesteps, a noise level, a
 /// non-ASCII prompt and a seed beyond 2^53 (JSON numbers lose those in some codecs).
 pub fn sample_request(seed: u64) -> GenerationRequest {
-    let base = SamplerOptions { kind: SamplerKind::DpmSolverPlusPlus, steps: 25, timesteps: None, eta: 0.0 };
-    let sr = SamplerOptions { kind: SamplerKind::Ddim, steps: 3, timesteps: Some(vec![999, 500, 1]), eta: 0.25 };
+    let base = SamplerOptions { kind: SamplerKind::DpmSolverPlusPlus, steps: 25, timesteps: None, eta: 0.0, clipped_model_output: false };
+    let sr = SamplerOptions { kind: SamplerKind::Ddim, steps: 3, timesteps: Some(vec![999, 500, 1]), eta: 0.25, clipped_model_output: true };
     GenerationRequest {
         prompt: "a watercolour fox — «renard», 狐".into(),
         negative_prompt: Some("blurry".into()),

@@ -64,6 +64,14 @@ pub struct StageEntry {
     pub guidance_scale: f32,
     #[serde(default)]
     pub eta: f64,
+    /// When this stage runs DDIM, derive ε̂ from the clipped or thresholded
+    /// x̂_0 instead of the model's own (GLIDE's choice; diffusers'
+    /// `use_clipped_model_output`, off there by default). Without it a step
+    /// combines a clipped x̂_0 with the unclipped ε̂ it came from, and
+    /// whatever thresholding removed returns through ε̂: under guidance,
+    /// where x̂_0 overshoots, images drift off the prompt.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub use_clipped_model_output: bool,
     /// Super-resolution stages: the noise-augmentation timestep of the
     /// conditioning image (Imagen's noise-conditioning augmentation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -106,6 +114,18 @@ mod tests {
         let stage = serde_json::json!({"name": "base", "path": "base", "sampler": "ddpm", "steps": 10, "guidance_scale": 4.0});
         write(serde_json::json!({"name": "m", "text_encoder": {"path": "enc"}, "stages": [stage]}));
         assert_eq!(Manifest::from_dir(&dir).unwrap().stages[0].steps, 10);
+        let clipped = serde_json::json!({"name": "base", "path": "base", "sampler": "ddim", "steps": 10, "guidance_scale": 4.0, "use_clipped_model_output": true});
+        write(serde_json::json!({"name": "m", "text_encoder": {"path": "enc"}, "stages": [stage, clipped.clone()]}));
+        let read = Manifest::from_dir(&dir);
+        assert!(read.unwrap_err().to_string().contains("used twice"));
+        let clipped = serde_json::json!({"name": "b2", "path": "base", "sampler": "ddim", "steps": 10, "guidance_scale": 4.0, "use_clipped_model_output": true});
+        write(serde_json::json!({"name": "m", "text_encoder": {"path": "enc"}, "stages": [stage, clipped]}));
+        let read = Manifest::from_dir(&dir).unwrap();
+        assert_eq!(read.stages.iter().map(|s| s.use_clipped_model_output).collect::<Vec<_>>(), [false, true]);
+        // Written back, the flag appears only where it is set.
+        read.write(&dir).unwrap();
+        let text = std::fs::read_to_string(dir.join(MANIFEST_FILE)).unwrap();
+        assert_eq!(text.matches("use_clipped_model_output").count(), 1);
         write(serde_json::json!({"name": "m", "text_encoder": {"path": "enc"}, "stages": [], "extra": 1}));
         assert!(Manifest::from_dir(&dir).unwrap_err().to_string().contains("extra"));
         write(serde_json::json!({"name": "m", "text_encoder": {"path": "enc"}, "stages": []}));

@@ -281,7 +281,7 @@ pub fn plan(spec: &RequestSpec, stages: &[StageLimits]) -> Result<GenerationRequ
                 Some(check_range(&field("noise_level"), level.unwrap_or(default), 0, stage.max_noise_level)?)
             }
         };
-        let sampler = SamplerOptions { kind, steps, timesteps: None, eta };
+        let sampler = SamplerOptions { kind, steps, timesteps: None, eta, clipped_model_output: d.clipped_model_output };
         // Some spacings cannot produce every step count; find out now, not mid-run.
         let timesteps = stage.scheduler.timesteps(&sampler).map_err(|e| PipelineError::invalid(&field("steps"), e.to_string()))?;
         if is_base {

@@ -32,6 +32,8 @@ pub struct StageDefaults {
     pub steps: usize,
     pub guidance_scale: f32,
     pub eta: f64,
+    /// DDIM derives ε̂ from the clipped x̂_0 (the manifest's `use_clipped_model_output`).
+    pub clipped_model_output: bool,
     pub noise_level: Option<i64>,
 }
 
@@ -141,7 +143,7 @@ impl Stage {
             unet,
             scheduler,
             noising,
-            defaults: StageDefaults { sampler, steps: entry.steps, guidance_scale: entry.guidance_scale, eta: entry.eta, noise_level },
+            defaults: StageDefaults { sampler, steps: entry.steps, guidance_scale: entry.guidance_scale, eta: entry.eta, clipped_model_output: entry.use_clipped_model_output, noise_level },
             single_row: BatchOfOne::default(),
         })
     }

@@ -232,14 +232,15 @@ impl JobQueue for SharedQueue {
 }
 
 /// A two-stage cascade description: base 16×16 (10 DDPM steps, guidance 4),
-/// SR 32×32 (8 steps, noise level 250); 1000 training steps each.
+/// SR 32×32 (8 steps, noise level 250, DDIM's ε̂ from the clipped x̂_0);
+/// 1000 training steps each.
 pub fn cascade_info() -> CascadeInfo {
     let scheduler = Scheduler::new(SchedulerConfig::default()).unwrap();
-    let stage = |name: &str, kind, size, steps, guidance_scale, noise_level| StageLimits {
+    let stage = |name: &str, kind, size, steps, guidance_scale, noise_level: Option<i64>| StageLimits {
         name: name.into(),
         kind,
         size,
-        defaults: StageDefaults { sampler: SamplerKind::Ddpm, steps, guidance_scale, eta: 0.0, noise_level },
+        defaults: StageDefaults { sampler: SamplerKind::Ddpm, steps, guidance_scale, eta: 0.0, clipped_model_output: noise_level.is_some(), noise_level },
         train_steps: 1000,
         max_noise_level: if noise_level.is_some() { 999 } else { 0 },
         scheduler: scheduler.clone(),

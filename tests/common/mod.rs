@@ -195,6 +195,7 @@ fn fixture_case(case: &Value, tensors: &HashMap<String, Tensor>) -> FixtureCase 
     let config = config_from(&case["config"]);
     let mut options = SamplerOptions::new(kind, case["steps"].as_u64().unwrap_or(1000) as usize);
     options.eta = case["eta"].as_f64().unwrap_or(0.0);
+    options.clipped_model_output = case["clipped"].as_bool().unwrap_or(false);
     options.timesteps = serde_json::from_value(case["timesteps"].clone()).unwrap();
     let t = |key: String| tensors.get(&key).unwrap_or_else(|| panic!("fixture lacks {key}")).shallow_clone();
     FixtureCase {

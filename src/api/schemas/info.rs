@@ -34,6 +34,8 @@ pub struct StageDefaultsDoc {
     pub steps: usize,
     pub guidance_scale: f32,
     pub eta: f64,
+    /// DDIM derives ε̂ from the clipped or thresholded x̂_0 on this stage.
+    pub use_clipped_model_output: bool,
     pub noise_level: Option<i64>,
 }
 
@@ -102,6 +104,7 @@ impl InfoDocument {
                     steps: l.defaults.steps,
                     guidance_scale: l.defaults.guidance_scale,
                     eta: l.defaults.eta,
+                    use_clipped_model_output: l.defaults.clipped_model_output,
                     noise_level: l.defaults.noise_level,
                 },
             })
