@@ -3,12 +3,14 @@
 mod dataset;
 mod env;
 mod eval;
+mod eval_clip;
 mod generate;
 mod info;
 mod openapi;
 mod schedule;
 mod serve;
 mod train;
+mod train_clip;
 mod unclip;
 
 use clap::{Parser, Subcommand};
@@ -40,6 +42,10 @@ pub enum Command {
     Dataset(dataset::DatasetArgs),
     /// Score prompt adherence, GenEval-style: per-category accuracy of a cascade's samples (or of ground-truth renders).
     Eval(eval::EvalArgs),
+    /// Train the noised CLIP (GLIDE-style, on x_t and t) on the captioned renders; resumes from the run folder.
+    TrainClip(train_clip::TrainClipArgs),
+    /// Zero-shot retrieval of a noised CLIP on held-out renders: top-1 accuracy per noise level, both directions.
+    EvalClip(eval_clip::EvalClipArgs),
 }
 
 impl Cli {
@@ -54,6 +60,8 @@ impl Cli {
             Command::Openapi(args) => openapi::run(args),
             Command::Dataset(args) => dataset::run(args),
             Command::Eval(args) => eval::run(args),
+            Command::TrainClip(args) => train_clip::run(args),
+            Command::EvalClip(args) => eval_clip::run(args),
         }
     }
 }

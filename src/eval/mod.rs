@@ -18,9 +18,11 @@
 //! | [`suite`] | the seeded prompts per category, their claims and a scene for each |
 //! | [`score`] | judging a detected scene against a case; tallies and tables |
 //! | [`batch`] | running many prompts through a cascade in shared UNet calls |
+//! | [`retrieval`] | a noised CLIP's zero-shot image↔caption retrieval on held-out renders, per noise level |
 
 pub mod batch;
 pub mod detect;
+pub mod retrieval;
 pub mod score;
 mod segment;
 pub mod suite;

@@ -14,11 +14,13 @@
 //! | `unet` | the IF-style UNet: config, embeddings, ResNet blocks, attention, up/down blocks |
 //! | `text` | tokenizer and frozen text encoders (BERT, T5, CLIP) |
 //! | `unclip` | DALL-E 2's prior transformer and the decoder's CLIP-embedding projection |
+//! | `noised_clip` | our own small CLIP on noised images (GLIDE), for CLIP and classifier guidance |
 
 mod config_file;
 pub mod device;
 pub mod error;
 pub mod layers;
+pub mod noised_clip;
 pub mod precision;
 pub mod text;
 pub mod unclip;

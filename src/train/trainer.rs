@@ -199,13 +199,13 @@ pub struct BatchSource {
 }
 
 /// The per-step random stream: a function of (seed, step) only.
-fn step_rng(seed: u64, step: u64) -> Xoshiro256PlusPlus {
+pub(super) fn step_rng(seed: u64, step: u64) -> Xoshiro256PlusPlus {
     Xoshiro256PlusPlus::seed_from_u64(seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
 /// A `[B, C, H, W]` standard-normal tensor from `rng` (libtorch's generator is
 /// global; ours is part of the checkpointed state).
-fn randn(rng: &mut Xoshiro256PlusPlus, shape: &[i64]) -> Tensor {
+pub(crate) fn randn(rng: &mut Xoshiro256PlusPlus, shape: &[i64]) -> Tensor {
     let n: i64 = shape.iter().product();
     let values: Vec<f32> = (0..n).map(|_| rng.sample(rand_distr::StandardNormal)).collect();
     Tensor::from_slice(&values).view(shape)

@@ -14,6 +14,7 @@
 //! | `t5` | transformers' `T5EncoderModel` (modeling_t5.py) |
 //! | `clip` | transformers' `CLIPTextModel(WithProjection)` (modeling_clip.py), unCLIP's encoder |
 //! | `parts` | linear, LayerNorm, attention mask, checkpoint names |
+//! | `pooling` | the attention-masked mean of the tokens (sentence-transformers' sentence embedding) |
 //!
 //! The default encoder is all-MiniLM-L6-v2 (a 6-layer BERT, fetched by
 //! `make encoder`); DeepFloyd IF's is T5-v1.1-XXL, read with 77 tokens per prompt.
@@ -22,6 +23,7 @@ pub mod bert;
 pub mod clip;
 pub mod config;
 mod parts;
+pub mod pooling;
 pub mod t5;
 pub mod tokenizer;
 
@@ -31,6 +33,7 @@ use tch::{Device, Kind, Tensor};
 
 pub use bert::BertModel;
 pub use clip::{ClipTextModel, ClipTextOutput};
+pub use pooling::mean_pool;
 pub use config::{BertConfig, ClipTextConfig, EncoderConfig, FeedForwardProj, T5Config};
 pub use t5::{EmbeddingKey, T5Encoder};
 pub use tokenizer::{TokenBatch, Tokenizer, TokenizerOptions};

@@ -1,0 +1,52 @@
+//! `diffusiond eval-clip`: zero-shot retrieval accuracy of a noised CLIP
+//! model folder on held-out renders, per noise level, as a markdown table.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use diffusiond::eval::retrieval::{evaluate, RetrievalConfig, TIMESTEPS};
+use diffusiond::nn::device::DeviceSetting;
+use diffusiond::nn::noised_clip::{LoadedNoisedClip, ModelInputs};
+use diffusiond::nn::text::{TextEncoder, TextEncoderOptions};
+use diffusiond::train::clip::noise_schedule;
+use tch::Kind;
+
+#[derive(Debug, Args)]
+pub struct EvalClipArgs {
+    /// A model folder written by `train-clip --export`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Held-out renders to score.
+    #[arg(long, default_value_t = 256)]
+    pub samples: usize,
+    /// Candidates per query, the right one included (chance is 1/K).
+    #[arg(long, default_value_t = 8)]
+    pub candidates: usize,
+    /// The held-out dataset's seed (default: the bitwise complement of the
+    /// training seed, as training's validation uses); never the training seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceSetting,
+}
+
+pub fn run(args: EvalClipArgs) -> anyhow::Result<()> {
+    let inputs = ModelInputs::read(&args.model)?;
+    let seed = args.seed.unwrap_or(!inputs.train_seed);
+    if seed == inputs.train_seed {
+        bail!("--seed {seed} is the training seed: retrieval is scored on renders the model never saw");
+    }
+    let device = args.device.resolve();
+    let clip = LoadedNoisedClip::load(&args.model, device)?;
+    let options = TextEncoderOptions { max_length: Some(inputs.max_length), ..Default::default() };
+    let mut encoder = TextEncoder::load(&inputs.text_encoder, &options)
+        .with_context(|| format!("the text encoder named by {}", args.model.join(ModelInputs::FILE).display()))?;
+    encoder.to(device, Kind::Float)?;
+    let schedule = noise_schedule(&inputs.scheduler)?;
+    let config = RetrievalConfig { samples: args.samples, candidates: args.candidates, seed, timesteps: TIMESTEPS.to_vec() };
+    let report = evaluate(&clip.model, &encoder, &schedule, &config)?;
+    println!("{}", report.markdown());
+    Ok(())
+}
