@@ -84,6 +84,7 @@ fn random_cascade(dir: &Path, encoder: &Path, text_width: i64) -> PathBuf {
         description: None,
         text_encoder: TextEncoderEntry { path: std::fs::canonicalize(encoder).unwrap(), tokenizer: None, max_length: Some(16) },
         stages: vec![stage("base", 10, None), stage("sr64", 5, Some(100))],
+        clip: None,
     }
     .write(dir)
     .unwrap();

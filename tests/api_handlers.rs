@@ -489,3 +489,56 @@ async fn openai_forms_name_their_fields() {
     assert_eq!((stream.status, error_param(&stream).0.as_str()), (StatusCode::UNPROCESSABLE_ENTITY, "partial_images"));
     assert_eq!(h.store.len(), 0);
 }
+
+/// `/info` with the base stage's CLIP set to read `side`-pixel images (none: no CLIP).
+fn with_clip(h: &Harness, side: Option<i64>) {
+    let mut info = api_support::cascade_info();
+    info.stages[0].0.clip_image_size = side;
+    h.readiness.send_replace(Readiness::Ready(Arc::new(info)));
+}
+
+#[tokio::test]
+async fn clip_guidance_needs_a_clip_of_the_base_stage_size() {
+    let h = Harness::new(Behaviour::Hold);
+    let info = h.send(get("/info")).await.json();
+    assert_eq!(info["clip_guidance"], json!({"available": false, "image_size": null}));
+    assert_eq!(info["limits"]["max_clip_guidance_scale"], 100.0);
+    // Without a CLIP: 0 (or unset) is fine, anything else names the field.
+    assert_eq!(h.send(async_generate(&json!({"prompt": "x", "clip_guidance_scale": 0.0}))).await.status, StatusCode::ACCEPTED);
+    let (param, msg) = invalid(&h, json!({"prompt": "x", "clip_guidance_scale": 3.0})).await;
+    assert_eq!(param, "clip_guidance_scale", "{msg}");
+    assert!(msg.contains("no noised CLIP"), "{msg}");
+    assert_eq!(invalid(&h, json!({"prompt": "x", "clip_guidance_scale": "lots"})).await.0, "clip_guidance_scale");
+
+    // A CLIP of another size than the base stage's 16x16.
+    with_clip(&h, Some(32));
+    let info = h.send(get("/info")).await.json();
+    assert_eq!(info["clip_guidance"], json!({"available": false, "image_size": 32}));
+    let (param, msg) = invalid(&h, json!({"prompt": "x", "clip_guidance_scale": 3.0})).await;
+    assert_eq!(param, "clip_guidance_scale");
+    assert!(msg.contains("32x32") && msg.contains("16x16"), "{msg}");
+
+    // The right size: accepted and stored with the base stage's plan only.
+    with_clip(&h, Some(16));
+    assert_eq!(h.send(get("/info")).await.json()["clip_guidance"], json!({"available": true, "image_size": 16}));
+    let reply = h.send(async_generate(&json!({"prompt": "a cat", "clip_guidance_scale": 2.5}))).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+    let stages = reply.json()["request"]["stages"].clone();
+    assert_eq!(stages[0]["clip_guidance_scale"], 2.5);
+    assert_eq!(stages[1]["clip_guidance_scale"], 0.0, "{stages}");
+    // Out of range, not a number, no prompt to guide towards, no base stage to guide.
+    for bad in [json!(-1.0), json!(100.5)] {
+        let (param, msg) = invalid(&h, json!({"prompt": "x", "clip_guidance_scale": bad})).await;
+        assert_eq!(param, "clip_guidance_scale");
+        assert!(msg.contains("0..=100"), "{msg}");
+    }
+    let body = json!({"prompt": "", "clip_guidance_scale": 1.0, "source": {"kind": "image", "image": png_b64(16, 16, 90)}});
+    let (param, msg) = invalid(&h, body).await;
+    assert_eq!(param, "clip_guidance_scale");
+    assert!(msg.contains("prompt"), "{msg}");
+    let body = json!({"prompt": "x", "clip_guidance_scale": 1.0, "source": {"kind": "upscale", "image": png_b64(16, 16, 90)}});
+    let (param, msg) = invalid(&h, body).await;
+    assert_eq!(param, "clip_guidance_scale");
+    assert!(msg.contains("upscale"), "{msg}");
+    assert_eq!(h.store.len(), 2, "only the valid requests are stored");
+}

@@ -60,6 +60,7 @@ fn random_cascade() -> PathBuf {
         description: None,
         text_encoder: TextEncoderEntry { path: encoder, tokenizer: None, max_length: Some(12) },
         stages: vec![stage("base", 6, None), stage("sr", 4, Some(100))],
+        clip: None,
     }
     .write(&dir)
     .unwrap();

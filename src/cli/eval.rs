@@ -44,6 +44,11 @@ pub struct EvalArgs {
     /// DDPM 1000) or `guidance` (1, 2, 3, 5, 7). Without it, one row of defaults.
     #[arg(long, value_enum)]
     pub table: Option<Sweep>,
+    /// GLIDE's CLIP guidance of every sample's base stage at this scale (the
+    /// cascade's manifest must name a noised CLIP), on top of each row's
+    /// classifier-free guidance: run with and without to compare the modes.
+    #[arg(long, value_name = "S")]
+    pub clip_guidance: Option<f32>,
     /// Judge colours in every category and fail images with unrequested objects.
     #[arg(long)]
     pub strict: bool,
@@ -106,8 +111,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
 
 /// Renders every case's scene and judges it; failures go to stderr.
 fn ground_truth(args: &EvalArgs, cases: &[Case], rules: Rules) -> anyhow::Result<Vec<(String, Tally)>> {
-    if args.table.is_some() {
-        bail!("--table sweeps a model's settings; ground truth has none");
+    if args.table.is_some() || args.clip_guidance.is_some() {
+        bail!("--table and --clip-guidance set how a model samples; ground truth has no samples");
     }
     let size = args.size.unwrap_or(64);
     let mut tally = Tally::default();
@@ -158,6 +163,7 @@ fn model(args: &EvalArgs, cases: &[Case], rules: Rules) -> anyhow::Result<Vec<(S
                     n: images,
                     seed: Some(args.seed.wrapping_add((p * MAX_IMAGES) as u64)),
                     stage_overrides: vec![(0, setting.clone())],
+                    clip_guidance_scale: args.clip_guidance,
                     stages: Some(stages),
                     ..Default::default()
                 };
@@ -228,7 +234,11 @@ fn stages_for(cascade: &Cascade, size: Option<u32>) -> anyhow::Result<usize> {
 /// "ddim 50 steps, guidance 4" for the base stage.
 fn setting_label(request: &GenerationRequest) -> String {
     let base = &request.stages[0];
-    format!("{} {} steps, guidance {}", base.sampler.kind.name(), base.sampler.steps, base.guidance_scale)
+    let mut label = format!("{} {} steps, guidance {}", base.sampler.kind.name(), base.sampler.steps, base.guidance_scale);
+    if base.clip_guidance_scale > 0.0 {
+        label.push_str(&format!(", CLIP guidance {}", base.clip_guidance_scale));
+    }
+    label
 }
 
 fn line(case: &Case, verdict: &Verdict, seen: &Scene) -> String {

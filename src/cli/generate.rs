@@ -60,6 +60,10 @@ pub struct GenerateArgs {
     /// Classifier-free guidance scale of the base stage (≤ 1: no guidance).
     #[arg(long)]
     pub guidance: Option<f32>,
+    /// GLIDE's CLIP guidance of the base stage at this scale (needs a
+    /// cascade whose manifest names a noised CLIP; 0: none).
+    #[arg(long, value_name = "S")]
+    pub clip_guidance: Option<f32>,
     /// Steps of every super-resolution stage.
     #[arg(long)]
     pub sr_steps: Option<usize>,
@@ -192,6 +196,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         eta: args.eta,
         steps: args.steps,
         guidance_scale: args.guidance,
+        clip_guidance_scale: args.clip_guidance,
         stage_overrides: (1..cascade.stages.len()).map(|i| (i, sr.clone())).collect(),
         stages: args.stages,
         source: args.source()?,

@@ -51,6 +51,25 @@ pub fn eps_from_x0(x0: &Tensor, sample: &Tensor, level: NoiseLevel) -> Tensor {
     (sample - x0 * level.sqrt_alpha_bar as f64) / level.sqrt_one_minus_alpha_bar as f64
 }
 
+/// x̂_0 implied by x_t and ε̂: x_0 = (x_t − √(1−ᾱ) ε) / √ᾱ.
+pub fn x0_from_eps(eps: &Tensor, sample: &Tensor, level: NoiseLevel) -> Tensor {
+    (sample - eps * level.sqrt_one_minus_alpha_bar as f64) / level.sqrt_alpha_bar as f64
+}
+
+/// The model output of `kind` whose ε̂ at x_t is `eps` (the inverse of
+/// [`to_x0_and_eps`]): lets a correction made in ε (classifier or CLIP
+/// guidance) reach a sampler in the parameterisation it expects.
+pub fn output_from_eps(kind: PredictionType, eps: &Tensor, sample: &Tensor, level: NoiseLevel) -> Tensor {
+    match kind {
+        PredictionType::Epsilon => eps.shallow_clone(),
+        PredictionType::Sample => x0_from_eps(eps, sample, level),
+        PredictionType::VPrediction => {
+            let x0 = x0_from_eps(eps, sample, level);
+            eps * level.sqrt_alpha_bar as f64 - x0 * level.sqrt_one_minus_alpha_bar as f64
+        }
+    }
+}
+
 /// Per-sample coefficients as a [B, 1, …, 1] tensor broadcasting against `like`.
 pub fn per_sample(values: &[f32], like: &Tensor) -> Tensor {
     let mut shape = vec![values.len() as i64];
@@ -122,6 +141,23 @@ mod tests {
                 let tol = 1e-5 / level.sqrt_alpha_bar.min(level.sqrt_one_minus_alpha_bar) as f64;
                 assert!(max_abs(&x0_hat, &x0) < tol, "{kind:?} x0 at t={t}");
                 assert!(max_abs(&eps_hat, &eps) < tol, "{kind:?} eps at t={t}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_output_rebuilt_from_its_eps_is_the_output() {
+        let s = NoiseSchedule::new(BetaSchedule::SquaredCosCapV2, 1000, 1e-4, 0.02).unwrap();
+        tch::manual_seed(1);
+        let x = Tensor::randn([2, 3, 4, 4], (Kind::Float, Device::Cpu));
+        let out = Tensor::randn([2, 3, 4, 4], (Kind::Float, Device::Cpu));
+        for t in [10i64, 500, 900] {
+            let level = NoiseLevel::new(s.alpha_bar(t));
+            for kind in [PredictionType::Epsilon, PredictionType::Sample, PredictionType::VPrediction] {
+                let (_, eps) = to_x0_and_eps(kind, &out, &x, level);
+                let back = output_from_eps(kind, &eps, &x, level);
+                let tol = 1e-5 / level.sqrt_alpha_bar.min(level.sqrt_one_minus_alpha_bar) as f64;
+                assert!(max_abs(&back, &out) < tol, "{kind:?} at t={t}");
             }
         }
     }

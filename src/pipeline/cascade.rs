@@ -7,6 +7,10 @@
 //! later stage upsamples the previous one's output. The empty prompt's
 //! embedding, the unconditional half of classifier-free guidance, is computed
 //! once at load time.
+//!
+//! A cascade may also hold a noised CLIP (the manifest's `clip`), with which
+//! requests add GLIDE's CLIP guidance (Nichol et al. 2022, §2.4) to the base
+//! stage; see `pipeline::clip_guidance`.
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -14,6 +18,7 @@ use std::path::{Path, PathBuf};
 use image::RgbImage;
 use tch::{Device, Kind, Tensor};
 
+use super::clip_guidance::{ClipGuide, ClipJob};
 use super::denoise::{JobInputs, ModelRows, NoiseTarget, StageInit, StageInversion, StageJob};
 use super::error::{PipelineError, Result};
 use super::format::{self, Output};
@@ -22,7 +27,7 @@ use super::png::{self, ImageRecord, StageRecord};
 use super::request::{plan, GenerationRequest, RequestSpec};
 use super::source::{NoiseMix, Source};
 use super::stage::{Stage, StageLimits};
-use crate::diffusion::BatchNoise;
+use crate::diffusion::{BatchNoise, SamplerOptions};
 use crate::nn::device::{DeviceSetting, Precision};
 use crate::nn::text::{TextEncoder, TextEncoderOptions};
 use crate::nn::unet::UNetInput;
@@ -110,6 +115,8 @@ pub struct Cascade {
     pub manifest: Manifest,
     pub encoder: TextEncoder,
     pub stages: Vec<Stage>,
+    /// The noised CLIP that can guide the base stage (the manifest's `clip`).
+    clip: Option<ClipGuide>,
     /// The empty prompt's tokens, `[1, L, D]`, in the UNets' kind.
     null_text: Tensor,
     device: Device,
@@ -155,8 +162,12 @@ impl Cascade {
             }
             stages.push(stage);
         }
+        let clip = match &manifest.clip {
+            Some(entry) => Some(ClipGuide::load(dir, entry, &encoder, &stages[0], device)?),
+            None => None,
+        };
         let null_text = tch::no_grad(|| encoder.encode(&[""]))?.hidden.to_kind(kind);
-        Ok(Self { dir: dir.to_owned(), manifest, encoder, stages, null_text, device, kind })
+        Ok(Self { dir: dir.to_owned(), manifest, encoder, stages, clip, null_text, device, kind })
     }
 
     pub fn device(&self) -> Device {
@@ -165,6 +176,11 @@ impl Cascade {
 
     pub fn kind(&self) -> Kind {
         self.kind
+    }
+
+    /// The noised CLIP for CLIP guidance, when the manifest names one.
+    pub fn clip(&self) -> Option<&ClipGuide> {
+        self.clip.as_ref()
     }
 
     /// Validates `spec` against this cascade.
@@ -193,13 +209,17 @@ impl Cascade {
             },
             encoder_hidden_size: self.encoder.hidden_size(),
             encoder_max_length: self.encoder.max_length(),
-            stages: self.stages.iter().map(|s| (s.limits(), s.unet.parameter_count())).collect(),
+            stages: self.limits().into_iter().zip(&self.stages).map(|(l, s)| (l, s.unet.parameter_count())).collect(),
         }
     }
 
     /// Every stage's limits and defaults, for validating requests elsewhere.
     pub fn limits(&self) -> Vec<StageLimits> {
-        self.stages.iter().map(Stage::limits).collect()
+        let mut limits: Vec<StageLimits> = self.stages.iter().map(Stage::limits).collect();
+        if let (Some(clip), Some(base)) = (&self.clip, limits.first_mut()) {
+            base.clip_image_size = Some(clip.image_size());
+        }
+        limits
     }
 
     /// Runs the UNet of `stage` on `rows` (possibly several jobs' rows concatenated).
@@ -352,8 +372,38 @@ impl Cascade {
             init,
             mix,
             invert,
+            clip: match plan.clip_guidance_scale {
+                s if first && s > 0.0 => Some(self.clip_job(request, stage, &plan.sampler, s)?),
+                _ => None,
+            },
         };
         StageJob::new(stage, inputs, noise)
+    }
+
+    /// The CLIP guidance of `request`'s images at the base `stage`: the
+    /// prompt's CLIP text embedding, computed once for the job (an
+    /// interpolation between prompts guides frame i towards the normalised
+    /// mix of the two embeddings at its weight, as its tokens are mixed).
+    fn clip_job(&self, request: &GenerationRequest, stage: &Stage, sampler: &SamplerOptions, scale: f32) -> Result<ClipJob> {
+        let clip = self.clip.as_ref().ok_or_else(|| PipelineError::invalid(super::clip_guidance::FIELD, "this cascade has no noised CLIP"))?;
+        let n = request.n as i64;
+        let text = match &request.noise {
+            NoiseMix::Interpolation { prompt: Some(to), .. } => {
+                let both = clip.text_embeds(&self.encoder, &[&request.prompt, to])?;
+                let (a, b) = (both.narrow(0, 0, 1), both.narrow(0, 1, 1));
+                let frames: Vec<Tensor> = (0..request.n)
+                    .map(|i| {
+                        let w = request.noise.weight(i, request.n).unwrap_or(0.0);
+                        let mixed = &a * (1.0 - w) + &b * w;
+                        &mixed / mixed.square().sum(Kind::Float).sqrt().clamp_min(1e-12)
+                    })
+                    .collect();
+                Tensor::cat(&frames, 0)
+            }
+            _ => clip.text_embeds(&self.encoder, &[&request.prompt])?.expand([n, -1], false).contiguous(),
+        };
+        let prediction = stage.scheduler.config().resolve(sampler.kind)?.prediction_type;
+        Ok(ClipJob::new(text, scale, prediction, std::sync::Arc::clone(stage.scheduler.schedule())))
     }
 
     /// Turns the last stage's output into images with their records.
@@ -376,6 +426,7 @@ impl Cascade {
                         eta: p.sampler.eta,
                         noise_level: p.noise_level,
                         size: format!("{w}x{h}"),
+                        clip_guidance_scale: p.clip_guidance_scale,
                     }
                 })
                 .collect(),
@@ -400,7 +451,7 @@ impl Cascade {
     pub fn run_job(&self, stage: &Stage, job: &mut StageJob, observer: &mut dyn FnMut(usize, usize) -> ControlFlow<()>) -> Result<()> {
         while !job.is_done() {
             let out = self.forward(stage, &job.model_input()?)?;
-            job.advance(&out)?;
+            job.advance(&out, self.clip())?;
             if observer(job.step_index(), job.total_steps()).is_break() {
                 return Err(PipelineError::Cancelled);
             }

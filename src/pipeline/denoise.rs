@@ -20,9 +20,15 @@
 //! noise with a second latent (variations, interpolation), or first invert an
 //! image with DDIM (`StageInversion`); each of these is a different first state
 //! or an extra phase of the same step machine, so such jobs batch with plain ones.
+//!
+//! At the base stage a job may be CLIP-guided (GLIDE §2.4, see
+//! `pipeline::clip_guidance`): after classifier-free guidance its model output
+//! is shifted along the noised CLIP's gradient before the sampler steps. The
+//! UNet rows are the same, so guided jobs batch with unguided ones.
 
 use tch::{Kind, Tensor};
 
+use super::clip_guidance::{ClipGuide, ClipJob, FIELD as CLIP_FIELD};
 use super::error::{PipelineError, Result};
 use super::stage::{Stage, StageKind, IMAGE_CHANNELS};
 use super::source::{first_step, slerp_rows};
@@ -70,6 +76,8 @@ pub struct JobInputs<'a> {
     pub init: Option<StageInit<'a>>,
     pub mix: Option<NoiseTarget>,
     pub invert: Option<StageInversion<'a>>,
+    /// CLIP guidance of this job (base stage only).
+    pub clip: Option<ClipJob>,
 }
 
 /// The UNet rows of one job for one step.
@@ -100,6 +108,8 @@ pub struct StageJob {
     inversion: Option<(Inverter, Tensor)>,
     /// x̂_0 of the latest sampling step.
     preview: Option<Tensor>,
+    /// CLIP guidance, applied after classifier-free guidance at every sampling step.
+    clip: Option<ClipJob>,
 }
 
 impl StageJob {
@@ -186,6 +196,7 @@ impl StageJob {
             begin,
             inversion,
             preview: None,
+            clip: inputs.clip,
         })
     }
 
@@ -254,13 +265,22 @@ impl StageJob {
         Ok(ModelRows { sample, timesteps, text: text.shallow_clone(), class_labels })
     }
 
-    /// Takes one step with the UNet's output for [`StageJob::model_input`]'s rows.
-    pub fn advance(&mut self, output: &Tensor) -> Result<()> {
+    /// Takes one step with the UNet's output for [`StageJob::model_input`]'s
+    /// rows; `clip` is the cascade's noised CLIP, which a CLIP-guided job needs.
+    pub fn advance(&mut self, output: &Tensor, clip: Option<&ClipGuide>) -> Result<()> {
         if let Some((inv, _)) = self.inversion.as_mut().filter(|(inv, _)| !inv.is_done()) {
             self.sample = inv.step(output, &self.sample)?;
             return Ok(());
         }
         let output = if self.guided { classifier_free(output, &self.scales, IMAGE_CHANNELS)? } else { output.shallow_clone() };
+        let output = match &self.clip {
+            None => output,
+            Some(job) => {
+                let guide = clip.ok_or_else(|| PipelineError::invalid(CLIP_FIELD, "the job is CLIP-guided but the cascade has no CLIP"))?;
+                let t = self.sampler.current_timestep().ok_or_else(|| PipelineError::invalid("steps", "the job is already finished"))?;
+                guide.guide(job, &output, &self.sample, t)?
+            }
+        };
         let step = self.sampler.step(&output, &self.sample, &mut self.noise)?;
         self.sample = match &self.mask {
             // IF's inpainting: outside the mask, the sample before the step.

@@ -16,9 +16,14 @@
 //!   "stages": [
 //!     {"name": "base", "path": "base", "sampler": "ddpm", "steps": 50, "guidance_scale": 4.0},
 //!     {"name": "sr64", "path": "sr64", "sampler": "ddpm", "steps": 25, "guidance_scale": 4.0, "noise_level": 250}
-//!   ]
+//!   ],
+//!   "clip": {"path": "../clip"}
 //! }
 //! ```
+//!
+//! `clip` (optional) names a noised CLIP folder (`diffusiond train-clip`'s
+//! export) that lets requests add GLIDE's CLIP guidance to the base stage; it
+//! must read the same text encoder as the stages.
 
 use std::path::{Path, PathBuf};
 
@@ -37,6 +42,18 @@ pub struct Manifest {
     pub description: Option<String>,
     pub text_encoder: TextEncoderEntry,
     pub stages: Vec<StageEntry>,
+    /// A noised CLIP for CLIP guidance of the base stage (GLIDE §2.4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip: Option<ClipEntry>,
+}
+
+/// The noised CLIP a cascade may guide its base stage with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClipEntry {
+    /// The model folder (`config.json`, `model.safetensors`, `inputs.json`),
+    /// relative to the manifest.
+    pub path: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -10,6 +10,7 @@
 //! | `request` | raw request settings → validated `GenerationRequest` |
 //! | `source` | images a request starts from, noise mixes (variations, interpolation) |
 //! | `denoise` | one job's denoising at one stage, a step at a time |
+//! | `clip_guidance` | GLIDE's CLIP guidance of the base stage with a noised CLIP |
 //! | `cascade` | the loaded cascade and the whole generation |
 //! | `png` | 8-bit RGB conversion and PNG files with their parameters |
 //! | `format` | the delivered file format: PNG, JPEG at a quality, lossless WebP |
@@ -17,6 +18,7 @@
 //! | `unclip` | DALL-E 2's unCLIP: CLIP prior, decoder, super-resolution (Karlo's layout) |
 
 pub mod cascade;
+pub mod clip_guidance;
 pub mod denoise;
 pub mod error;
 pub mod format;
@@ -29,6 +31,7 @@ pub mod unclip;
 pub mod writer;
 
 pub use cascade::{Cascade, CascadeInfo, GeneratedImage, JobText, LoadOptions, Progress};
+pub use clip_guidance::{ClipGuide, ClipJob, MAX_CLIP_GUIDANCE};
 pub use error::{PipelineError, Result};
 pub use format::{ImageFormat, Output};
 pub use manifest::Manifest;

@@ -46,6 +46,13 @@ pub struct StageRecord {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub noise_level: Option<i64>,
     pub size: String,
+    /// GLIDE's CLIP guidance scale (the base stage; left out when 0).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub clip_guidance_scale: f32,
+}
+
+fn is_zero(v: &f32) -> bool {
+    *v == 0.0
 }
 
 /// Everything needed to reproduce an image.
@@ -71,6 +78,9 @@ impl ImageRecord {
             pairs.push(format!("Steps: {}", first.steps));
             pairs.push(format!("Sampler: {}", first.sampler));
             pairs.push(format!("CFG scale: {}", first.guidance_scale));
+            if first.clip_guidance_scale != 0.0 {
+                pairs.push(format!("CLIP guidance: {}", first.clip_guidance_scale));
+            }
         }
         pairs.push(format!("Seed: {}", self.seed));
         if let Some(last) = self.stages.last() {
@@ -174,6 +184,7 @@ mod tests {
                 eta: 0.0,
                 noise_level: None,
                 size: "32x32".into(),
+                clip_guidance_scale: 0.0,
             }],
         };
         let bytes = encode(img, &record).unwrap();

@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::clip_guidance::{self, MAX_CLIP_GUIDANCE};
 use super::error::{PipelineError, Result};
 use super::format::Output;
 use super::source::{check_aspect, first_step, NoiseMix, Source, SourceSpec};
@@ -49,6 +50,9 @@ pub struct RequestSpec {
     /// The base stage's steps and guidance (the knobs users turn most).
     pub steps: Option<usize>,
     pub guidance_scale: Option<f32>,
+    /// GLIDE's CLIP guidance of the base stage (0 or unset: none); needs a
+    /// cascade with a noised CLIP.
+    pub clip_guidance_scale: Option<f32>,
     /// Overrides for stage i (index into the cascade's stages).
     pub stage_overrides: Vec<(usize, StageOverride)>,
     /// Run only the first k stages (1 = a fast base-resolution preview).
@@ -71,6 +75,14 @@ pub struct StagePlan {
     pub sampler: SamplerOptions,
     pub guidance_scale: f32,
     pub noise_level: Option<i64>,
+    /// CLIP guidance (base stage only; 0: none). Absent from requests stored
+    /// before it existed, which read as 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub clip_guidance_scale: f32,
+}
+
+fn is_zero(v: &f32) -> bool {
+    *v == 0.0
 }
 
 /// A validated request (persisted with its job, so it can be run again after a restart).
@@ -168,6 +180,36 @@ fn check_strength(strength: f64) -> Result<f64> {
     Ok(strength)
 }
 
+/// The request's CLIP guidance scale, checked against the cascade's CLIP
+/// (`stages[0].clip_image_size`) and the stages that run (from `first`).
+fn check_clip_guidance(spec: &RequestSpec, stages: &[StageLimits], first: usize) -> Result<f32> {
+    let field = clip_guidance::FIELD;
+    let scale = spec.clip_guidance_scale.unwrap_or(0.0);
+    if !scale.is_finite() {
+        return Err(PipelineError::invalid(field, "must be a finite number"));
+    }
+    let scale = check_range(field, scale, 0.0, MAX_CLIP_GUIDANCE)?;
+    if scale == 0.0 {
+        return Ok(0.0);
+    }
+    let base = &stages[0];
+    let (h, w) = base.size;
+    match base.clip_image_size {
+        None => return Err(PipelineError::invalid(field, "this cascade has no noised CLIP (its manifest names no `clip`); use 0")),
+        Some(s) if (s, s) != base.size => {
+            return Err(PipelineError::invalid(field, format!("the cascade's CLIP reads {s}x{s} images but the base stage makes {w}x{h}; use 0")))
+        }
+        Some(_) => {}
+    }
+    if first > 0 {
+        return Err(PipelineError::invalid(field, "guides the base stage, which an upscale does not run"));
+    }
+    if spec.prompt.trim().is_empty() {
+        return Err(PipelineError::invalid(field, "needs a prompt to guide towards"));
+    }
+    Ok(scale)
+}
+
 /// The stage whose output a picture of `(w, h)` already is, if any.
 fn stage_of_size(stages: &[StageLimits], (w, h): (u32, u32)) -> Option<usize> {
     stages.iter().position(|s| s.size == (i64::from(h), i64::from(w)))
@@ -249,6 +291,7 @@ pub fn plan(spec: &RequestSpec, stages: &[StageLimits]) -> Result<GenerationRequ
         Some(SourceSpec::Inpaint { strength, .. }) => Some(check_strength(strength.unwrap_or(DEFAULT_INPAINT_STRENGTH))?),
         _ => None,
     };
+    let clip_guidance_scale = check_clip_guidance(spec, stages, first)?;
     let seed = spec.seed.unwrap_or_else(rand::random);
     let mut plans = Vec::with_capacity(count);
     for (index, stage) in stages.iter().enumerate().take(count).skip(first) {
@@ -294,7 +337,8 @@ pub fn plan(spec: &RequestSpec, stages: &[StageLimits]) -> Result<GenerationRequ
                 }
             }
         }
-        plans.push(StagePlan { index, name: stage.name.clone(), sampler, guidance_scale, noise_level });
+        let clip_guidance_scale = if is_base { clip_guidance_scale } else { 0.0 };
+        plans.push(StagePlan { index, name: stage.name.clone(), sampler, guidance_scale, noise_level, clip_guidance_scale });
     }
     let base_size = stages[0].size;
     let source = match &spec.source {

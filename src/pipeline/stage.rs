@@ -51,6 +51,9 @@ pub struct StageLimits {
     pub max_noise_level: i64,
     /// Lets validation check that a step count is reachable with the spacing.
     pub scheduler: Scheduler,
+    /// The side of the images the cascade's noised CLIP reads, on the stage it
+    /// can guide (the base stage, when the manifest names a `clip`).
+    pub clip_image_size: Option<i64>,
 }
 
 #[derive(Debug)]
@@ -157,6 +160,7 @@ impl Stage {
             train_steps: self.scheduler.schedule().len(),
             max_noise_level: self.noising.as_ref().map_or(0, |s| s.schedule().len() as i64 - 1),
             scheduler: self.scheduler.clone(),
+            clip_image_size: None,
         }
     }
 

@@ -341,6 +341,7 @@ impl Engine {
         metrics::histogram!(m::BATCH_ROWS).record(rows as f64);
         metrics::histogram!(m::STEP_SECONDS, m::LABEL_STAGE => stage_name).record(started.elapsed().as_secs_f64());
         tracing::debug!(stage, jobs = members.len(), rows, ms = started.elapsed().as_secs_f64() * 1e3, "unet call");
+        let clip = self.cascade.clip();
         let mut offset = 0;
         let outcomes = members
             .iter()
@@ -350,7 +351,7 @@ impl Engine {
                 let slice = out.narrow(0, offset, r);
                 offset += r;
                 let a = &mut self.active[i];
-                std::panic::catch_unwind(AssertUnwindSafe(|| a.job.advance(&slice)))
+                std::panic::catch_unwind(AssertUnwindSafe(|| a.job.advance(&slice, clip)))
                     .map_err(panic_message)
                     .and_then(|r| r.map_err(|e| e.to_string()))
             })

@@ -244,6 +244,7 @@ pub fn cascade_info() -> CascadeInfo {
         train_steps: 1000,
         max_noise_level: if noise_level.is_some() { 999 } else { 0 },
         scheduler: scheduler.clone(),
+        clip_image_size: None,
     };
     CascadeInfo {
         name: "tiny-if".into(),

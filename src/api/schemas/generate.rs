@@ -82,6 +82,12 @@ pub struct GenerateBody {
     /// The base stage's classifier-free guidance scale.
     #[schema(minimum = 0.0, maximum = 50.0)]
     pub guidance_scale: Option<f32>,
+    /// GLIDE's CLIP guidance of the base stage: each step moves along the
+    /// gradient of a noised CLIP's image-text similarity, at this scale (0 or
+    /// unset: none). Needs a cascade with a CLIP whose image size is the base
+    /// stage's (`clip_guidance` in `GET /info`).
+    #[schema(minimum = 0.0, maximum = 100.0)]
+    pub clip_guidance_scale: Option<f32>,
     /// Run only the first k stages (an alternative to `size`).
     #[schema(minimum = 1)]
     pub stages: Option<usize>,
@@ -161,6 +167,7 @@ impl GenerateBody {
             eta: self.eta,
             steps: self.steps,
             guidance_scale: self.guidance_scale,
+            clip_guidance_scale: self.clip_guidance_scale,
             stage_overrides: self
                 .stage_overrides
                 .iter()

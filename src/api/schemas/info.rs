@@ -10,7 +10,7 @@ use crate::api::state::ApiConfig;
 use crate::diffusion::SamplerKind;
 use crate::pipeline::request::{MAX_GUIDANCE, MAX_PROMPT_CHARS};
 use crate::pipeline::stage::StageKind;
-use crate::pipeline::CascadeInfo;
+use crate::pipeline::{CascadeInfo, MAX_CLIP_GUIDANCE};
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct StatusDoc {
@@ -59,11 +59,22 @@ pub struct StageDoc {
 pub struct LimitsDoc {
     pub max_images: usize,
     pub max_guidance_scale: f32,
+    pub max_clip_guidance_scale: f32,
     pub max_prompt_chars: usize,
     pub max_body_bytes: usize,
     /// The sizes requests may ask for, `WxH`, smallest first.
     pub sizes: Vec<String>,
     pub samplers: Vec<String>,
+}
+
+/// Whether requests may ask for `clip_guidance_scale` (GLIDE's CLIP guidance
+/// of the base stage).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ClipGuidanceDoc {
+    /// The cascade has a noised CLIP that reads the base stage's images.
+    pub available: bool,
+    /// The side of the images the CLIP reads (absent without a CLIP).
+    pub image_size: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -78,6 +89,7 @@ pub struct InfoDocument {
     pub encoder: EncoderDoc,
     pub stages: Vec<StageDoc>,
     pub limits: LimitsDoc,
+    pub clip_guidance: ClipGuidanceDoc,
     /// The server's version.
     pub version: String,
 }
@@ -118,13 +130,23 @@ impl InfoDocument {
             limits: LimitsDoc {
                 max_images: config.max_images,
                 max_guidance_scale: MAX_GUIDANCE,
+                max_clip_guidance_scale: MAX_CLIP_GUIDANCE,
                 max_prompt_chars: MAX_PROMPT_CHARS,
                 max_body_bytes: config.max_body_bytes,
                 sizes: stages.iter().map(|s| s.size.clone()).collect(),
                 samplers: SamplerKind::ALL.iter().map(|k| k.name().to_owned()).collect(),
             },
+            clip_guidance: clip_guidance(info),
             stages,
             version: env!("CARGO_PKG_VERSION").to_owned(),
         }
     }
+}
+
+/// CLIP guidance guides the base stage, and only a CLIP of its size can.
+fn clip_guidance(info: &CascadeInfo) -> ClipGuidanceDoc {
+    let base = info.stages.first().map(|(l, _)| l);
+    let image_size = base.and_then(|l| l.clip_image_size);
+    let available = base.is_some_and(|l| l.clip_image_size.is_some_and(|s| (s, s) == l.size));
+    ClipGuidanceDoc { available, image_size }
 }

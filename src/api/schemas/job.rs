@@ -105,6 +105,8 @@ pub struct StageSettings {
     pub guidance_scale: f32,
     pub eta: f64,
     pub noise_level: Option<i64>,
+    /// GLIDE's CLIP guidance scale (the base stage; 0: none).
+    pub clip_guidance_scale: f32,
 }
 
 /// The validated request the job runs.
@@ -210,6 +212,7 @@ impl JobDocument {
                         guidance_scale: s.guidance_scale,
                         eta: s.sampler.eta,
                         noise_level: s.noise_level,
+                        clip_guidance_scale: s.clip_guidance_scale,
                     })
                     .collect(),
                 source: r.source.as_ref().map(SourceSettings::new),

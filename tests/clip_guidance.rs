@@ -1,0 +1,350 @@
+//! GLIDE's CLIP guidance on a copy of the tiny fixture cascade with a tiny
+//! random noised CLIP next to it: scale 0 changes no bit, a positive scale
+//! changes the images, the shift of one step is √(1 − ᾱ_t)·s·∇ computed by
+//! hand, and a guided image is the same bits alone, batched with an unguided
+//! job (synchronously and in the worker), and at any position of its request.
+
+mod common;
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::fixture_dir;
+use diffusiond::diffusion::forward::{to_x0_and_eps, NoiseLevel};
+use diffusiond::diffusion::{PredictionType, SamplerKind};
+use diffusiond::eval::batch::generate_many;
+use diffusiond::jobs::embedded::EmbeddedStore;
+use diffusiond::jobs::{event_channel, now_ms, JobId, JobQueue, JobRecord, JobStatus, JobStore};
+use diffusiond::nn::device::{DeviceSetting, Precision};
+use diffusiond::nn::noised_clip::{LoadedNoisedClip, ModelInputs, NoisedClipConfig};
+use diffusiond::pipeline::manifest::ClipEntry;
+use diffusiond::pipeline::{Cascade, ClipGuide, ClipJob, GeneratedImage, GenerationRequest, LoadOptions, Manifest, PipelineError, RequestSpec};
+use diffusiond::worker::{readiness_channel, spawn, EngineConfig, QueueLimits, Readiness, WorkerSettings};
+use tch::{Device, Kind, Tensor};
+
+const CPU: LoadOptions = LoadOptions { device: DeviceSetting::Cpu, precision: Precision::F32 };
+
+fn clip_config(image_size: i64, text_hidden_size: i64) -> NoisedClipConfig {
+    NoisedClipConfig { image_size, block_out_channels: vec![8, 16], layers_per_block: 1, embed_dim: 16, text_hidden_size, num_train_timesteps: 1000, norm_num_groups: 4 }
+}
+
+fn base_scheduler() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture_dir().join("cascade/base/scheduler/scheduler_config.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A copy of the fixture cascade in a fresh folder named after `name`, with a
+/// random CLIP of `config` (seeded with `seed`) in `clip/` that the manifest names.
+fn cascade_with_clip(name: &str, config: &NoisedClipConfig, seed: i64) -> PathBuf {
+    let src = fixture_dir().join("cascade");
+    let dir = std::env::temp_dir().join(format!("diffusiond-clip-guidance-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for stage in ["base", "sr"] {
+        copy_dir(&src.join(stage), &dir.join(stage));
+    }
+    let encoder = std::fs::canonicalize(fixture_dir().join("text/tiny-bert")).unwrap();
+    let mut manifest = Manifest::from_dir(&src).unwrap();
+    manifest.text_encoder.path = encoder.clone();
+    manifest.clip = Some(ClipEntry { path: "clip".into() });
+    manifest.write(&dir).unwrap();
+    tch::manual_seed(seed);
+    let clip = LoadedNoisedClip::random(config).unwrap();
+    clip.save(&dir.join("clip")).unwrap();
+    ModelInputs { text_encoder: encoder, max_length: 16, scheduler: base_scheduler(), train_seed: 0 }.write(&dir.join("clip")).unwrap();
+    dir
+}
+
+fn spec(n: usize, seed: u64, clip: Option<f32>) -> RequestSpec {
+    RequestSpec {
+        prompt: "a red circle on top of a blue square".into(),
+        n,
+        seed: Some(seed),
+        sampler: Some(SamplerKind::Ddim),
+        eta: Some(0.5), // stochastic steps, so every noise draw is exercised too
+        clip_guidance_scale: clip,
+        ..Default::default()
+    }
+}
+
+fn generate(c: &Cascade, spec: &RequestSpec) -> Vec<GeneratedImage> {
+    c.generate(&c.plan(spec).unwrap(), &mut |_| ControlFlow::Continue(())).unwrap()
+}
+
+fn pixels(images: &[GeneratedImage]) -> Vec<&[u8]> {
+    images.iter().map(|g| g.image.as_raw().as_slice()).collect()
+}
+
+#[test]
+fn scale_zero_changes_nothing_and_a_positive_scale_changes_the_images() {
+    let dir = cascade_with_clip("zero", &clip_config(16, 32), 11);
+    let plain = Cascade::load(&fixture_dir().join("cascade"), &CPU).unwrap();
+    let with_clip = Cascade::load(&dir, &CPU).unwrap();
+    assert!(plain.clip().is_none() && with_clip.clip().is_some());
+    assert_eq!(with_clip.info().stages[0].0.clip_image_size, Some(16));
+
+    let reference = generate(&plain, &spec(2, 3, None));
+    assert_eq!(pixels(&generate(&with_clip, &spec(2, 3, None))), pixels(&reference));
+    let zero = generate(&with_clip, &spec(2, 3, Some(0.0)));
+    assert_eq!(pixels(&zero), pixels(&reference), "scale 0 is no guidance at all");
+
+    let guided = generate(&with_clip, &spec(2, 3, Some(100.0)));
+    for (g, r) in guided.iter().zip(&reference) {
+        let changed = g.image.as_raw().iter().zip(r.image.as_raw()).filter(|(a, b)| a != b).count();
+        assert!(changed > 0, "image {} did not change", g.index);
+    }
+    // The record says how the image was made.
+    assert_eq!(guided[0].record.stages[0].clip_guidance_scale, 100.0);
+    assert!(guided[0].record.parameters().contains("CLIP guidance: 100"), "{}", guided[0].record.parameters());
+    // On a cascade without a CLIP the request is refused, naming the field.
+    match plain.plan(&spec(1, 3, Some(1.0))) {
+        Err(PipelineError::Invalid { field, .. }) => assert_eq!(field, "clip_guidance_scale"),
+        other => panic!("{other:?}"),
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_guided_image_is_the_same_alone_batched_and_anywhere_in_its_request() {
+    let dir = cascade_with_clip("batch", &clip_config(16, 32), 12);
+    let c = Cascade::load(&dir, &CPU).unwrap();
+    let guided = c.plan(&spec(2, 20, Some(50.0))).unwrap();
+    let unguided = c.plan(&RequestSpec { prompt: "two green stars".into(), guidance_scale: Some(2.0), ..spec(2, 40, None) }).unwrap();
+    let requests: Vec<GenerationRequest> = vec![unguided.clone(), guided.clone()];
+    // Every job of a stage in one UNet call (the worker's batching, synchronously).
+    let batched = generate_many(&c, &requests, 64, &mut |_| {}).unwrap();
+    let alone = |seed: u64| generate(&c, &spec(1, seed, Some(50.0))).remove(0);
+    let (first, second) = (alone(20), alone(21));
+    assert_eq!(batched[1][0].image.as_raw(), first.image.as_raw(), "image 0 batched with an unguided job");
+    assert_eq!(batched[1][1].image.as_raw(), second.image.as_raw(), "image 1 of -n 2 --seed 20 is --seed 21 alone");
+    let own = c.generate(&guided, &mut |_| ControlFlow::Continue(())).unwrap();
+    assert_eq!(pixels(&own), pixels(&batched[1]));
+    // The unguided job is untouched by its guided neighbour.
+    let plain = c.generate(&unguided, &mut |_| ControlFlow::Continue(())).unwrap();
+    assert_eq!(pixels(&plain), pixels(&batched[0]));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// ∇_x (f(x, t)·g) through the CLIP's public API, independently of the pipeline.
+fn hand_gradient(clip: &ClipGuide, x: &Tensor, t: i64, text: &Tensor) -> Tensor {
+    tch::with_grad(|| {
+        let rows: Vec<Tensor> = (0..x.size()[0])
+            .map(|i| {
+                let xi = x.narrow(0, i, 1).detach().set_requires_grad(true);
+                let image = clip.model().image_embeds(&xi, &Tensor::from_slice(&[t])).unwrap();
+                let score = (image * text.narrow(0, i, 1)).sum(Kind::Float);
+                score.backward();
+                xi.grad()
+            })
+            .collect();
+        Tensor::cat(&rows, 0)
+    })
+}
+
+#[test]
+fn one_step_shifts_eps_by_the_scaled_clip_gradient() {
+    let dir = cascade_with_clip("shift", &clip_config(16, 32), 13);
+    let c = Cascade::load(&dir, &CPU).unwrap();
+    let clip = c.clip().unwrap();
+    let schedule = Arc::clone(c.stages[0].scheduler.schedule());
+    tch::manual_seed(5);
+    let opts = (Kind::Float, Device::Cpu);
+    let x = Tensor::randn([2, 3, 16, 16], opts);
+    let text = clip.text_embeds(&c.encoder, &["a red circle", "two blue squares"]).unwrap();
+    let (t, scale) = (600i64, 7.0f32);
+    let level = NoiseLevel::new(schedule.alpha_bar(t));
+    // The pipeline's first (its layers settle how a single image runs), then by hand.
+    let pipeline_grad = clip.gradient(&x, t, &text).unwrap();
+    let grad = hand_gradient(clip, &x, t, &text);
+    assert!(grad.abs().max().double_value(&[]) > 0.0, "a random CLIP still has a gradient");
+    assert!(pipeline_grad.equal(&grad), "the pipeline's gradient is the hand-computed one");
+
+    // A finite difference along one direction agrees with the gradient.
+    let dir_u = Tensor::randn([1, 3, 16, 16], opts);
+    let score = |x: &Tensor| {
+        let e = tch::no_grad(|| clip.model().image_embeds(x, &Tensor::from_slice(&[t])).unwrap());
+        (e * text.narrow(0, 0, 1)).sum(Kind::Double).double_value(&[])
+    };
+    let h = 1e-2;
+    let x0 = x.narrow(0, 0, 1);
+    let numeric = (score(&(&x0 + &dir_u * h)) - score(&(&x0 - &dir_u * h))) / (2.0 * h);
+    let analytic = (grad.narrow(0, 0, 1) * &dir_u).sum(Kind::Double).double_value(&[]);
+    assert!((numeric - analytic).abs() <= 0.05 * analytic.abs().max(1e-3), "finite difference {numeric} vs gradient {analytic}");
+
+    // ε-prediction with learned variance (the fixture's base stage): ε moves
+    // by −√(1 − ᾱ_t)·s·∇ and the variance channels stay as they were.
+    let output = Tensor::randn([2, 6, 16, 16], opts);
+    let job = ClipJob::new(text.shallow_clone(), scale, PredictionType::Epsilon, Arc::clone(&schedule));
+    let guided = clip.guide(&job, &output, &x, t).unwrap();
+    let want = output.narrow(1, 0, 3) - &grad * (level.sqrt_one_minus_alpha_bar * scale) as f64;
+    assert!(guided.narrow(1, 0, 3).allclose(&want, 1e-6, 1e-6, false));
+    assert!(guided.narrow(1, 3, 3).equal(&output.narrow(1, 3, 3)));
+
+    // v-prediction (the default cascade's base stage): the output comes back
+    // as v, whose ε is the guided ε.
+    let v = Tensor::randn([2, 3, 16, 16], opts);
+    let job = ClipJob::new(text.shallow_clone(), scale, PredictionType::VPrediction, Arc::clone(&schedule));
+    let guided_v = clip.guide(&job, &v, &x, t).unwrap();
+    let (_, eps) = to_x0_and_eps(PredictionType::VPrediction, &v, &x, level);
+    let (_, eps_guided) = to_x0_and_eps(PredictionType::VPrediction, &guided_v, &x, level);
+    let shift = eps_guided - eps;
+    let want = &grad * -((level.sqrt_one_minus_alpha_bar * scale) as f64);
+    assert!(shift.allclose(&want, 1e-4, 1e-4, false), "max diff {}", (&shift - &want).abs().max().double_value(&[]));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_clip_of_another_encoder_is_a_model_error_and_one_of_another_size_refuses_requests() {
+    let dir = cascade_with_clip("encoder", &clip_config(16, 24), 14);
+    let err = Cascade::load(&dir, &CPU).unwrap_err();
+    assert!(matches!(err, PipelineError::Model { .. }), "{err:?}");
+    assert!(err.to_string().contains("text_hidden_size 24"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let dir = cascade_with_clip("size", &clip_config(32, 32), 15);
+    let c = Cascade::load(&dir, &CPU).unwrap();
+    match c.plan(&spec(1, 1, Some(2.0))) {
+        Err(PipelineError::Invalid { field, reason }) => {
+            assert_eq!(field, "clip_guidance_scale");
+            assert!(reason.contains("32x32") && reason.contains("16x16"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(c.plan(&spec(1, 1, Some(0.0))).is_ok());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn requests_stored_before_clip_guidance_still_read() {
+    let dir = cascade_with_clip("serde", &clip_config(16, 32), 16);
+    let c = Cascade::load(&dir, &CPU).unwrap();
+    let request = c.plan(&spec(1, 1, Some(3.0))).unwrap();
+    let mut value = serde_json::to_value(&request).unwrap();
+    assert_eq!(value["stages"][0]["clip_guidance_scale"], 3.0);
+    assert!(value["stages"][1].get("clip_guidance_scale").is_none(), "written only where set");
+    value["stages"][0].as_object_mut().unwrap().remove("clip_guidance_scale");
+    let old: GenerationRequest = serde_json::from_value(value).unwrap();
+    assert_eq!(old.stages[0].clip_guidance_scale, 0.0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_worker_batches_a_guided_job_with_unguided_ones_without_changing_a_bit() {
+    let dir = cascade_with_clip("worker", &clip_config(16, 32), 17);
+    let c = Cascade::load(&dir, &CPU).unwrap();
+    let requests = [
+        c.plan(&RequestSpec { prompt: "two green stars".into(), ..spec(1, 30, None) }).unwrap(),
+        c.plan(&spec(2, 31, Some(40.0))).unwrap(),
+        c.plan(&RequestSpec { steps: Some(4), ..spec(1, 33, None) }).unwrap(),
+    ];
+    let alone: Vec<Vec<GeneratedImage>> = requests.iter().map(|r| c.generate(r, &mut |_| ControlFlow::Continue(())).unwrap()).collect();
+
+    let store_dir = dir.join("store");
+    let store: Arc<dyn JobStore> = Arc::new(EmbeddedStore::open(&store_dir).unwrap());
+    let (tx, mut rx) = readiness_channel();
+    let settings = WorkerSettings {
+        model_dir: dir.clone(),
+        load: CPU,
+        engine: EngineConfig::default(),
+        limits: QueueLimits { max_waiting_jobs: 8, retry_after_secs: 1 },
+        warmup: false,
+    };
+    let worker = spawn(settings, store.clone(), event_channel(), Arc::new(tx)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !rx.borrow_and_update().is_ready() {
+        if let Readiness::Failed(e) = &*rx.borrow() {
+            panic!("worker failed: {e}");
+        }
+        assert!(Instant::now() < deadline, "worker not ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ids: Vec<JobId> = requests
+        .iter()
+        .map(|r| {
+            let job = JobRecord::new(JobId::new_v4(), None, r.clone(), now_ms());
+            store.create(&job).unwrap();
+            worker.queue.submit(job.id).unwrap();
+            job.id
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let records = loop {
+        let records: Vec<JobRecord> = ids.iter().map(|id| store.get(*id).unwrap().unwrap()).collect();
+        if records.iter().all(|r| r.status.is_terminal()) {
+            break records;
+        }
+        assert!(Instant::now() < deadline, "jobs did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for (record, want) in records.iter().zip(&alone) {
+        assert_eq!(record.status, JobStatus::Succeeded, "{:?}", record.error);
+        for (i, image) in want.iter().enumerate() {
+            assert_eq!(store.image(record.id, i).unwrap().unwrap(), image.png().unwrap(), "job {} image {i}", record.id);
+        }
+    }
+    let sequential: usize = requests.iter().map(|r| c.total_steps(r)).sum();
+    let calls = worker.stats.unet_calls.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(calls < sequential as u64, "the jobs shared UNet calls ({calls} calls vs {sequential} one at a time)");
+    worker.queue.close();
+    worker.thread.join().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_command_line_guides_generate_and_eval() {
+    let dir = cascade_with_clip("cli", &clip_config(16, 32), 18);
+    let out = dir.join("out");
+    let diffusiond = || std::process::Command::new(env!("CARGO_BIN_EXE_diffusiond"));
+    let run = diffusiond()
+        .args(["generate", "a red circle on top of a blue square", "--seed", "4", "--sampler", "ddim", "--eta", "0.5", "--clip-guidance", "30"])
+        .args(["--device", "cpu", "--model"])
+        .arg(&dir)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let file = String::from_utf8(run.stdout).unwrap().lines().next().unwrap().to_owned();
+    let written = image::open(&file).unwrap().to_rgb8();
+    let c = Cascade::load(&dir, &CPU).unwrap();
+    let want = generate(&c, &spec(1, 4, Some(30.0))).remove(0);
+    assert_eq!(written.as_raw(), want.image.as_raw(), "the CLI's image is the library's");
+    let chunks = diffusiond::pipeline::png::read_text_chunks(&std::fs::read(&file).unwrap()).unwrap();
+    assert!(chunks.iter().any(|(k, v)| k == "parameters" && v.contains("CLIP guidance: 30")), "{chunks:?}");
+
+    // Without a CLIP the request is refused before anything runs.
+    let refused = diffusiond()
+        .args(["generate", "a star", "--clip-guidance", "5", "--device", "cpu", "--model"])
+        .arg(fixture_dir().join("cascade"))
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("clip_guidance_scale"), "{}", String::from_utf8_lossy(&refused.stderr));
+
+    // The benchmark labels its row with the guidance it applied.
+    let eval = diffusiond()
+        .args(["eval", "--per-category", "1", "--images", "1", "--size", "16", "--clip-guidance", "10", "--device", "cpu", "--model"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(eval.status.success(), "{}", String::from_utf8_lossy(&eval.stderr));
+    let table = String::from_utf8(eval.stdout).unwrap();
+    assert!(table.contains("CLIP guidance 10"), "{table}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
