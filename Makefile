@@ -111,24 +111,33 @@ $(REFENV_STAMP): scripts/gen_fixtures.py | $(TORCH_STAMP)
 # v, base-minsnr continues that with Min-SNR-γ weighting, base-ground fine-tunes
 # it on the narrowed dataset (six shapes, six colours, larger objects) with the
 # grounding loss, base continues base-ground, base-ab-minsnr continues base,
-# and base-uncond2 continues that with a fifth of the captions dropped and is
-# shipped as models/default/base (base-ground3, base-ground10 and base-ab-v,
+# base-uncond2 continues that with a fifth of the captions dropped, and
+# base-mix continues that with more relations and fewer single objects in the
+# data and is shipped as models/default/base (base-ground3, base-ground10 and base-ab-v,
 # other continuations of base, are kept as records and not shipped); sr64-eps trains the
 # first super-resolution stage with ε and sr64 fine-tunes it to v, and
 # likewise sr128-eps and sr128 for the second (each config's `init` names the
 # previous run). DEVICE=cuda trains on a GPU (fp16 mixed precision).
-STAGES := base-eps base-v base-minsnr base-ground base base-ab-minsnr base-uncond2 sr64-eps sr64 sr128-eps sr128
+STAGES := base-eps base-v base-minsnr base-ground base base-ab-minsnr base-uncond2 base-mix sr64-eps sr64 sr128-eps sr128
 DEVICE ?= auto
 .PHONY: train eval
 train: build encoder
 	for stage in $(STAGES); do \
 		target/release/diffusiond train --config models/default/train/$$stage.json --out runs/$$stage \
 			--device $(DEVICE) --export runs/$$stage/stage || exit 1; \
-		dest=$$( [ $$stage = base-uncond2 ] && echo base || echo $$stage ); \
+		dest=$$( [ $$stage = base-mix ] && echo base || echo $$stage ); \
 		if [ -f models/default/$$dest/model_index.json ]; then \
 			rm -rf models/default/$$dest && cp -r runs/$$stage/stage models/default/$$dest || exit 1; \
 		fi; \
 	done
+
+# The noised CLIP for the shapes domain (the gradient CLIP guidance follows),
+# trained apart from the cascade and resumed from runs/noised-clip/checkpoint;
+# `diffusiond eval-clip --model runs/noised-clip/model` scores its retrieval.
+.PHONY: train-clip
+train-clip: build encoder
+	target/release/diffusiond train-clip --config models/default/train/noised-clip.json --out runs/noised-clip \
+		--device $(DEVICE) --export runs/noised-clip/model
 
 # The figures in the README: the detector on ground truth, the base stage's
 # sweeps at 32 px, the whole cascade at 128 px. EVAL_N prompts per category.
