@@ -300,18 +300,10 @@ impl ClipRun {
     /// Writes the checkpoint to a fresh folder, then renames it into place: a
     /// crash mid-write leaves the previous checkpoint intact.
     fn checkpoint(&self, clip: &LoadedNoisedClip, opt: &Optimizer) -> anyhow::Result<()> {
-        let tmp = self.out.join("checkpoint.tmp");
-        let _ = std::fs::remove_dir_all(&tmp);
-        clip.save(&tmp)?;
-        opt.save(&tmp.join("optimizer.safetensors"))?;
-        let (ckpt, old) = (self.checkpoint_dir(), self.out.join("checkpoint.old"));
-        let _ = std::fs::remove_dir_all(&old);
-        if ckpt.exists() {
-            std::fs::rename(&ckpt, &old)?;
-        }
-        std::fs::rename(&tmp, &ckpt)?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
+        super::checkpoint::replace(&self.checkpoint_dir(), |tmp| {
+            clip.save(tmp)?;
+            Ok(opt.save(&tmp.join("optimizer.safetensors"))?)
+        })
     }
 
     /// Writes the last checkpoint's weights as a model folder: `config.json`,

@@ -15,11 +15,13 @@
 //! | [`optim`] | flat-buffer AdamW with saved moments, warm-up, clipping, EMA, loss scale: exact resume |
 //! | [`trainer`] | one training step of a base or super-resolution stage (f32 or fp16 autocast), batches drawn ahead |
 //! | [`validate`] | held-out x̂_0 error per noise level, with and without the caption |
+//! | `checkpoint` | replacing a run's checkpoint folder atomically |
 //! | [`run`] | a stage's training run: config, init weights, loop, time limit, checkpoints, resume, export |
 //! | [`contrastive`] | CLIP's symmetric InfoNCE with equal descriptions as each other's positives |
 //! | [`clip`] | the noised CLIP's training run (GLIDE): noised batches, steps, checkpoints, resume, export |
 
 pub mod caption;
+mod checkpoint;
 pub mod claims;
 pub mod clip;
 pub mod contrastive;

@@ -328,19 +328,10 @@ impl Run {
     /// Writes the checkpoint to a fresh folder, then renames it into place: a
     /// crash mid-write leaves the previous checkpoint intact.
     fn checkpoint(&self, unet: &LoadedUNet, opt: &Optimizer) -> anyhow::Result<()> {
-        let tmp = self.out.join("checkpoint.tmp");
-        let _ = std::fs::remove_dir_all(&tmp);
-        unet.save(&tmp, Kind::Float)?;
-        opt.save(&tmp.join("optimizer.safetensors"))?;
-        let ckpt = self.checkpoint_dir();
-        let old = self.out.join("checkpoint.old");
-        let _ = std::fs::remove_dir_all(&old);
-        if ckpt.exists() {
-            std::fs::rename(&ckpt, &old)?;
-        }
-        std::fs::rename(&tmp, &ckpt)?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
+        super::checkpoint::replace(&self.checkpoint_dir(), |tmp| {
+            unet.save(tmp, Kind::Float)?;
+            Ok(opt.save(&tmp.join("optimizer.safetensors"))?)
+        })
     }
 
     /// Writes the EMA weights of the last checkpoint as a stage folder (f16
