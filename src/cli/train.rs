@@ -66,20 +66,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         PrecisionSetting::Auto if diffusiond::nn::precision::cpu_has_bf16() => Precision::Bf16,
         PrecisionSetting::Auto => Precision::F32,
     };
-    if let Some(s) = args.max_seconds.filter(|s| !(s.is_finite() && *s > 0.0)) {
-        anyhow::bail!("--max-seconds {s}: expected a positive number of seconds");
-    }
+    check_max_seconds(args.max_seconds)?;
     let data_threads = args.data_threads.unwrap_or(if device.is_cuda() { 4 } else { 0 });
     let options = RunOptions { precision, max_seconds: args.max_seconds, data_threads };
     let run = Run { config, out: args.out.clone(), device, options };
-    let bar = ProgressBar::new(total);
-    bar.set_style(
-        ProgressStyle::with_template("[{bar:30}] {pos}/{len} steps {elapsed_precise} {msg}").expect("valid template").progress_chars("=> "),
-    );
-    let step = run.train(args.until, &mut |step, loss, rate| {
-        bar.set_position(step);
-        bar.set_message(format!("loss {loss:.4}, {rate:.1} images/s"));
-    })?;
+    let bar = StepBar::new(total);
+    let step = run.train(args.until, &mut |step, loss, rate| bar.update(step, loss, rate))?;
     bar.finish();
     eprintln!("trained to step {step}; checkpoint in {}", args.out.join("checkpoint").display());
     if let Some(dir) = &args.export {
@@ -87,4 +79,34 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         eprintln!("exported the EMA weights to {}", dir.display());
     }
     Ok(())
+}
+
+/// `--max-seconds`, when given, must be a positive number.
+pub(crate) fn check_max_seconds(max_seconds: Option<f64>) -> anyhow::Result<()> {
+    if let Some(s) = max_seconds.filter(|s| !(s.is_finite() && *s > 0.0)) {
+        anyhow::bail!("--max-seconds {s}: expected a positive number of seconds");
+    }
+    Ok(())
+}
+
+/// The progress line of a training run: steps, elapsed time, loss and throughput.
+pub(crate) struct StepBar(ProgressBar);
+
+impl StepBar {
+    pub(crate) fn new(total: u64) -> Self {
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template("[{bar:30}] {pos}/{len} steps {elapsed_precise} {msg}").expect("valid template").progress_chars("=> "),
+        );
+        Self(bar)
+    }
+
+    pub(crate) fn update(&self, step: u64, loss: f64, images_per_second: f64) {
+        self.0.set_position(step);
+        self.0.set_message(format!("loss {loss:.4}, {images_per_second:.1} images/s"));
+    }
+
+    pub(crate) fn finish(&self) {
+        self.0.finish();
+    }
 }

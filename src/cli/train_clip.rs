@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use clap::Args;
 use diffusiond::nn::device::DeviceSetting;
 use diffusiond::train::clip::{ClipRun, ClipTrainConfig};
-use indicatif::{ProgressBar, ProgressStyle};
+
+use super::train::{check_max_seconds, StepBar};
 
 #[derive(Debug, Args)]
 pub struct TrainClipArgs {
@@ -29,18 +30,10 @@ pub struct TrainClipArgs {
 
 pub fn run(args: TrainClipArgs) -> anyhow::Result<()> {
     let config = ClipTrainConfig::from_file(&args.config)?;
-    if let Some(s) = args.max_seconds.filter(|s| !(s.is_finite() && *s > 0.0)) {
-        anyhow::bail!("--max-seconds {s}: expected a positive number of seconds");
-    }
-    let bar = ProgressBar::new(config.steps);
-    bar.set_style(
-        ProgressStyle::with_template("[{bar:30}] {pos}/{len} steps {elapsed_precise} {msg}").expect("valid template").progress_chars("=> "),
-    );
+    check_max_seconds(args.max_seconds)?;
+    let bar = StepBar::new(config.steps);
     let run = ClipRun { config, out: args.out.clone(), device: args.device.resolve(), max_seconds: args.max_seconds };
-    let step = run.train(None, &mut |step, loss, rate| {
-        bar.set_position(step);
-        bar.set_message(format!("loss {loss:.4}, {rate:.1} images/s"));
-    })?;
+    let step = run.train(None, &mut |step, loss, rate| bar.update(step, loss, rate))?;
     bar.finish();
     eprintln!("trained to step {step}; checkpoint in {}", args.out.join("checkpoint").display());
     if let Some(dir) = &args.export {
