@@ -139,16 +139,19 @@ impl BatchOfOne {
             Some(_) => return doubled(),
             None => {}
         }
+        // The first call hands back the result of the route it records, so
+        // that it runs the very computation later calls run: the same values
+        // either way, and the same autograd graph for a gradient through it.
         let (one, two) = (f(x), doubled());
-        let route = if same_result(&one, &two) {
-            Route::Alone
-        } else if split.as_ref().is_some_and(|s| same_result(&s(), &two)) {
-            Route::Split
+        let (route, result) = if same_result(&one, &two) {
+            (Route::Alone, one)
+        } else if let Some(halves) = split.as_ref().map(|s| s()).filter(|h| same_result(h, &two)) {
+            (Route::Split, halves)
         } else {
-            Route::Doubled
+            (Route::Doubled, two)
         };
         self.record(x, route);
-        two
+        result
     }
 
     /// For a single sample `x`: `alone` computes its result, `doubled` computes
@@ -160,8 +163,9 @@ impl BatchOfOne {
             Some(_) => doubled(),
             None => {
                 let (one, two) = (alone()?, doubled()?);
-                self.record(x, if same_result(&one, &two) { Route::Alone } else { Route::Doubled });
-                Ok(two)
+                let same = same_result(&one, &two);
+                self.record(x, if same { Route::Alone } else { Route::Doubled });
+                Ok(if same { one } else { two })
             }
         }
     }

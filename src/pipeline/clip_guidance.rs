@@ -19,7 +19,7 @@
 //! UNet call and wherever it sits in its own request.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
@@ -43,9 +43,6 @@ pub const FIELD: &str = "clip_guidance_scale";
 pub struct ClipGuide {
     pub dir: PathBuf,
     clip: LoadedNoisedClip,
-    /// Thread counts for which the CLIP's batch-of-one layers have settled
-    /// how they compute a single sample (see `gradient`).
-    settled: Mutex<Vec<i32>>,
 }
 
 impl std::fmt::Debug for ClipGuide {
@@ -79,7 +76,7 @@ impl ClipJob {
 impl ClipGuide {
     /// Wraps a loaded model (tests build one without a folder).
     pub fn new(clip: LoadedNoisedClip, dir: PathBuf) -> Self {
-        Self { dir, clip, settled: Mutex::new(Vec::new()) }
+        Self { dir, clip }
     }
 
     /// Loads the manifest's `clip` entry (relative to `root`) onto `device`,
@@ -157,23 +154,9 @@ impl ClipGuide {
         if text.size() != [n, self.clip.model.config().embed_dim] {
             return Err(PipelineError::invalid(FIELD, format!("text embeddings {:?} for {n} images", text.size())));
         }
-        // The CLIP's layers learn on their first batch of one how to give it a
-        // batch's bits, computing it both ways and returning the batch way;
-        // later calls take the way they found. The values agree, but a
-        // gradient through either way need not: settle the choice first, so
-        // that every gradient (the first included) runs the same computation.
-        let threads = tch::get_num_threads();
-        let fresh = {
-            let mut settled = self.settled.lock().unwrap_or_else(|e| e.into_inner());
-            let fresh = !settled.contains(&threads);
-            if fresh {
-                settled.push(threads);
-            }
-            fresh
-        };
-        if fresh && n > 0 {
-            let _ = tch::no_grad(|| self.clip.model.image_embeds(&x_t.narrow(0, 0, 1), &timestep))?;
-        }
+        // Each row alone: a batch of one takes the same route through the
+        // CLIP's layers on every call, the first included (`BatchOfOne`), so
+        // its gradient does not depend on the batch or on earlier calls.
         let rows = (0..n)
             .map(|i| {
                 tch::with_grad(|| -> Result<Tensor> {
