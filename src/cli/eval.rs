@@ -9,7 +9,7 @@ use clap::{Args, ValueEnum};
 use diffusiond::diffusion::SamplerKind;
 use diffusiond::eval::batch::generate_many;
 use diffusiond::eval::score::{describe, judge_image, markdown, Rules, Tally, Verdict};
-use diffusiond::eval::suite::{suite, Case};
+use diffusiond::eval::suite::{suite, Case, Category};
 use diffusiond::pipeline::request::MAX_IMAGES;
 use diffusiond::pipeline::{Cascade, GenerationRequest, RequestSpec, StageOverride};
 use diffusiond::train::render::render;
@@ -49,6 +49,14 @@ pub struct EvalArgs {
     /// classifier-free guidance: run with and without to compare the modes.
     #[arg(long, value_name = "S")]
     pub clip_guidance: Option<f32>,
+    /// Layout guidance of every sample's base stage at this scale (0: none;
+    /// default: the cascade's), on top of each row's settings.
+    #[arg(long, value_name = "S")]
+    pub layout_guidance: Option<f32>,
+    /// Only these categories' prompts (comma-separated names, as the
+    /// tables print them); default: all six.
+    #[arg(long, value_delimiter = ',', value_name = "NAMES")]
+    pub only: Vec<String>,
     /// Judge colours in every category and fail images with unrequested objects.
     #[arg(long)]
     pub strict: bool,
@@ -100,7 +108,14 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         }
     }
     let rules = if args.strict { Rules::Strict } else { Rules::GenEval };
-    let cases = suite(args.seed, args.per_category as usize);
+    let mut cases = suite(args.seed, args.per_category as usize);
+    if !args.only.is_empty() {
+        let known: Vec<&str> = Category::ALL.iter().map(|c| c.name()).collect();
+        if let Some(bad) = args.only.iter().find(|n| !known.contains(&n.as_str())) {
+            bail!("--only {bad}: not a category (one of {})", known.join(", "));
+        }
+        cases.retain(|c| args.only.iter().any(|n| n == c.category.name()));
+    }
     if args.ground_truth && args.upscale_to.is_some() {
         bail!("--upscale-to resizes a model's samples; ground truth is drawn at --size");
     }
@@ -111,8 +126,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
 
 /// Renders every case's scene and judges it; failures go to stderr.
 fn ground_truth(args: &EvalArgs, cases: &[Case], rules: Rules) -> anyhow::Result<Vec<(String, Tally)>> {
-    if args.table.is_some() || args.clip_guidance.is_some() {
-        bail!("--table and --clip-guidance set how a model samples; ground truth has no samples");
+    if args.table.is_some() || args.clip_guidance.is_some() || args.layout_guidance.is_some() {
+        bail!("--table, --clip-guidance and --layout-guidance set how a model samples; ground truth has no samples");
     }
     let size = args.size.unwrap_or(64);
     let mut tally = Tally::default();
@@ -156,14 +171,18 @@ fn model(args: &EvalArgs, cases: &[Case], rules: Rules) -> anyhow::Result<Vec<(S
     for (r, setting) in settings.iter().enumerate() {
         let requests = cases
             .iter()
-            .enumerate()
-            .map(|(p, case)| {
+            .map(|case| {
+                // The case's place in the whole suite, so that `--only` draws
+                // the same noise for it as a full run does.
+                let category = Category::ALL.iter().position(|&c| c == case.category).expect("a known category");
+                let p = category * args.per_category as usize + case.index;
                 let spec = RequestSpec {
                     prompt: case.prompt.clone(),
                     n: images,
                     seed: Some(args.seed.wrapping_add((p * MAX_IMAGES) as u64)),
                     stage_overrides: vec![(0, setting.clone())],
                     clip_guidance_scale: args.clip_guidance,
+                    layout_guidance_scale: args.layout_guidance,
                     stages: Some(stages),
                     ..Default::default()
                 };
@@ -237,6 +256,9 @@ fn setting_label(request: &GenerationRequest) -> String {
     let mut label = format!("{} {} steps, guidance {}", base.sampler.kind.name(), base.sampler.steps, base.guidance_scale);
     if base.clip_guidance_scale > 0.0 {
         label.push_str(&format!(", CLIP guidance {}", base.clip_guidance_scale));
+    }
+    if base.layout_guidance_scale > 0.0 {
+        label.push_str(&format!(", layout guidance {}", base.layout_guidance_scale));
     }
     label
 }

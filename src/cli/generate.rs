@@ -64,6 +64,11 @@ pub struct GenerateArgs {
     /// cascade whose manifest names a noised CLIP; 0: none).
     #[arg(long, value_name = "S")]
     pub clip_guidance: Option<f32>,
+    /// Layout guidance of the base stage at this scale: each single thing
+    /// the prompt names drawn once, things apart, a stated relation ("…
+    /// above …") kept (0: none; default: the cascade's).
+    #[arg(long, value_name = "S")]
+    pub layout_guidance: Option<f32>,
     /// Steps of every super-resolution stage.
     #[arg(long)]
     pub sr_steps: Option<usize>,
@@ -197,6 +202,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         steps: args.steps,
         guidance_scale: args.guidance,
         clip_guidance_scale: args.clip_guidance,
+        layout_guidance_scale: args.layout_guidance,
         stage_overrides: (1..cascade.stages.len()).map(|i| (i, sr.clone())).collect(),
         stages: args.stages,
         source: args.source()?,

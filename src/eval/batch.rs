@@ -99,7 +99,7 @@ fn step(cascade: &Cascade, stage: &Stage, jobs: &mut [StageJob]) -> Result<()> {
     let mut offset = 0;
     for &j in &live {
         let n = jobs[j].rows();
-        jobs[j].advance(&out.narrow(0, offset, n), cascade.clip())?;
+        jobs[j].advance(&out.narrow(0, offset, n), stage, cascade.clip())?;
         offset += n;
     }
     Ok(())

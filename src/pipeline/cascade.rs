@@ -19,6 +19,8 @@ use image::RgbImage;
 use tch::{Device, Kind, Tensor};
 
 use super::clip_guidance::{ClipGuide, ClipJob};
+use super::prompt_layout;
+use super::layout_guidance::LayoutJob;
 use super::denoise::{JobInputs, ModelRows, NoiseTarget, StageInit, StageInversion, StageJob};
 use super::error::{PipelineError, Result};
 use super::format::{self, Output};
@@ -376,6 +378,10 @@ impl Cascade {
                 s if first && s > 0.0 => Some(self.clip_job(request, stage, &plan.sampler, s)?),
                 _ => None,
             },
+            layout: match plan.layout_guidance_scale {
+                s if first && s > 0.0 => self.layout_job(request, stage, &plan.sampler, &cond, s)?,
+                _ => None,
+            },
         };
         StageJob::new(stage, inputs, noise)
     }
@@ -406,6 +412,17 @@ impl Cascade {
         Ok(ClipJob::new(text, scale, prediction, std::sync::Arc::clone(stage.scheduler.schedule())))
     }
 
+    /// The layout guidance of `request`'s images at the base `stage`, when
+    /// its prompt has a layout to guide (`pipeline::prompt_layout`); `cond`
+    /// holds the images' prompt tokens.
+    fn layout_job(&self, request: &GenerationRequest, stage: &Stage, sampler: &SamplerOptions, cond: &Tensor, scale: f32) -> Result<Option<LayoutJob>> {
+        let Some(layout) = prompt_layout::read(&request.prompt) else { return Ok(None) };
+        let prediction = stage.scheduler.config().resolve(sampler.kind)?.prediction_type;
+        let text = cond.to_device(stage.unet.vs.device()).to_kind(stage.unet.kind());
+        let schedule = std::sync::Arc::clone(stage.scheduler.schedule());
+        LayoutJob::new(&request.prompt, &layout, self.encoder.tokenizer(), text, scale, prediction, schedule)
+    }
+
     /// Turns the last stage's output into images with their records.
     pub fn finish(&self, request: &GenerationRequest, images: &Tensor) -> Result<Vec<GeneratedImage>> {
         let record = |seed: u64| ImageRecord {
@@ -427,6 +444,7 @@ impl Cascade {
                         noise_level: p.noise_level,
                         size: format!("{w}x{h}"),
                         clip_guidance_scale: p.clip_guidance_scale,
+                        layout_guidance_scale: p.layout_guidance_scale,
                     }
                 })
                 .collect(),
@@ -451,7 +469,7 @@ impl Cascade {
     pub fn run_job(&self, stage: &Stage, job: &mut StageJob, observer: &mut dyn FnMut(usize, usize) -> ControlFlow<()>) -> Result<()> {
         while !job.is_done() {
             let out = self.forward(stage, &job.model_input()?)?;
-            job.advance(&out, self.clip())?;
+            job.advance(&out, stage, self.clip())?;
             if observer(job.step_index(), job.total_steps()).is_break() {
                 return Err(PipelineError::Cancelled);
             }

@@ -24,12 +24,15 @@
 //! At the base stage a job may be CLIP-guided (GLIDE §2.4, see
 //! `pipeline::clip_guidance`): after classifier-free guidance its model output
 //! is shifted along the noised CLIP's gradient before the sampler steps. The
-//! UNet rows are the same, so guided jobs batch with unguided ones.
+//! UNet rows are the same, so guided jobs batch with unguided ones. Layout
+//! guidance (`pipeline::layout_guidance`) shifts it likewise, along the
+//! gradient of the stage's own attention on the prompt's layout.
 
 use tch::{Kind, Tensor};
 
 use super::clip_guidance::{ClipGuide, ClipJob, FIELD as CLIP_FIELD};
 use super::error::{PipelineError, Result};
+use super::layout_guidance::LayoutJob;
 use super::stage::{Stage, StageKind, IMAGE_CHANNELS};
 use super::source::{first_step, slerp_rows};
 use crate::diffusion::forward::q_sample;
@@ -78,6 +81,8 @@ pub struct JobInputs<'a> {
     pub invert: Option<StageInversion<'a>>,
     /// CLIP guidance of this job (base stage only).
     pub clip: Option<ClipJob>,
+    /// Layout guidance of this job (base stage only).
+    pub layout: Option<LayoutJob>,
 }
 
 /// The UNet rows of one job for one step.
@@ -110,6 +115,8 @@ pub struct StageJob {
     preview: Option<Tensor>,
     /// CLIP guidance, applied after classifier-free guidance at every sampling step.
     clip: Option<ClipJob>,
+    /// Layout guidance, applied after that at the noisy steps.
+    layout: Option<LayoutJob>,
 }
 
 impl StageJob {
@@ -197,6 +204,7 @@ impl StageJob {
             inversion,
             preview: None,
             clip: inputs.clip,
+            layout: inputs.layout,
         })
     }
 
@@ -266,8 +274,9 @@ impl StageJob {
     }
 
     /// Takes one step with the UNet's output for [`StageJob::model_input`]'s
-    /// rows; `clip` is the cascade's noised CLIP, which a CLIP-guided job needs.
-    pub fn advance(&mut self, output: &Tensor, clip: Option<&ClipGuide>) -> Result<()> {
+    /// rows at `stage` (the stage the job was started at); `clip` is the
+    /// cascade's noised CLIP, which a CLIP-guided job needs.
+    pub fn advance(&mut self, output: &Tensor, stage: &Stage, clip: Option<&ClipGuide>) -> Result<()> {
         if let Some((inv, _)) = self.inversion.as_mut().filter(|(inv, _)| !inv.is_done()) {
             self.sample = inv.step(output, &self.sample)?;
             return Ok(());
@@ -279,6 +288,13 @@ impl StageJob {
                 let guide = clip.ok_or_else(|| PipelineError::invalid(CLIP_FIELD, "the job is CLIP-guided but the cascade has no CLIP"))?;
                 let t = self.sampler.current_timestep().ok_or_else(|| PipelineError::invalid("steps", "the job is already finished"))?;
                 guide.guide(job, &output, &self.sample, t)?
+            }
+        };
+        let output = match &self.layout {
+            None => output,
+            Some(job) => {
+                let t = self.sampler.current_timestep().ok_or_else(|| PipelineError::invalid("steps", "the job is already finished"))?;
+                job.guide(stage, &output, &self.sample, t)?
             }
         };
         let step = self.sampler.step(&output, &self.sample, &mut self.noise)?;

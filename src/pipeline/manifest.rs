@@ -89,10 +89,18 @@ pub struct StageEntry {
     /// where x̂_0 overshoots, images drift off the prompt.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub use_clipped_model_output: bool,
+    /// The base stage: layout guidance's default scale (0 or absent: none;
+    /// see `pipeline::layout_guidance`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub layout_guidance_scale: f32,
     /// Super-resolution stages: the noise-augmentation timestep of the
     /// conditioning image (Imagen's noise-conditioning augmentation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub noise_level: Option<i64>,
+}
+
+fn is_zero(v: &f32) -> bool {
+    *v == 0.0
 }
 
 impl Manifest {

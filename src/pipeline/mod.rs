@@ -11,6 +11,8 @@
 //! | `source` | images a request starts from, noise mixes (variations, interpolation) |
 //! | `denoise` | one job's denoising at one stage, a step at a time |
 //! | `clip_guidance` | GLIDE's CLIP guidance of the base stage with a noised CLIP |
+//! | `prompt_layout` | reading what a prompt names, and where ("… above …") |
+//! | `layout_guidance` | guidance of that layout through the base UNet's own attention |
 //! | `cascade` | the loaded cascade and the whole generation |
 //! | `png` | 8-bit RGB conversion and PNG files with their parameters |
 //! | `format` | the delivered file format: PNG, JPEG at a quality, lossless WebP |
@@ -24,6 +26,8 @@ pub mod error;
 pub mod format;
 pub mod manifest;
 pub mod png;
+pub mod prompt_layout;
+pub mod layout_guidance;
 pub mod request;
 pub mod source;
 pub mod stage;
@@ -35,6 +39,7 @@ pub use clip_guidance::{ClipGuide, ClipJob, MAX_CLIP_GUIDANCE};
 pub use error::{PipelineError, Result};
 pub use format::{ImageFormat, Output};
 pub use manifest::Manifest;
+pub use layout_guidance::MAX_LAYOUT_GUIDANCE;
 pub use request::{plan, GenerationRequest, RequestSpec, StageOverride, StagePlan};
 pub use source::{Mask, NoiseMix, Picture, PictureLimits, Source, SourceSpec};
 pub use stage::StageLimits;

@@ -49,6 +49,9 @@ pub struct StageRecord {
     /// GLIDE's CLIP guidance scale (the base stage; left out when 0).
     #[serde(skip_serializing_if = "is_zero")]
     pub clip_guidance_scale: f32,
+    /// Layout guidance scale (the base stage; left out when 0).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub layout_guidance_scale: f32,
 }
 
 fn is_zero(v: &f32) -> bool {
@@ -80,6 +83,9 @@ impl ImageRecord {
             pairs.push(format!("CFG scale: {}", first.guidance_scale));
             if first.clip_guidance_scale != 0.0 {
                 pairs.push(format!("CLIP guidance: {}", first.clip_guidance_scale));
+            }
+            if first.layout_guidance_scale != 0.0 {
+                pairs.push(format!("Layout guidance: {}", first.layout_guidance_scale));
             }
         }
         pairs.push(format!("Seed: {}", self.seed));
@@ -185,6 +191,7 @@ mod tests {
                 noise_level: None,
                 size: "32x32".into(),
                 clip_guidance_scale: 0.0,
+                layout_guidance_scale: 0.0,
             }],
         };
         let bytes = encode(img, &record).unwrap();

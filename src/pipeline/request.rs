@@ -9,6 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::clip_guidance::{self, MAX_CLIP_GUIDANCE};
+use super::layout_guidance::{self, MAX_LAYOUT_GUIDANCE};
 use super::error::{PipelineError, Result};
 use super::format::Output;
 use super::source::{check_aspect, first_step, NoiseMix, Source, SourceSpec};
@@ -53,6 +54,8 @@ pub struct RequestSpec {
     /// GLIDE's CLIP guidance of the base stage (0 or unset: none); needs a
     /// cascade with a noised CLIP.
     pub clip_guidance_scale: Option<f32>,
+    /// Layout guidance of the base stage (unset: the stage's default; 0: none).
+    pub layout_guidance_scale: Option<f32>,
     /// Overrides for stage i (index into the cascade's stages).
     pub stage_overrides: Vec<(usize, StageOverride)>,
     /// Run only the first k stages (1 = a fast base-resolution preview).
@@ -79,6 +82,9 @@ pub struct StagePlan {
     /// before it existed, which read as 0.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub clip_guidance_scale: f32,
+    /// Layout guidance (base stage only; 0: none), likewise.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub layout_guidance_scale: f32,
 }
 
 fn is_zero(v: &f32) -> bool {
@@ -210,6 +216,26 @@ fn check_clip_guidance(spec: &RequestSpec, stages: &[StageLimits], first: usize)
     Ok(scale)
 }
 
+/// The request's layout guidance scale (the base stage's default when
+/// unset), 0 when the base stage does not run or the prompt has no layout
+/// to guide.
+fn check_layout_guidance(spec: &RequestSpec, stages: &[StageLimits], first: usize) -> Result<f32> {
+    let field = layout_guidance::FIELD;
+    // A prompt without a readable layout is not guided, and its plan says so.
+    let guided = first == 0 && super::prompt_layout::read(&spec.prompt).is_some_and(|l| l.guided());
+    let Some(scale) = spec.layout_guidance_scale else {
+        return Ok(if guided { stages[0].defaults.layout_guidance_scale } else { 0.0 });
+    };
+    if !scale.is_finite() {
+        return Err(PipelineError::invalid(field, "must be a finite number"));
+    }
+    let scale = check_range(field, scale, 0.0, MAX_LAYOUT_GUIDANCE)?;
+    if scale > 0.0 && first > 0 {
+        return Err(PipelineError::invalid(field, "guides the base stage, which an upscale does not run"));
+    }
+    Ok(if guided { scale } else { 0.0 })
+}
+
 /// The stage whose output a picture of `(w, h)` already is, if any.
 fn stage_of_size(stages: &[StageLimits], (w, h): (u32, u32)) -> Option<usize> {
     stages.iter().position(|s| s.size == (i64::from(h), i64::from(w)))
@@ -292,6 +318,7 @@ pub fn plan(spec: &RequestSpec, stages: &[StageLimits]) -> Result<GenerationRequ
         _ => None,
     };
     let clip_guidance_scale = check_clip_guidance(spec, stages, first)?;
+    let layout_guidance_scale = check_layout_guidance(spec, stages, first)?;
     let seed = spec.seed.unwrap_or_else(rand::random);
     let mut plans = Vec::with_capacity(count);
     for (index, stage) in stages.iter().enumerate().take(count).skip(first) {
@@ -337,8 +364,8 @@ pub fn plan(spec: &RequestSpec, stages: &[StageLimits]) -> Result<GenerationRequ
                 }
             }
         }
-        let clip_guidance_scale = if is_base { clip_guidance_scale } else { 0.0 };
-        plans.push(StagePlan { index, name: stage.name.clone(), sampler, guidance_scale, noise_level, clip_guidance_scale });
+        let (clip_guidance_scale, layout_guidance_scale) = if is_base { (clip_guidance_scale, layout_guidance_scale) } else { (0.0, 0.0) };
+        plans.push(StagePlan { index, name: stage.name.clone(), sampler, guidance_scale, noise_level, clip_guidance_scale, layout_guidance_scale });
     }
     let base_size = stages[0].size;
     let source = match &spec.source {

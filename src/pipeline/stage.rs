@@ -35,6 +35,8 @@ pub struct StageDefaults {
     /// DDIM derives ε̂ from the clipped x̂_0 (the manifest's `use_clipped_model_output`).
     pub clipped_model_output: bool,
     pub noise_level: Option<i64>,
+    /// Layout guidance of the base stage (0: none).
+    pub layout_guidance_scale: f32,
 }
 
 /// What validating a request needs to know about a stage: cheap to clone, so the
@@ -146,7 +148,7 @@ impl Stage {
             unet,
             scheduler,
             noising,
-            defaults: StageDefaults { sampler, steps: entry.steps, guidance_scale: entry.guidance_scale, eta: entry.eta, clipped_model_output: entry.use_clipped_model_output, noise_level },
+            defaults: StageDefaults { sampler, steps: entry.steps, guidance_scale: entry.guidance_scale, eta: entry.eta, clipped_model_output: entry.use_clipped_model_output, noise_level, layout_guidance_scale: entry.layout_guidance_scale },
             single_row: BatchOfOne::default(),
         })
     }

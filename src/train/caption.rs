@@ -205,6 +205,24 @@ impl<R: Rng> Words<'_, R> {
     }
 }
 
+/// `text`, a caption of `description`, with its relation word replaced by
+/// the opposite relation's ("a red circle above a blue square" → "… below …"):
+/// the same picture described falsely in one word only, which is how
+/// validation measures whether a model reads relations. `None` unless the
+/// description is a pair and its relation word is found.
+pub fn with_opposite_relation(description: &Description, text: &str) -> Option<String> {
+    let Content::Pair { relation, .. } = &description.content else { return None };
+    let words = vocabulary::relation(*relation);
+    let swapped = vocabulary::relation(relation.opposite());
+    // The longest phrasing first: "to the left of" also contains "left of".
+    let mut order: Vec<usize> = (0..words.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(words[i].len()));
+    order.into_iter().find_map(|i| {
+        let (from, to) = (format!(" {} ", words[i]), format!(" {} ", swapped[i]));
+        text.contains(&from).then(|| text.replacen(&from, &to, 1))
+    })
+}
+
 fn article(word: &str) -> &'static str {
     if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
         "an"
@@ -249,6 +267,26 @@ mod tests {
             assert_eq!(&said[..], &[(0, Word::Colour, "red"), (0, Word::Shape, circle_noun), (1, Word::Count, said[2].2), (1, Word::Colour, "red"), (1, Word::Shape, stars)]);
             assert!(["three", "3"].contains(&said[2].2) && stars == "stars", "{}", c.text);
         }
+    }
+
+    #[test]
+    fn the_opposite_relation_changes_one_phrase() {
+        let red_circle = Referent { shape: Shape::Circle, colour: Colour::Red };
+        let blue_square = Referent { shape: Shape::Square, colour: Colour::Blue };
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(9);
+        for relation in Relation::ALL {
+            let description = Description { content: Content::Pair { subject: red_circle, relation, object: blue_square } };
+            for _ in 0..20 {
+                let text = caption(&description, &mut rng);
+                let swapped = with_opposite_relation(&description, &text).expect("a pair's caption names its relation");
+                let opposite = Description { content: Content::Pair { subject: red_circle, relation: relation.opposite(), object: blue_square } };
+                assert_eq!(with_opposite_relation(&opposite, &swapped).as_deref(), Some(text.as_str()), "{text} / {swapped}");
+                assert!(vocabulary::relation(relation.opposite()).iter().any(|w| swapped.contains(&format!(" {w} "))), "{swapped}");
+                assert_ne!(swapped, text);
+            }
+        }
+        let single = Description { content: Content::Single { what: red_circle } };
+        assert_eq!(with_opposite_relation(&single, "a red circle"), None);
     }
 
     #[test]

@@ -25,6 +25,16 @@ pub enum Relation {
 impl Relation {
     pub const ALL: [Relation; 4] = [Relation::Above, Relation::Below, Relation::LeftOf, Relation::RightOf];
 
+    /// The relation with subject and object exchanged ("above" ↔ "below").
+    pub fn opposite(self) -> Relation {
+        match self {
+            Relation::Above => Relation::Below,
+            Relation::Below => Relation::Above,
+            Relation::LeftOf => Relation::RightOf,
+            Relation::RightOf => Relation::LeftOf,
+        }
+    }
+
     /// Truth rule: `a` is `self` `b` when their footprints are disjoint along
     /// the relation's axis and the offset between centres is mostly along it.
     pub fn holds(self, a: &Object, b: &Object) -> bool {

@@ -77,6 +77,10 @@ pub struct TrainConfig {
     /// γ of Min-SNR-γ loss weighting (Hang et al. 2023); absent: unweighted.
     #[serde(default)]
     pub min_snr_gamma: Option<f64>,
+    /// With Min-SNR-γ: the lowest x_0 weight of a step (truncated SNR,
+    /// see [`super::loss`]); absent or 0: plain Min-SNR.
+    #[serde(default)]
+    pub snr_floor: f64,
     /// The last this many of `steps` decay the learning rate to zero (the
     /// 1 − sqrt cool-down, see [`super::optim`]); 0 keeps it constant.
     #[serde(default)]
@@ -120,6 +124,12 @@ impl TrainConfig {
         }
         if !(config.grounding_weight >= 0.0 && config.grounding_weight.is_finite()) {
             anyhow::bail!("{}: grounding_weight ({}) must be a finite number ≥ 0", file.display(), config.grounding_weight);
+        }
+        if !(config.snr_floor >= 0.0 && config.snr_floor.is_finite()) {
+            anyhow::bail!("{}: snr_floor ({}) must be a finite number ≥ 0", file.display(), config.snr_floor);
+        }
+        if config.snr_floor > 0.0 && config.min_snr_gamma.is_none() {
+            anyhow::bail!("{}: snr_floor raises Min-SNR-γ's weights: it needs min_snr_gamma", file.display());
         }
         if config.grounding_weight > 0.0 && (config.low_res.is_some() || config.crop.is_some()) {
             anyhow::bail!("{}: grounding_weight is for base stages trained on whole images (no low_res, no crop)", file.display());
@@ -241,7 +251,7 @@ impl Run {
             encoder: &encoder,
             schedule: &schedule,
             noising: &noising,
-            loss: HybridLoss::new(&schedule, c.vlb_lambda).with_prediction(prediction).with_min_snr(c.min_snr_gamma),
+            loss: HybridLoss::new(&schedule, c.vlb_lambda).with_prediction(prediction).with_min_snr(c.min_snr_gamma).with_snr_floor(c.snr_floor),
             source,
             precision,
             prefetch,

@@ -172,6 +172,29 @@ impl HostBatch {
         Self { timesteps: vec![t; self.timesteps.len()], ..self.shallow_clone() }
     }
 
+    /// The samples the batch shows, in row order.
+    pub(super) fn samples(&self) -> &[Sample] {
+        &self.samples
+    }
+
+    /// The sub-batch of rows `rows` (in that order), with `prompts` for them.
+    pub(super) fn select(&self, rows: &[usize], prompts: Vec<String>) -> Self {
+        let index = Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>());
+        let pick = |x: &Tensor| x.index_select(0, &index);
+        let pick_levels = |v: &[i64]| if v.is_empty() { Vec::new() } else { rows.iter().map(|&r| v[r]).collect() };
+        Self {
+            step: self.step,
+            images: pick(&self.images),
+            upsampled: self.upsampled.as_ref().map(pick),
+            prompts,
+            samples: rows.iter().map(|&r| self.samples[r].clone()).collect(),
+            timesteps: rows.iter().map(|&r| self.timesteps[r]).collect(),
+            noise: pick(&self.noise),
+            levels: pick_levels(&self.levels),
+            aug: self.aug.as_ref().map(pick),
+        }
+    }
+
     pub(super) fn shallow_clone(&self) -> Self {
         Self {
             step: self.step,

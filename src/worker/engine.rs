@@ -351,7 +351,7 @@ impl Engine {
                 let slice = out.narrow(0, offset, r);
                 offset += r;
                 let a = &mut self.active[i];
-                std::panic::catch_unwind(AssertUnwindSafe(|| a.job.advance(&slice, clip)))
+                std::panic::catch_unwind(AssertUnwindSafe(|| a.job.advance(&slice, &self.cascade.stages[stage], clip)))
                     .map_err(panic_message)
                     .and_then(|r| r.map_err(|e| e.to_string()))
             })

@@ -88,6 +88,15 @@ pub struct GenerateBody {
     /// stage's (`clip_guidance` in `GET /info`).
     #[schema(minimum = 0.0, maximum = 100.0)]
     pub clip_guidance_scale: Option<f32>,
+    /// Layout guidance of the base stage: the early steps move along the
+    /// gradient of the UNet's own cross-attention so that each single thing
+    /// the prompt names is drawn in one place, things are kept apart, and a
+    /// stated relation ("a red circle above a blue square") holds, at this
+    /// scale (0: none; unset: the cascade's default, the base stage's
+    /// `layout_guidance_scale` in `GET /info`). Prompts with
+    /// nothing to lay out (one group, say "three stars") are not guided.
+    #[schema(minimum = 0.0, maximum = 1000.0)]
+    pub layout_guidance_scale: Option<f32>,
     /// Run only the first k stages (an alternative to `size`).
     #[schema(minimum = 1)]
     pub stages: Option<usize>,
@@ -168,6 +177,7 @@ impl GenerateBody {
             steps: self.steps,
             guidance_scale: self.guidance_scale,
             clip_guidance_scale: self.clip_guidance_scale,
+            layout_guidance_scale: self.layout_guidance_scale,
             stage_overrides: self
                 .stage_overrides
                 .iter()

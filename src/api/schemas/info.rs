@@ -10,7 +10,7 @@ use crate::api::state::ApiConfig;
 use crate::diffusion::SamplerKind;
 use crate::pipeline::request::{MAX_GUIDANCE, MAX_PROMPT_CHARS};
 use crate::pipeline::stage::StageKind;
-use crate::pipeline::{CascadeInfo, MAX_CLIP_GUIDANCE};
+use crate::pipeline::{CascadeInfo, MAX_CLIP_GUIDANCE, MAX_LAYOUT_GUIDANCE};
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct StatusDoc {
@@ -37,6 +37,9 @@ pub struct StageDefaultsDoc {
     /// DDIM derives ε̂ from the clipped or thresholded x̂_0 on this stage.
     pub use_clipped_model_output: bool,
     pub noise_level: Option<i64>,
+    /// Layout guidance of prompts that name things or a spatial relation
+    /// (base stage; 0: none).
+    pub layout_guidance_scale: f32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -60,6 +63,7 @@ pub struct LimitsDoc {
     pub max_images: usize,
     pub max_guidance_scale: f32,
     pub max_clip_guidance_scale: f32,
+    pub max_layout_guidance_scale: f32,
     pub max_prompt_chars: usize,
     pub max_body_bytes: usize,
     /// The sizes requests may ask for, `WxH`, smallest first.
@@ -118,6 +122,7 @@ impl InfoDocument {
                     eta: l.defaults.eta,
                     use_clipped_model_output: l.defaults.clipped_model_output,
                     noise_level: l.defaults.noise_level,
+                    layout_guidance_scale: l.defaults.layout_guidance_scale,
                 },
             })
             .collect();
@@ -131,6 +136,7 @@ impl InfoDocument {
                 max_images: config.max_images,
                 max_guidance_scale: MAX_GUIDANCE,
                 max_clip_guidance_scale: MAX_CLIP_GUIDANCE,
+                max_layout_guidance_scale: MAX_LAYOUT_GUIDANCE,
                 max_prompt_chars: MAX_PROMPT_CHARS,
                 max_body_bytes: config.max_body_bytes,
                 sizes: stages.iter().map(|s| s.size.clone()).collect(),
