@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::cascade::{assert_guided_batch_invariant, ddim_spec, generate, pixels};
 use common::fixture_dir;
 use diffusiond::diffusion::forward::{to_x0_and_eps, NoiseLevel};
-use diffusiond::diffusion::{PredictionType, SamplerKind};
-use diffusiond::eval::batch::generate_many;
+use diffusiond::diffusion::PredictionType;
 use diffusiond::jobs::embedded::EmbeddedStore;
 use diffusiond::jobs::{event_channel, now_ms, JobId, JobQueue, JobRecord, JobStatus, JobStore};
 use diffusiond::nn::device::{DeviceSetting, Precision};
@@ -70,23 +70,7 @@ fn cascade_with_clip(name: &str, config: &NoisedClipConfig, seed: i64) -> PathBu
 }
 
 fn spec(n: usize, seed: u64, clip: Option<f32>) -> RequestSpec {
-    RequestSpec {
-        prompt: "a red circle on top of a blue square".into(),
-        n,
-        seed: Some(seed),
-        sampler: Some(SamplerKind::Ddim),
-        eta: Some(0.5), // stochastic steps, so every noise draw is exercised too
-        clip_guidance_scale: clip,
-        ..Default::default()
-    }
-}
-
-fn generate(c: &Cascade, spec: &RequestSpec) -> Vec<GeneratedImage> {
-    c.generate(&c.plan(spec).unwrap(), &mut |_| ControlFlow::Continue(())).unwrap()
-}
-
-fn pixels(images: &[GeneratedImage]) -> Vec<&[u8]> {
-    images.iter().map(|g| g.image.as_raw().as_slice()).collect()
+    RequestSpec { clip_guidance_scale: clip, ..ddim_spec("a red circle on top of a blue square", n, seed) }
 }
 
 #[test]
@@ -121,21 +105,7 @@ fn scale_zero_changes_nothing_and_a_positive_scale_changes_the_images() {
 #[test]
 fn a_guided_image_is_the_same_alone_batched_and_anywhere_in_its_request() {
     let dir = cascade_with_clip("batch", &clip_config(16, 32), 12);
-    let c = Cascade::load(&dir, &CPU).unwrap();
-    let guided = c.plan(&spec(2, 20, Some(50.0))).unwrap();
-    let unguided = c.plan(&RequestSpec { prompt: "two green stars".into(), guidance_scale: Some(2.0), ..spec(2, 40, None) }).unwrap();
-    let requests: Vec<GenerationRequest> = vec![unguided.clone(), guided.clone()];
-    // Every job of a stage in one UNet call (the worker's batching, synchronously).
-    let batched = generate_many(&c, &requests, 64, &mut |_| {}).unwrap();
-    let alone = |seed: u64| generate(&c, &spec(1, seed, Some(50.0))).remove(0);
-    let (first, second) = (alone(20), alone(21));
-    assert_eq!(batched[1][0].image.as_raw(), first.image.as_raw(), "image 0 batched with an unguided job");
-    assert_eq!(batched[1][1].image.as_raw(), second.image.as_raw(), "image 1 of -n 2 --seed 20 is --seed 21 alone");
-    let own = c.generate(&guided, &mut |_| ControlFlow::Continue(())).unwrap();
-    assert_eq!(pixels(&own), pixels(&batched[1]));
-    // The unguided job is untouched by its guided neighbour.
-    let plain = c.generate(&unguided, &mut |_| ControlFlow::Continue(())).unwrap();
-    assert_eq!(pixels(&plain), pixels(&batched[0]));
+    assert_guided_batch_invariant(&Cascade::load(&dir, &CPU).unwrap(), |n, seed| spec(n, seed, Some(50.0)));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -6,16 +6,15 @@
 
 mod common;
 
-use std::ops::ControlFlow;
 use std::path::PathBuf;
 
+use common::cascade::{assert_guided_batch_invariant, ddim_spec, generate, pixels};
 use common::fixture_dir;
-use diffusiond::diffusion::{PredictionType, SamplerKind};
-use diffusiond::eval::batch::generate_many;
+use diffusiond::diffusion::PredictionType;
 use diffusiond::nn::device::{DeviceSetting, Precision};
 use diffusiond::pipeline::layout_guidance::{layout_loss, LayoutJob};
 use diffusiond::pipeline::prompt_layout;
-use diffusiond::pipeline::{Cascade, GeneratedImage, GenerationRequest, LoadOptions, Manifest, Picture, PipelineError, RequestSpec, SourceSpec};
+use diffusiond::pipeline::{Cascade, LoadOptions, Manifest, Picture, PipelineError, RequestSpec, SourceSpec};
 use diffusiond::nn::unet::{AttentionMaps, UNetInput};
 use tch::{Kind, Tensor};
 
@@ -27,23 +26,7 @@ fn cascade() -> Cascade {
 }
 
 fn spec(prompt: &str, n: usize, seed: u64, layout: Option<f32>) -> RequestSpec {
-    RequestSpec {
-        prompt: prompt.into(),
-        n,
-        seed: Some(seed),
-        sampler: Some(SamplerKind::Ddim),
-        eta: Some(0.5), // stochastic steps, so every noise draw is exercised too
-        layout_guidance_scale: layout,
-        ..Default::default()
-    }
-}
-
-fn generate(c: &Cascade, spec: &RequestSpec) -> Vec<GeneratedImage> {
-    c.generate(&c.plan(spec).unwrap(), &mut |_| ControlFlow::Continue(())).unwrap()
-}
-
-fn pixels(images: &[GeneratedImage]) -> Vec<&[u8]> {
-    images.iter().map(|g| g.image.as_raw().as_slice()).collect()
+    RequestSpec { layout_guidance_scale: layout, ..ddim_spec(prompt, n, seed) }
 }
 
 #[test]
@@ -68,20 +51,7 @@ fn scale_zero_changes_nothing_and_a_positive_scale_changes_laid_out_prompts_only
 
 #[test]
 fn a_guided_image_is_the_same_alone_batched_and_anywhere_in_its_request() {
-    let c = cascade();
-    let guided = c.plan(&spec(PAIR, 2, 20, Some(300.0))).unwrap();
-    let unguided = c.plan(&RequestSpec { guidance_scale: Some(2.0), ..spec("two green stars", 2, 40, None) }).unwrap();
-    let requests: Vec<GenerationRequest> = vec![unguided.clone(), guided.clone()];
-    // Every job of a stage in one UNet call (the worker's batching, synchronously).
-    let batched = generate_many(&c, &requests, 64, &mut |_| {}).unwrap();
-    let alone = |seed: u64| generate(&c, &spec(PAIR, 1, seed, Some(300.0))).remove(0);
-    let (first, second) = (alone(20), alone(21));
-    assert_eq!(batched[1][0].image.as_raw(), first.image.as_raw(), "image 0 batched with an unguided job");
-    assert_eq!(batched[1][1].image.as_raw(), second.image.as_raw(), "image 1 of -n 2 --seed 20 is --seed 21 alone");
-    let own = c.generate(&guided, &mut |_| ControlFlow::Continue(())).unwrap();
-    assert_eq!(pixels(&own), pixels(&batched[1]));
-    let plain = c.generate(&unguided, &mut |_| ControlFlow::Continue(())).unwrap();
-    assert_eq!(pixels(&plain), pixels(&batched[0]), "the unguided neighbour is untouched");
+    assert_guided_batch_invariant(&cascade(), |n, seed| spec(PAIR, n, seed, Some(300.0)));
 }
 
 /// g of `x` at `t` through the UNet's public API, independently of the job.
