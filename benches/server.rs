@@ -78,6 +78,7 @@ fn random_cascade(dir: &Path, encoder: &Path, text_width: i64) -> PathBuf {
         eta: 0.0,
         use_clipped_model_output: false,
         noise_level,
+        layout_guidance_scale: 0.0,
     };
     Manifest {
         name: "bench-random".into(),

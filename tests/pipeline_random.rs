@@ -53,6 +53,7 @@ fn random_cascade() -> PathBuf {
         eta: 0.0,
         use_clipped_model_output: false,
         noise_level,
+        layout_guidance_scale: 0.0,
     };
     let encoder = std::fs::canonicalize(fixture_dir().join("text/tiny-bert")).unwrap();
     Manifest {
