@@ -4,8 +4,9 @@
 //! times and the speed ratio theirs/ours (target ≥ 1.0 at both sizes).
 //!
 //! diffusiond's side is what `diffusiond generate -n N` does after loading the
-//! model (prompt encoding, every stage at its manifest defaults, PNG-ready
-//! pixels), timed with `Cascade::generate`. diffusers' side is
+//! model (prompt encoding, every stage at its manifest defaults except layout
+//! guidance, which diffusers does not have, PNG-ready pixels), timed with
+//! `Cascade::generate`. diffusers' side is
 //! `scripts/diffusers_cascade_bench.py` in the reference environment
 //! (`make refenv`), fed the embeddings our encoder produced so that both do the
 //! same work.
@@ -42,7 +43,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// batch-of-one verdict). A stage's time runs from the previous stage's last
 /// step to its own last step; the first stage's includes the prompt encoding.
 fn time_ours(cascade: &Cascade, n: usize, iters: usize) -> Timing {
-    let spec = RequestSpec { prompt: PROMPT.to_owned(), n, seed: Some(7), ..Default::default() };
+    // diffusers' IF pipelines have no layout guidance: off, so both sides do the same work.
+    let spec = RequestSpec { prompt: PROMPT.to_owned(), n, seed: Some(7), layout_guidance_scale: Some(0.0), ..Default::default() };
     let request = cascade.plan(&spec).expect("plan");
     let stages = request.stages.len();
     let (mut totals, mut per_stage) = (Vec::new(), vec![Vec::new(); stages]);
