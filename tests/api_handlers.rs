@@ -498,6 +498,28 @@ fn with_clip(h: &Harness, side: Option<i64>) {
 }
 
 #[tokio::test]
+async fn layout_guidance_is_planned_for_laid_out_prompts_and_range_checked() {
+    let h = Harness::new(Behaviour::Hold);
+    let info = h.send(get("/info")).await.json();
+    assert_eq!(info["limits"]["max_layout_guidance_scale"], 1000.0);
+    assert_eq!(info["stages"][0]["defaults"]["layout_guidance_scale"], 0.0);
+    // A relation: stored on the base stage's plan only.
+    let reply = h.send(async_generate(&json!({"prompt": "a red circle above a blue square", "layout_guidance_scale": 250.0}))).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+    let stages = reply.json()["request"]["stages"].clone();
+    assert_eq!(stages[0]["layout_guidance_scale"], 250.0);
+    assert_eq!(stages[1]["layout_guidance_scale"], 0.0, "{stages}");
+    // One group has nothing to lay out: accepted, planned as 0.
+    let reply = h.send(async_generate(&json!({"prompt": "three green stars", "layout_guidance_scale": 250.0}))).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+    assert_eq!(reply.json()["request"]["stages"][0]["layout_guidance_scale"], 0.0);
+    for bad in [json!(-1.0), json!(1000.5), json!("lots")] {
+        let (param, msg) = invalid(&h, json!({"prompt": "a red circle above a blue square", "layout_guidance_scale": bad})).await;
+        assert_eq!(param, "layout_guidance_scale", "{bad}: {msg}");
+    }
+}
+
+#[tokio::test]
 async fn clip_guidance_needs_a_clip_of_the_base_stage_size() {
     let h = Harness::new(Behaviour::Hold);
     let info = h.send(get("/info")).await.json();
