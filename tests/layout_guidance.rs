@@ -15,6 +15,7 @@ use diffusiond::nn::device::{DeviceSetting, Precision};
 use diffusiond::pipeline::layout_guidance::{layout_loss, LayoutJob};
 use diffusiond::pipeline::prompt_layout;
 use diffusiond::pipeline::{Cascade, LoadOptions, Manifest, Picture, PipelineError, RequestSpec, SourceSpec};
+use diffusiond::nn::text::tokenizer::covering;
 use diffusiond::nn::unet::{AttentionMaps, UNetInput};
 use tch::{Kind, Tensor};
 
@@ -82,9 +83,7 @@ fn the_gradient_descends_g() {
     assert!(grad.abs().sum(Kind::Float).double_value(&[]) > 0.0);
     // The same g by hand, with the words' tokens marked as the job marks them.
     let offsets = c.encoder.tokenizer().offsets(PAIR).unwrap();
-    let marks = |words: &[(usize, usize)]| -> Vec<f32> {
-        offsets.iter().map(|&(a, b)| f32::from(u8::from(a < b && words.iter().any(|&(s, e)| a < e && b > s)))).collect()
-    };
+    let marks = |words: &[(usize, usize)]| -> Vec<f32> { covering(&offsets, words).into_iter().map(|on| f32::from(u8::from(on))).collect() };
     let rows = [marks(&layout.named[0].words), marks(&layout.named[1].words)].concat();
     let named = Tensor::from_slice(&rows).view([2, offsets.len() as i64]);
     let before = g(&c, &x, t, &text, &named, layout.relation);

@@ -9,10 +9,11 @@
 //! Classifier guidance ("Diffusion Models Beat GANs", Algorithm 2 for DDIM):
 //! ε̂ = ε − √(1 − ᾱ_t)·s·∇_x log p_φ(y | x_t).
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use super::error::{DiffusionError, Result};
-use super::forward::{per_sample, NoiseLevel};
+use super::forward::{output_from_eps, per_sample, to_x0_and_eps, NoiseLevel, PredictionType};
+use super::sampler::split_output;
 
 /// Guided model output from the output on [uncond; cond] (2B samples), for a batch
 /// of B with per-sample `scales`. `channels` is the image's channel count; an
@@ -42,6 +43,33 @@ pub fn classifier_free(output: &Tensor, scales: &[f32], channels: i64) -> Result
 pub fn classifier_guided_eps(eps: &Tensor, grad_log_prob: &Tensor, level: NoiseLevel, scales: &[f32]) -> Tensor {
     let scaled: Vec<f32> = scales.iter().map(|s| s * level.sqrt_one_minus_alpha_bar).collect();
     eps - grad_log_prob * per_sample(&scaled, eps)
+}
+
+/// A model `output` for `sample` (`[n, C or 2C, H, W]`: the prediction of
+/// kind `prediction`, then any learned-variance channels) with its ε shifted
+/// by [`classifier_guided_eps`] along `grad_log_prob` at `scales`, handed back
+/// in the model's own parameterisation (f32) so that every sampler steps
+/// unchanged; variance channels pass through. Any gradient-based guide (a
+/// noised CLIP, the UNet's own attention) corrects an output this way.
+pub fn classifier_guided_output(
+    output: &Tensor,
+    sample: &Tensor,
+    prediction: PredictionType,
+    level: NoiseLevel,
+    channels: i64,
+    grad_log_prob: &Tensor,
+    scales: &[f32],
+) -> Result<Tensor> {
+    tch::no_grad(|| {
+        let (predicted, variance) = split_output(output, channels)?;
+        let (_, eps) = to_x0_and_eps(prediction, &predicted.to_kind(Kind::Float), sample, level);
+        let eps = classifier_guided_eps(&eps, grad_log_prob, level, scales);
+        let guided = output_from_eps(prediction, &eps, sample, level);
+        Ok(match variance {
+            Some(v) => Tensor::cat(&[guided, v.to_kind(Kind::Float)], 1),
+            None => guided,
+        })
+    })
 }
 
 #[cfg(test)]

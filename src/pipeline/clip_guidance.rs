@@ -26,9 +26,8 @@ use tch::{Device, Kind, Tensor};
 use super::error::{PipelineError, Result};
 use super::manifest::ClipEntry;
 use super::stage::{Stage, IMAGE_CHANNELS};
-use crate::diffusion::forward::{output_from_eps, to_x0_and_eps, NoiseLevel};
-use crate::diffusion::guidance::classifier_guided_eps;
-use crate::diffusion::sampler::split_output;
+use crate::diffusion::forward::NoiseLevel;
+use crate::diffusion::guidance::classifier_guided_output;
 use crate::diffusion::{NoiseSchedule, PredictionType, Scheduler, SchedulerConfig};
 use crate::nn::noised_clip::{LoadedNoisedClip, ModelInputs, NoisedClip};
 use crate::nn::text::{mean_pool, TextEncoder};
@@ -66,10 +65,6 @@ impl ClipJob {
     /// a model predicting `prediction` on `schedule`.
     pub fn new(text: Tensor, scale: f32, prediction: PredictionType, schedule: Arc<NoiseSchedule>) -> Self {
         Self { text, scale, prediction, schedule }
-    }
-
-    pub fn scale(&self) -> f32 {
-        self.scale
     }
 }
 
@@ -177,17 +172,8 @@ impl ClipGuide {
     pub fn guide(&self, job: &ClipJob, output: &Tensor, sample: &Tensor, t: i64) -> Result<Tensor> {
         let n = sample.size()[0];
         let grad = self.gradient(sample, t, &job.text)?.to_device(sample.device());
-        tch::no_grad(|| {
-            let (prediction, variance) = split_output(output, IMAGE_CHANNELS)?;
-            let level = NoiseLevel::new(job.schedule.alpha_bar(t));
-            let (_, eps) = to_x0_and_eps(job.prediction, &prediction.to_kind(Kind::Float), sample, level);
-            let eps = classifier_guided_eps(&eps, &grad, level, &vec![job.scale; n as usize]);
-            let guided = output_from_eps(job.prediction, &eps, sample, level);
-            Ok(match variance {
-                Some(v) => Tensor::cat(&[guided, v.to_kind(Kind::Float)], 1),
-                None => guided,
-            })
-        })
+        let level = NoiseLevel::new(job.schedule.alpha_bar(t));
+        Ok(classifier_guided_output(output, sample, job.prediction, level, IMAGE_CHANNELS, &grad, &vec![job.scale; n as usize])?)
     }
 }
 

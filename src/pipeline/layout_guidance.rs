@@ -42,10 +42,10 @@ use tch::{Kind, Tensor};
 use super::error::{PipelineError, Result};
 use super::prompt_layout::PromptLayout;
 use super::stage::{Stage, IMAGE_CHANNELS};
-use crate::diffusion::forward::{output_from_eps, to_x0_and_eps, NoiseLevel};
-use crate::diffusion::guidance::classifier_guided_eps;
-use crate::diffusion::sampler::split_output;
+use crate::diffusion::forward::NoiseLevel;
+use crate::diffusion::guidance::classifier_guided_output;
 use crate::diffusion::{NoiseSchedule, PredictionType};
+use crate::nn::text::tokenizer::covering;
 use crate::nn::text::Tokenizer;
 use crate::nn::unet::{AttentionMaps, UNetInput};
 use crate::train::claims::Relation;
@@ -100,18 +100,12 @@ impl LayoutJob {
         prediction: PredictionType,
         schedule: Arc<NoiseSchedule>,
     ) -> Result<Option<Self>> {
-        let offsets = tokenizer.offsets(prompt).map_err(|e| PipelineError::invalid("prompt", e.to_string()))?;
-        let marks = |words: &[(usize, usize)]| -> Vec<f32> {
-            offsets
-                .iter()
-                .map(|&(from, to)| f32::from(u8::from(from < to && words.iter().any(|&(a, b)| from < b && to > a))))
-                .collect()
-        };
-        let rows: Vec<Vec<f32>> = layout.named.iter().map(|n| marks(&n.words)).collect();
-        if rows.iter().any(|r| !r.contains(&1.0)) {
+        if !layout.guided() {
             return Ok(None);
         }
-        if !layout.guided() {
+        let offsets = tokenizer.offsets(prompt).map_err(|e| PipelineError::invalid("prompt", e.to_string()))?;
+        let rows: Vec<Vec<f32>> = layout.named.iter().map(|n| covering(&offsets, &n.words).into_iter().map(|on| f32::from(u8::from(on))).collect()).collect();
+        if rows.iter().any(|r| !r.contains(&1.0)) {
             return Ok(None);
         }
         let single: Vec<bool> = layout.named.iter().map(|n| n.single).collect();
@@ -121,10 +115,6 @@ impl LayoutJob {
         let steps = schedule.len() as i64;
         let from_t = ((1.0 - GUIDED_SHARE) * steps as f64).round() as i64;
         Ok(Some(Self { named, single, relation: layout.relation, scale, text, from_t, prediction, schedule }))
-    }
-
-    pub fn scale(&self) -> f32 {
-        self.scale
     }
 
     /// Whether the step at timestep `t` is guided.
@@ -178,19 +168,10 @@ impl LayoutJob {
         }
         let n = sample.size()[0];
         let (_, grad) = self.gradient(stage, sample, t)?;
-        let grad = grad.to_device(sample.device());
-        tch::no_grad(|| {
-            let (prediction, variance) = split_output(output, IMAGE_CHANNELS)?;
-            let level = NoiseLevel::new(self.schedule.alpha_bar(t));
-            let (_, eps) = to_x0_and_eps(self.prediction, &prediction.to_kind(Kind::Float), sample, level);
-            // log p = −g: the gradient of log p is −∇g.
-            let eps = classifier_guided_eps(&eps, &grad.neg(), level, &vec![self.scale; n as usize]);
-            let guided = output_from_eps(self.prediction, &eps, sample, level);
-            Ok(match variance {
-                Some(v) => Tensor::cat(&[guided, v.to_kind(Kind::Float)], 1),
-                None => guided,
-            })
-        })
+        let level = NoiseLevel::new(self.schedule.alpha_bar(t));
+        // log p = −g: the gradient of log p is −∇g.
+        let grad_log_prob = grad.to_device(sample.device()).neg();
+        Ok(classifier_guided_output(output, sample, self.prediction, level, IMAGE_CHANNELS, &grad_log_prob, &vec![self.scale; n as usize])?)
     }
 }
 

@@ -145,7 +145,7 @@ pub fn read(prompt: &str) -> Option<PromptLayout> {
         }
     }
     // Empty phrases ("and" at the start, doubled joiners) name nothing.
-    let mut kept: Vec<(usize, Named)> = phrases.iter().enumerate().filter_map(|(k, p)| named(&lower, p).map(|n| (k, n))).collect();
+    let kept: Vec<(usize, Named)> = phrases.iter().enumerate().filter_map(|(k, p)| named(&lower, p).map(|n| (k, n))).collect();
     let relation = match relation {
         None => None,
         Some((r, after)) => {
@@ -160,7 +160,7 @@ pub fn read(prompt: &str) -> Option<PromptLayout> {
     if kept.is_empty() {
         return None;
     }
-    Some(PromptLayout { named: kept.drain(..).map(|(_, n)| n).collect(), relation })
+    Some(PromptLayout { named: kept.into_iter().map(|(_, n)| n).collect(), relation })
 }
 
 #[cfg(test)]

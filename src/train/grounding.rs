@@ -24,6 +24,7 @@ use tch::{Kind, Tensor};
 use super::caption::Mention;
 use super::dataset::Sample;
 use super::render;
+use crate::nn::text::tokenizer::covering;
 use crate::nn::text::Tokenizer;
 
 /// The pixels of an object that count as "on" it when masks are coarsened.
@@ -63,10 +64,8 @@ impl GroundingTargets {
             }
             let offsets = tokenizer.offsets(prompt)?;
             for Mention { referent, start, end, .. } in &sample.mentions {
-                for (l, &(from, to)) in offsets.iter().enumerate().take(length) {
-                    if from < to && from < *end && to > *start {
-                        tokens[(i * referents + referent) * length + l] = 1.0;
-                    }
+                for (l, _) in covering(&offsets, &[(*start, *end)]).iter().enumerate().take(length).filter(|(_, &on)| on) {
+                    tokens[(i * referents + referent) * length + l] = 1.0;
                 }
             }
         }

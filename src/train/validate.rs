@@ -127,7 +127,9 @@ impl Validation {
                 None
             } else {
                 let prompts: Vec<String> = rows.iter().map(|&r| host.prompts[r].clone()).collect();
-                Some((trainer.encode(&prompts)?, trainer.encode(&swapped)?, host.select(&rows, prompts)))
+                // The true captions are rows of the batch's encoding already.
+                let index = tch::Tensor::from_slice(&rows.iter().map(|&r| r as i64).collect::<Vec<_>>()).to_device(text.device());
+                Some((text.index_select(0, &index), trainer.encode(&swapped)?, host.select(&rows, prompts)))
             };
             for (i, &t) in self.timesteps.iter().enumerate() {
                 let at = host.at_timestep(t);

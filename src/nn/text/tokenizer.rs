@@ -135,7 +135,15 @@ impl Tokenizer {
     pub fn max_length(&self) -> usize {
         self.max_length
     }
+}
 
+/// For each token of `offsets` (as [`Tokenizer::offsets`] gives them), whether
+/// it spells part of one of the byte ranges `spans`: the tokens of some words.
+pub fn covering(offsets: &[(usize, usize)], spans: &[(usize, usize)]) -> Vec<bool> {
+    offsets.iter().map(|&(from, to)| from < to && spans.iter().any(|&(a, b)| from < b && to > a)).collect()
+}
+
+impl Tokenizer {
     pub fn pad_id(&self) -> u32 {
         self.pad_id
     }
