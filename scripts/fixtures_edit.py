@@ -1,6 +1,9 @@
-"""Editing parity fixtures: what diffusers' `IFImg2ImgPipeline`, `IFInpaintingPipeline`
-and `IFInpaintingSuperResolutionPipeline` make of a source image (and a mask) on the
-tiny cascade of `fixtures_pipeline.py`, for `tests/pipeline_edit_parity.rs`.
+"""Editing parity fixtures: what diffusers' `IFImg2ImgPipeline`, `IFInpaintingPipeline`,
+`IFInpaintingSuperResolutionPipeline` and `IFImg2ImgSuperResolutionPipeline` make of a
+source image (and a mask) on the tiny cascade of `fixtures_pipeline.py`, for
+`tests/pipeline_edit_parity.rs`. The last is a super-resolution stage started from the
+base stage's output upsampled bicubically, which is what a stage with a `strength`
+below 1 runs.
 
 Imported by gen_fixtures.py after the cascade fixture; `generate(out, root)` writes
   <out>/image16.png, image32.png   the source image at the base and SR sizes (RGB, 8 bit)
@@ -27,9 +30,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import diffusers
-from diffusers import IFImg2ImgPipeline, IFInpaintingPipeline, IFInpaintingSuperResolutionPipeline
-from diffusers.pipelines.deepfloyd_if import (pipeline_if_img2img, pipeline_if_inpainting,
-                                              pipeline_if_inpainting_superresolution)
+from diffusers import (IFImg2ImgPipeline, IFImg2ImgSuperResolutionPipeline, IFInpaintingPipeline,
+                       IFInpaintingSuperResolutionPipeline)
+from diffusers.pipelines.deepfloyd_if import (pipeline_if_img2img, pipeline_if_img2img_superresolution,
+                                              pipeline_if_inpainting, pipeline_if_inpainting_superresolution)
 from diffusers.schedulers import scheduling_ddpm
 
 import fixtures_pipeline as cascade_fixture
@@ -38,6 +42,7 @@ N = 2
 IMG2IMG = dict(steps=10, guidance_scale=4.0, strength=0.6)
 INPAINT = dict(steps=10, guidance_scale=4.0, strength=1.0)
 INPAINT_SR = dict(steps=8, guidance_scale=3.0, strength=1.0, noise_level=250)
+SR_STRENGTH = dict(steps=8, guidance_scale=3.0, strength=0.5, noise_level=100)
 
 
 def source(size: int) -> np.ndarray:
@@ -87,7 +92,7 @@ def generate(out: Path, root: Path) -> None:
     def record(name: str, settings: dict, run) -> torch.Tensor:
         recorder = cascade_fixture.Recorder()
         for module in (pipeline_if_img2img, pipeline_if_inpainting, pipeline_if_inpainting_superresolution,
-                       scheduling_ddpm):
+                       pipeline_if_img2img_superresolution, scheduling_ddpm):
             module.randn_tensor = recorder
         result = run()
         tensors[f"{name}.out"] = result
@@ -98,7 +103,7 @@ def generate(out: Path, root: Path) -> None:
 
     common = dict(prompt_embeds=reference, negative_prompt_embeds=null, num_images_per_prompt=N, output_type="pt")
     img2img = IFImg2ImgPipeline.from_pretrained(cascade / "base", **none)
-    record("img2img", IMG2IMG, lambda: img2img(
+    base_out = record("img2img", IMG2IMG, lambda: img2img(
         image=as_image(images[16]), strength=IMG2IMG["strength"], num_inference_steps=IMG2IMG["steps"],
         guidance_scale=IMG2IMG["guidance_scale"], **common).images)
     inpaint = IFInpaintingPipeline.from_pretrained(cascade / "base", **none)
@@ -111,6 +116,15 @@ def generate(out: Path, root: Path) -> None:
         mask_image=as_mask(masks[32]).repeat(N, 1, 1, 1), strength=INPAINT_SR["strength"],
         num_inference_steps=INPAINT_SR["steps"], guidance_scale=INPAINT_SR["guidance_scale"],
         noise_level=INPAINT_SR["noise_level"], prompt_embeds=reference.repeat(N, 1, 1),
+        negative_prompt_embeds=null.repeat(N, 1, 1), output_type="pt").images)
+
+    # The base output upsampled bicubically to the SR size, in range, as the start.
+    upsampled = torch.nn.functional.interpolate(base_out, size=(32, 32), mode="bicubic", align_corners=False).clamp(-1, 1)
+    sr_img2img = IFImg2ImgSuperResolutionPipeline.from_pretrained(cascade / "sr", **none)
+    record("sr_strength", SR_STRENGTH, lambda: sr_img2img(
+        image=base_out, original_image=upsampled, strength=SR_STRENGTH["strength"],
+        num_inference_steps=SR_STRENGTH["steps"], guidance_scale=SR_STRENGTH["guidance_scale"],
+        noise_level=SR_STRENGTH["noise_level"], prompt_embeds=reference.repeat(N, 1, 1),
         negative_prompt_embeds=null.repeat(N, 1, 1), output_type="pt").images)
 
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "reference.safetensors"))

@@ -520,6 +520,29 @@ async fn layout_guidance_is_planned_for_laid_out_prompts_and_range_checked() {
 }
 
 #[tokio::test]
+async fn super_resolution_strength_defaults_to_the_stage_and_is_range_checked() {
+    let h = Harness::new(Behaviour::Hold);
+    let info = h.send(get("/info")).await.json();
+    assert_eq!(info["stages"][1]["defaults"]["strength"], 1.0);
+    // Half of the SR stage's 8 steps from the base output, stored with the job.
+    let reply = h.send(async_generate(&json!({"prompt": "x", "stage_overrides": [{"stage": 1, "strength": 0.5}]}))).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+    let stages = reply.json()["request"]["stages"].clone();
+    assert_eq!((stages[0]["strength"].clone(), stages[1]["strength"].clone()), (json!(1.0), json!(0.5)), "{stages}");
+    for bad in [json!(0.0), json!(-0.5), json!(1.5), json!("half")] {
+        let (param, msg) = invalid(&h, json!({"prompt": "x", "stage_overrides": [{"stage": 1, "strength": bad}]})).await;
+        assert!(param.starts_with("stage") && param.ends_with("strength"), "{bad}: {param}: {msg}");
+    }
+    // 0.1 of 8 steps runs none; the base stage's strength is the source's.
+    let (param, msg) = invalid(&h, json!({"prompt": "x", "stage_overrides": [{"stage": 1, "strength": 0.1}]})).await;
+    assert_eq!(param, "stages[1].strength", "{msg}");
+    assert!(msg.contains("runs no step"), "{msg}");
+    let (param, msg) = invalid(&h, json!({"prompt": "x", "stage_overrides": [{"stage": 0, "strength": 0.5}]})).await;
+    assert_eq!(param, "stages[0].strength", "{msg}");
+    assert_eq!(h.store.len(), 1);
+}
+
+#[tokio::test]
 async fn clip_guidance_needs_a_clip_of_the_base_stage_size() {
     let h = Harness::new(Behaviour::Hold);
     let info = h.send(get("/info")).await.json();

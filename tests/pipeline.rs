@@ -171,6 +171,19 @@ fn bad_cascade_directories_fail_at_load_naming_the_file() {
     let e = load_err(&dir);
     assert!(e.contains("cascade.json") && e.contains("stage `sr`: `sampler`"), "{e}");
 
+    // A strength is for super-resolution stages, within (0, 1].
+    for (stage, value, says) in [(0, 0.5, "only for super-resolution stages"), (1, 0.0, "outside (0, 1]"), (1, 1.5, "outside (0, 1]")] {
+        let dir = copy_cascade(&format!("strength{stage}{value}"));
+        edit_json(&dir.join("cascade.json"), |m| m["stages"][stage]["strength"] = value.into());
+        let e = load_err(&dir);
+        assert!(e.contains("cascade.json") && e.contains("`strength`") && e.contains(says), "{e}");
+    }
+    let dir = copy_cascade("strength");
+    edit_json(&dir.join("cascade.json"), |m| m["stages"][1]["strength"] = 0.5.into());
+    let c = Cascade::load(&dir, &LoadOptions { device: DeviceSetting::Cpu, precision: Precision::F32 }).unwrap();
+    assert_eq!(c.stages[1].defaults.strength, 0.5);
+    assert_eq!(c.plan(&spec(1, 1)).unwrap().stages[1].strength, 0.5);
+
     let dir = copy_cascade("weights");
     std::fs::write(dir.join("sr/unet/diffusion_pytorch_model.safetensors"), b"not safetensors").unwrap();
     assert!(load_err(&dir).contains("sr/unet/diffusion_pytorch_model.safetensors"));

@@ -1,7 +1,10 @@
 //! Image-to-image and inpainting against diffusers' `IFImg2ImgPipeline`,
 //! `IFInpaintingPipeline` and `IFInpaintingSuperResolutionPipeline` on the tiny
 //! fixture cascade: the same source PNGs, prompt, strength and recorded noise
-//! (fixtures from `scripts/fixtures_edit.py`) give the same images to 1e-3.
+//! (fixtures from `scripts/fixtures_edit.py`) give the same images to 1e-3. A
+//! super-resolution stage with a strength below 1 matches
+//! `IFImg2ImgSuperResolutionPipeline` given the previous output upsampled
+//! bicubically as its `original_image`.
 //!
 //! The pictures enter through diffusiond's own path (PNG decoding, `plan`,
 //! `Picture`/`Mask` tensors), so the preprocessing is under test too.
@@ -71,6 +74,34 @@ fn image_to_image_matches_if_img2img() {
     let strength = case["strength"].as_f64();
     let request = request(&cascade, case, SourceSpec::Image { image: Picture::from_image(&file("image16.png")), strength }, 1);
     let _ = run(&cascade, &request, 0, "img2img", None);
+}
+
+#[test]
+fn a_super_resolution_stage_below_full_strength_matches_if_img2img_superresolution() {
+    let cascade = cascade();
+    let meta = load_json("edit/reference.json");
+    let case = &meta["cases"]["sr_strength"];
+    let strength = case["strength"].as_f64().unwrap();
+    let over = StageOverride {
+        steps: Some(case["steps"].as_u64().unwrap() as usize),
+        guidance_scale: Some(case["guidance_scale"].as_f64().unwrap() as f32),
+        noise_level: case["noise_level"].as_i64(),
+        strength: Some(strength),
+        ..Default::default()
+    };
+    let spec = RequestSpec {
+        prompt: meta["prompt"].as_str().unwrap().to_owned(),
+        n: meta["n"].as_u64().unwrap() as usize,
+        seed: Some(0),
+        stage_overrides: vec![(1, over)],
+        ..Default::default()
+    };
+    let request = cascade.plan(&spec).unwrap();
+    assert_eq!(request.stages[1].strength, strength);
+    // Half of the 8 steps run, and the progress the job reports says so.
+    assert_eq!(request.stage_steps(1, 8), 4);
+    let tensors = load_tensors("edit/reference.safetensors");
+    let _ = run(&cascade, &request, 1, "sr_strength", Some(&tensors["img2img.out"]));
 }
 
 #[test]

@@ -78,6 +78,10 @@ pub struct GenerateArgs {
     /// Noise-augmentation timestep of every super-resolution stage.
     #[arg(long)]
     pub noise_level: Option<i64>,
+    /// Every super-resolution stage starts from the previous stage's output,
+    /// upsampled and noised to this share of its schedule (1: pure noise).
+    #[arg(long, value_name = "S")]
+    pub sr_strength: Option<f64>,
     /// Run only the first N stages (1: a fast base-resolution preview).
     #[arg(long)]
     pub stages: Option<usize>,
@@ -191,7 +195,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let loading = Instant::now();
     let cascade = args.model.load()?;
     let load_time = loading.elapsed();
-    let sr = StageOverride { steps: args.sr_steps, guidance_scale: args.sr_guidance, noise_level: args.noise_level, ..Default::default() };
+    let sr = StageOverride { steps: args.sr_steps, guidance_scale: args.sr_guidance, noise_level: args.noise_level, strength: args.sr_strength, ..Default::default() };
     let spec = RequestSpec {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),

@@ -28,7 +28,7 @@ use super::manifest::Manifest;
 use super::png::{self, ImageRecord, StageRecord};
 use super::request::{plan, GenerationRequest, RequestSpec};
 use super::source::{NoiseMix, Source};
-use super::stage::{Stage, StageLimits};
+use super::stage::{Stage, StageKind, StageLimits};
 use crate::diffusion::{BatchNoise, SamplerOptions};
 use crate::nn::device::{DeviceSetting, Precision};
 use crate::nn::text::{TextEncoder, TextEncoderOptions};
@@ -348,6 +348,16 @@ impl Cascade {
             Some(Source::Invert { image: picture, .. }) if first => image = Some(picture.tensor(stage.size, device)?),
             _ => {}
         }
+        // A super-resolution stage below full strength starts from the
+        // previous stage's output, upsampled bicubically (sharper than the
+        // bilinear conditioning copy) and noised to its strength.
+        let sr_strength = request.stage_strength(k);
+        let previous = low.as_ref().or(low_res);
+        if let (StageKind::SuperResolution, None, Some(previous), true) = (stage.kind, &image, previous, sr_strength < 1.0) {
+            let (h, w) = stage.size;
+            image = Some(previous.to_device(device).to_kind(Kind::Float).upsample_bicubic2d([h, w], false, None, None).clamp(-1.0, 1.0));
+            strength = sr_strength;
+        }
         let inverting = first && matches!(request.source, Some(Source::Invert { .. }));
         let init = match (&image, inverting) {
             (Some(image), false) => Some(StageInit { image, mask: mask.as_ref(), strength }),
@@ -433,7 +443,8 @@ impl Cascade {
             stages: request
                 .stages
                 .iter()
-                .map(|p| {
+                .enumerate()
+                .map(|(k, p)| {
                     let (h, w) = self.stages[p.index].size;
                     StageRecord {
                         name: p.name.clone(),
@@ -445,6 +456,7 @@ impl Cascade {
                         size: format!("{w}x{h}"),
                         clip_guidance_scale: p.clip_guidance_scale,
                         layout_guidance_scale: p.layout_guidance_scale,
+                        strength: request.stage_strength(k),
                     }
                 })
                 .collect(),

@@ -15,7 +15,7 @@
 //!   "text_encoder": {"path": "../all-MiniLM-L6-v2", "max_length": 32},
 //!   "stages": [
 //!     {"name": "base", "path": "base", "sampler": "ddpm", "steps": 50, "guidance_scale": 4.0},
-//!     {"name": "sr64", "path": "sr64", "sampler": "ddpm", "steps": 25, "guidance_scale": 4.0, "noise_level": 250}
+//!     {"name": "sr64", "path": "sr64", "sampler": "ddpm", "steps": 25, "guidance_scale": 4.0, "noise_level": 250, "strength": 0.4}
 //!   ],
 //!   "clip": {"path": "../clip"}
 //! }
@@ -97,6 +97,12 @@ pub struct StageEntry {
     /// conditioning image (Imagen's noise-conditioning augmentation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub noise_level: Option<i64>,
+    /// Super-resolution stages: start from the previous stage's output,
+    /// upsampled bicubically and noised to this share of the schedule,
+    /// instead of from pure noise (diffusers' `IFImg2ImgSuperResolutionPipeline`
+    /// with that upsampled image as `original_image`); absent: 1, pure noise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
 }
 
 fn is_zero(v: &f32) -> bool {

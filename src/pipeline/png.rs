@@ -52,6 +52,14 @@ pub struct StageRecord {
     /// Layout guidance scale (the base stage; left out when 0).
     #[serde(skip_serializing_if = "is_zero")]
     pub layout_guidance_scale: f32,
+    /// Super-resolution from the previous stage's upsampled output at this
+    /// strength (left out when 1: from pure noise).
+    #[serde(skip_serializing_if = "is_one")]
+    pub strength: f64,
+}
+
+fn is_one(v: &f64) -> bool {
+    *v == 1.0
 }
 
 fn is_zero(v: &f32) -> bool {
@@ -94,14 +102,11 @@ impl ImageRecord {
         }
         pairs.push(format!("Model: {}", self.model));
         for s in self.stages.iter().skip(1) {
-            pairs.push(format!(
-                "Stage {}: {} {} steps, CFG {}, noise level {}",
-                s.name,
-                s.sampler,
-                s.steps,
-                s.guidance_scale,
-                s.noise_level.unwrap_or(0)
-            ));
+            let mut stage = format!("Stage {}: {} {} steps, CFG {}, noise level {}", s.name, s.sampler, s.steps, s.guidance_scale, s.noise_level.unwrap_or(0));
+            if s.strength != 1.0 {
+                stage.push_str(&format!(", strength {}", s.strength));
+            }
+            pairs.push(stage);
         }
         out.push('\n');
         out.push_str(&pairs.join(", "));
@@ -192,6 +197,18 @@ mod tests {
                 size: "32x32".into(),
                 clip_guidance_scale: 0.0,
                 layout_guidance_scale: 0.0,
+                strength: 1.0,
+            }, StageRecord {
+                name: "sr64".into(),
+                sampler: "ddim".into(),
+                steps: 10,
+                guidance_scale: 1.0,
+                eta: 0.0,
+                noise_level: Some(100),
+                size: "64x64".into(),
+                clip_guidance_scale: 0.0,
+                layout_guidance_scale: 0.0,
+                strength: 0.4,
             }],
         };
         let bytes = encode(img, &record).unwrap();
@@ -200,6 +217,8 @@ mod tests {
         assert_eq!(get("prompt"), record.prompt);
         assert_eq!(get("seed"), "7");
         assert!(get("parameters").contains("Negative prompt: blurry\nSteps: 25, Sampler: ddim, CFG scale: 4, Seed: 7"));
+        assert!(get("parameters").ends_with("Stage sr64: ddim 10 steps, CFG 1, noise level 100, strength 0.4"), "{}", get("parameters"));
+        assert!(get("diffusiond").contains("\"strength\":0.4") && get("diffusiond").matches("strength").count() == 1);
         let decoded = image::load_from_memory(&bytes).unwrap().to_rgb8();
         assert_eq!(decoded.as_raw(), img.as_raw());
     }

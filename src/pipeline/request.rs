@@ -35,6 +35,9 @@ pub struct StageOverride {
     pub guidance_scale: Option<f32>,
     pub eta: Option<f64>,
     pub noise_level: Option<i64>,
+    /// Super-resolution stages: the share of the schedule run from the
+    /// previous stage's upsampled output (1: from pure noise).
+    pub strength: Option<f64>,
 }
 
 /// A request as given: anything unset takes the cascade's default.
@@ -85,10 +88,23 @@ pub struct StagePlan {
     /// Layout guidance (base stage only; 0: none), likewise.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub layout_guidance_scale: f32,
+    /// Super-resolution stages: the share of the schedule run from the
+    /// previous stage's upsampled output (1, from pure noise, for the base
+    /// stage and for requests stored before it existed).
+    #[serde(default = "full_strength", skip_serializing_if = "is_full_strength")]
+    pub strength: f64,
 }
 
 fn is_zero(v: &f32) -> bool {
     *v == 0.0
+}
+
+fn full_strength() -> f64 {
+    1.0
+}
+
+fn is_full_strength(v: &f64) -> bool {
+    *v == 1.0
 }
 
 /// A validated request (persisted with its job, so it can be run again after a restart).
@@ -147,12 +163,23 @@ impl GenerationRequest {
     }
 
     /// The denoising steps stage k of this request runs (SDEdit skips some,
-    /// inversion doubles them).
+    /// inversion doubles them, a super-resolution stage below full strength
+    /// skips the noisiest).
     pub fn stage_steps(&self, k: usize, timesteps: usize) -> usize {
         match (&self.source, k) {
             (Some(Source::Image { strength, .. } | Source::Inpaint { strength, .. }), 0) => timesteps - first_step(timesteps, *strength),
             (Some(Source::Invert { .. }), 0) => 2 * timesteps,
-            _ => timesteps,
+            _ => timesteps - first_step(timesteps, self.stage_strength(k)),
+        }
+    }
+
+    /// The strength stage k starts its super-resolution at: the plan's,
+    /// except under inpainting, where the repainted region starts from noise
+    /// (`IFInpaintingSuperResolutionPipeline`).
+    pub fn stage_strength(&self, k: usize) -> f64 {
+        match (&self.source, self.stages.get(k)) {
+            (Some(Source::Inpaint { .. }), _) | (_, None) => 1.0,
+            (_, Some(plan)) => plan.strength,
         }
     }
 
@@ -354,6 +381,22 @@ pub fn plan(spec: &RequestSpec, stages: &[StageLimits]) -> Result<GenerationRequ
         let sampler = SamplerOptions { kind, steps, timesteps: None, eta, clipped_model_output: d.clipped_model_output };
         // Some spacings cannot produce every step count; find out now, not mid-run.
         let timesteps = stage.scheduler.timesteps(&sampler).map_err(|e| PipelineError::invalid(&field("steps"), e.to_string()))?;
+        let sr_strength = match (is_base, over.strength) {
+            (true, None) => 1.0,
+            (true, Some(_)) => {
+                return Err(PipelineError::invalid("stages[0].strength", "the base stage starts from noise or from `source` (its strength is `source.strength`)"))
+            }
+            (false, s) => {
+                let s = s.unwrap_or(d.strength);
+                if !s.is_finite() || s <= 0.0 || s > 1.0 {
+                    return Err(PipelineError::invalid(&field("strength"), format!("{s} is outside (0, 1]")));
+                }
+                if first_step(timesteps.len(), s) == timesteps.len() {
+                    return Err(PipelineError::invalid(&field("strength"), format!("{s} of {} steps runs no step: raise the strength or the steps", timesteps.len())));
+                }
+                s
+            }
+        };
         if is_base {
             if let Some(strength) = strength {
                 if first_step(timesteps.len(), strength) == timesteps.len() {
@@ -365,7 +408,16 @@ pub fn plan(spec: &RequestSpec, stages: &[StageLimits]) -> Result<GenerationRequ
             }
         }
         let (clip_guidance_scale, layout_guidance_scale) = if is_base { (clip_guidance_scale, layout_guidance_scale) } else { (0.0, 0.0) };
-        plans.push(StagePlan { index, name: stage.name.clone(), sampler, guidance_scale, noise_level, clip_guidance_scale, layout_guidance_scale });
+        plans.push(StagePlan {
+            index,
+            name: stage.name.clone(),
+            sampler,
+            guidance_scale,
+            noise_level,
+            clip_guidance_scale,
+            layout_guidance_scale,
+            strength: sr_strength,
+        });
     }
     let base_size = stages[0].size;
     let source = match &spec.source {

@@ -37,6 +37,10 @@ pub struct StageDefaults {
     pub noise_level: Option<i64>,
     /// Layout guidance of the base stage (0: none).
     pub layout_guidance_scale: f32,
+    /// Super-resolution stages: the share of the schedule run from the
+    /// previous stage's upsampled output (1: from pure noise; the base
+    /// stage's is 1, its image-to-image strength is the request's).
+    pub strength: f64,
 }
 
 /// What validating a request needs to know about a stage: cheap to clone, so the
@@ -140,6 +144,14 @@ impl Stage {
                 Some(level)
             }
         };
+        let strength = match (stage_kind, entry.strength) {
+            (_, None) => 1.0,
+            (StageKind::Base, Some(_)) => {
+                return Err(manifest_field("strength", "is only for super-resolution stages (a base stage starts from noise or the request's image)".into()))
+            }
+            (StageKind::SuperResolution, Some(s)) if s.is_finite() && s > 0.0 && s <= 1.0 => s,
+            (StageKind::SuperResolution, Some(s)) => return Err(manifest_field("strength", format!("{s} is outside (0, 1]"))),
+        };
         Ok(Self {
             name: entry.name.clone(),
             dir,
@@ -148,7 +160,7 @@ impl Stage {
             unet,
             scheduler,
             noising,
-            defaults: StageDefaults { sampler, steps: entry.steps, guidance_scale: entry.guidance_scale, eta: entry.eta, clipped_model_output: entry.use_clipped_model_output, noise_level, layout_guidance_scale: entry.layout_guidance_scale },
+            defaults: StageDefaults { sampler, steps: entry.steps, guidance_scale: entry.guidance_scale, eta: entry.eta, clipped_model_output: entry.use_clipped_model_output, noise_level, layout_guidance_scale: entry.layout_guidance_scale, strength },
             single_row: BatchOfOne::default(),
         })
     }

@@ -240,7 +240,7 @@ pub fn cascade_info() -> CascadeInfo {
         name: name.into(),
         kind,
         size,
-        defaults: StageDefaults { sampler: SamplerKind::Ddpm, steps, guidance_scale, eta: 0.0, clipped_model_output: noise_level.is_some(), noise_level, layout_guidance_scale: 0.0 },
+        defaults: StageDefaults { sampler: SamplerKind::Ddpm, steps, guidance_scale, eta: 0.0, clipped_model_output: noise_level.is_some(), noise_level, layout_guidance_scale: 0.0, strength: 1.0 },
         train_steps: 1000,
         max_noise_level: if noise_level.is_some() { 999 } else { 0 },
         scheduler: scheduler.clone(),

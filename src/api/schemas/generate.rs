@@ -51,6 +51,12 @@ pub struct StageOverrideBody {
     /// Noise augmentation of the conditioning image (super-resolution stages only).
     #[schema(minimum = 0)]
     pub noise_level: Option<i64>,
+    /// Super-resolution stages only: start from the previous stage's output,
+    /// upsampled and noised to this share of the schedule (1: from pure
+    /// noise; the stage runs that share of its steps). It must leave at
+    /// least one step to run.
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
+    pub strength: Option<f64>,
 }
 
 /// A generation request. Unset fields take the cascade's defaults (`GET /info`).
@@ -188,6 +194,7 @@ impl GenerateBody {
                         guidance_scale: o.guidance_scale,
                         eta: o.eta,
                         noise_level: o.noise_level,
+                        strength: o.strength,
                     };
                     (o.stage, over)
                 })

@@ -40,6 +40,9 @@ pub struct StageDefaultsDoc {
     /// Layout guidance of prompts that name things or a spatial relation
     /// (base stage; 0: none).
     pub layout_guidance_scale: f32,
+    /// Super-resolution stages: the share of the schedule run from the
+    /// previous stage's upsampled output (1: from pure noise).
+    pub strength: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -123,6 +126,7 @@ impl InfoDocument {
                     use_clipped_model_output: l.defaults.clipped_model_output,
                     noise_level: l.defaults.noise_level,
                     layout_guidance_scale: l.defaults.layout_guidance_scale,
+                    strength: l.defaults.strength,
                 },
             })
             .collect();

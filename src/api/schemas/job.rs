@@ -111,6 +111,14 @@ pub struct StageSettings {
     /// to guide; 0: none).
     #[serde(default)]
     pub layout_guidance_scale: f32,
+    /// Super-resolution from the previous stage's upsampled output at this
+    /// strength (1: from pure noise).
+    #[serde(default = "full_strength")]
+    pub strength: f64,
+}
+
+fn full_strength() -> f64 {
+    1.0
 }
 
 /// The validated request the job runs.
@@ -208,7 +216,8 @@ impl JobDocument {
                 stages: r
                     .stages
                     .iter()
-                    .map(|s| StageSettings {
+                    .enumerate()
+                    .map(|(k, s)| StageSettings {
                         index: s.index,
                         name: s.name.clone(),
                         sampler: s.sampler.kind.name().to_owned(),
@@ -218,6 +227,7 @@ impl JobDocument {
                         noise_level: s.noise_level,
                         clip_guidance_scale: s.clip_guidance_scale,
                         layout_guidance_scale: s.layout_guidance_scale,
+                        strength: r.stage_strength(k),
                     })
                     .collect(),
                 source: r.source.as_ref().map(SourceSettings::new),
