@@ -79,6 +79,7 @@ fn random_cascade(dir: &Path, encoder: &Path, text_width: i64) -> PathBuf {
         use_clipped_model_output: false,
         noise_level,
         layout_guidance_scale: 0.0,
+        strength: None,
     };
     Manifest {
         name: "bench-random".into(),

@@ -54,6 +54,7 @@ fn random_cascade() -> PathBuf {
         use_clipped_model_output: false,
         noise_level,
         layout_guidance_scale: 0.0,
+        strength: None,
     };
     let encoder = std::fs::canonicalize(fixture_dir().join("text/tiny-bert")).unwrap();
     Manifest {
