@@ -10,7 +10,7 @@ use common::fixture_dir;
 use diffusiond::diffusion::SamplerKind;
 use diffusiond::nn::device::{DeviceSetting, Precision};
 use diffusiond::pipeline::png::read_text_chunks;
-use diffusiond::pipeline::{Cascade, GeneratedImage, LoadOptions, PipelineError, RequestSpec, StageOverride};
+use diffusiond::pipeline::{Cascade, GeneratedImage, LoadOptions, Mask, Picture, PipelineError, RequestSpec, SourceSpec, StageOverride};
 
 const CPU: LoadOptions = LoadOptions { device: DeviceSetting::Cpu, precision: Precision::F32 };
 
@@ -183,6 +183,12 @@ fn bad_cascade_directories_fail_at_load_naming_the_file() {
     let c = Cascade::load(&dir, &LoadOptions { device: DeviceSetting::Cpu, precision: Precision::F32 }).unwrap();
     assert_eq!(c.stages[1].defaults.strength, 0.5);
     assert_eq!(c.plan(&spec(1, 1)).unwrap().stages[1].strength, 0.5);
+    // Inpainting repaints the mask from noise at every stage, whatever the default.
+    let picture = image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(32, 32, image::Rgb([90, 90, 90])));
+    let mask = image::DynamicImage::ImageLuma8(image::GrayImage::from_pixel(32, 32, image::Luma([255])));
+    let source = SourceSpec::Inpaint { image: Picture::from_image(&picture), mask: Mask::from_image(&mask), strength: None };
+    let inpaint = c.plan(&RequestSpec { source: Some(source), ..spec(1, 1) }).unwrap();
+    assert_eq!((inpaint.stages[1].strength, inpaint.stage_steps(1, 8)), (1.0, 8));
 
     let dir = copy_cascade("weights");
     std::fs::write(dir.join("sr/unet/diffusion_pytorch_model.safetensors"), b"not safetensors").unwrap();

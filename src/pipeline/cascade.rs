@@ -351,12 +351,11 @@ impl Cascade {
         // A super-resolution stage below full strength starts from the
         // previous stage's output, upsampled bicubically (sharper than the
         // bilinear conditioning copy) and noised to its strength.
-        let sr_strength = request.stage_strength(k);
         let previous = low.as_ref().or(low_res);
-        if let (StageKind::SuperResolution, None, Some(previous), true) = (stage.kind, &image, previous, sr_strength < 1.0) {
+        if let (StageKind::SuperResolution, None, Some(previous), true) = (stage.kind, &image, previous, plan.strength < 1.0) {
             let (h, w) = stage.size;
             image = Some(previous.to_device(device).to_kind(Kind::Float).upsample_bicubic2d([h, w], false, None, None).clamp(-1.0, 1.0));
-            strength = sr_strength;
+            strength = plan.strength;
         }
         let inverting = first && matches!(request.source, Some(Source::Invert { .. }));
         let init = match (&image, inverting) {
@@ -443,8 +442,7 @@ impl Cascade {
             stages: request
                 .stages
                 .iter()
-                .enumerate()
-                .map(|(k, p)| {
+                .map(|p| {
                     let (h, w) = self.stages[p.index].size;
                     StageRecord {
                         name: p.name.clone(),
@@ -456,7 +454,7 @@ impl Cascade {
                         size: format!("{w}x{h}"),
                         clip_guidance_scale: p.clip_guidance_scale,
                         layout_guidance_scale: p.layout_guidance_scale,
-                        strength: request.stage_strength(k),
+                        strength: p.strength,
                     }
                 })
                 .collect(),

@@ -90,7 +90,7 @@ pub struct StagePlan {
     pub layout_guidance_scale: f32,
     /// Super-resolution stages: the share of the schedule run from the
     /// previous stage's upsampled output (1, from pure noise, for the base
-    /// stage and for requests stored before it existed).
+    /// stage, under inpainting, and for requests stored before it existed).
     #[serde(default = "full_strength", skip_serializing_if = "is_full_strength")]
     pub strength: f64,
 }
@@ -169,17 +169,7 @@ impl GenerationRequest {
         match (&self.source, k) {
             (Some(Source::Image { strength, .. } | Source::Inpaint { strength, .. }), 0) => timesteps - first_step(timesteps, *strength),
             (Some(Source::Invert { .. }), 0) => 2 * timesteps,
-            _ => timesteps - first_step(timesteps, self.stage_strength(k)),
-        }
-    }
-
-    /// The strength stage k starts its super-resolution at: the plan's,
-    /// except under inpainting, where the repainted region starts from noise
-    /// (`IFInpaintingSuperResolutionPipeline`).
-    pub fn stage_strength(&self, k: usize) -> f64 {
-        match (&self.source, self.stages.get(k)) {
-            (Some(Source::Inpaint { .. }), _) | (_, None) => 1.0,
-            (_, Some(plan)) => plan.strength,
+            _ => timesteps - first_step(timesteps, self.stages.get(k).map_or(1.0, |plan| plan.strength)),
         }
     }
 
@@ -206,11 +196,20 @@ fn check_range<T: PartialOrd + std::fmt::Display + Copy>(field: &str, v: T, lo: 
     }
 }
 
-fn check_strength(strength: f64) -> Result<f64> {
+/// A share of a schedule in (0, 1]: an image-to-image or a super-resolution strength.
+fn check_strength(field: &str, strength: f64) -> Result<f64> {
     if !strength.is_finite() || strength <= 0.0 || strength > 1.0 {
-        return Err(PipelineError::invalid("source.strength", format!("{strength} is outside (0, 1]")));
+        return Err(PipelineError::invalid(field, format!("{strength} is outside (0, 1]")));
     }
     Ok(strength)
+}
+
+/// `strength` of a stage's `steps` timesteps must leave at least one step to run.
+fn check_runs_a_step(field: &str, strength: f64, steps: usize) -> Result<()> {
+    if first_step(steps, strength) == steps {
+        return Err(PipelineError::invalid(field, format!("{strength} of {steps} steps runs no step: raise the strength or the steps")));
+    }
+    Ok(())
 }
 
 /// The request's CLIP guidance scale, checked against the cascade's CLIP
@@ -314,6 +313,7 @@ pub fn plan(spec: &RequestSpec, stages: &[StageLimits]) -> Result<GenerationRequ
         _ => 0,
     };
     let inverting = matches!(spec.source, Some(SourceSpec::Invert { .. }));
+    let inpainting = matches!(spec.source, Some(SourceSpec::Inpaint { .. }));
     match &spec.noise {
         NoiseMix::Seeds => {}
         NoiseMix::Variation { strength, .. } => {
@@ -340,8 +340,8 @@ pub fn plan(spec: &RequestSpec, stages: &[StageLimits]) -> Result<GenerationRequ
         return Err(PipelineError::invalid("preview_every", "must be at least 1"));
     }
     let strength = match &spec.source {
-        Some(SourceSpec::Image { strength, .. }) => Some(check_strength(strength.unwrap_or(DEFAULT_IMAGE_STRENGTH))?),
-        Some(SourceSpec::Inpaint { strength, .. }) => Some(check_strength(strength.unwrap_or(DEFAULT_INPAINT_STRENGTH))?),
+        Some(SourceSpec::Image { strength, .. }) => Some(check_strength("source.strength", strength.unwrap_or(DEFAULT_IMAGE_STRENGTH))?),
+        Some(SourceSpec::Inpaint { strength, .. }) => Some(check_strength("source.strength", strength.unwrap_or(DEFAULT_INPAINT_STRENGTH))?),
         _ => None,
     };
     let clip_guidance_scale = check_clip_guidance(spec, stages, first)?;
@@ -387,25 +387,19 @@ pub fn plan(spec: &RequestSpec, stages: &[StageLimits]) -> Result<GenerationRequ
                 return Err(PipelineError::invalid("stages[0].strength", "the base stage starts from noise or from `source` (its strength is `source.strength`)"))
             }
             (false, s) => {
-                let s = s.unwrap_or(d.strength);
-                if !s.is_finite() || s <= 0.0 || s > 1.0 {
-                    return Err(PipelineError::invalid(&field("strength"), format!("{s} is outside (0, 1]")));
+                let s = check_strength(&field("strength"), s.unwrap_or(d.strength))?;
+                check_runs_a_step(&field("strength"), s, timesteps.len())?;
+                // Inpainting repaints the mask from noise at every
+                // super-resolution stage (`IFInpaintingSuperResolutionPipeline`).
+                if inpainting {
+                    1.0
+                } else {
+                    s
                 }
-                if first_step(timesteps.len(), s) == timesteps.len() {
-                    return Err(PipelineError::invalid(&field("strength"), format!("{s} of {} steps runs no step: raise the strength or the steps", timesteps.len())));
-                }
-                s
             }
         };
-        if is_base {
-            if let Some(strength) = strength {
-                if first_step(timesteps.len(), strength) == timesteps.len() {
-                    return Err(PipelineError::invalid(
-                        "source.strength",
-                        format!("{strength} of {} steps runs no step: raise the strength or the steps", timesteps.len()),
-                    ));
-                }
-            }
+        if let (true, Some(strength)) = (is_base, strength) {
+            check_runs_a_step("source.strength", strength, timesteps.len())?;
         }
         let (clip_guidance_scale, layout_guidance_scale) = if is_base { (clip_guidance_scale, layout_guidance_scale) } else { (0.0, 0.0) };
         plans.push(StagePlan {

@@ -216,8 +216,7 @@ impl JobDocument {
                 stages: r
                     .stages
                     .iter()
-                    .enumerate()
-                    .map(|(k, s)| StageSettings {
+                    .map(|s| StageSettings {
                         index: s.index,
                         name: s.name.clone(),
                         sampler: s.sampler.kind.name().to_owned(),
@@ -227,7 +226,7 @@ impl JobDocument {
                         noise_level: s.noise_level,
                         clip_guidance_scale: s.clip_guidance_scale,
                         layout_guidance_scale: s.layout_guidance_scale,
-                        strength: r.stage_strength(k),
+                        strength: s.strength,
                     })
                     .collect(),
                 source: r.source.as_ref().map(SourceSettings::new),
