@@ -44,15 +44,20 @@ fn scale_zero_changes_nothing_and_a_positive_scale_changes_laid_out_prompts_only
     assert_eq!(guided[0].record.stages[1].layout_guidance_scale, 0.0, "only the base stage is guided");
     assert!(guided[0].record.parameters().contains("Layout guidance: 500"), "{}", guided[0].record.parameters());
 
-    // One group has no layout: the plan says so and the images are the unguided ones.
-    let plan = c.plan(&spec("three green stars", 1, 5, Some(500.0))).unwrap();
+    // A group of no stated size has no layout: the plan says so and the images are the unguided ones.
+    let plan = c.plan(&spec("green stars", 1, 5, Some(500.0))).unwrap();
     assert_eq!(plan.stages[0].layout_guidance_scale, 0.0);
-    assert_eq!(pixels(&generate(&c, &spec("three green stars", 1, 5, Some(500.0)))), pixels(&generate(&c, &spec("three green stars", 1, 5, None))));
+    assert_eq!(pixels(&generate(&c, &spec("green stars", 1, 5, Some(500.0)))), pixels(&generate(&c, &spec("green stars", 1, 5, None))));
+    // A counted one is kept in as many places as it counts.
+    let plan = c.plan(&spec("three green stars", 1, 5, Some(500.0))).unwrap();
+    assert_eq!(plan.stages[0].layout_guidance_scale, 500.0);
+    assert_ne!(pixels(&generate(&c, &spec("three green stars", 1, 5, Some(500.0)))), pixels(&generate(&c, &spec("three green stars", 1, 5, None))));
 }
 
 #[test]
 fn a_guided_image_is_the_same_alone_batched_and_anywhere_in_its_request() {
     assert_guided_batch_invariant(&cascade(), |n, seed| spec(PAIR, n, seed, Some(300.0)));
+    assert_guided_batch_invariant(&cascade(), |n, seed| spec("three green stars", n, seed, Some(300.0)));
 }
 
 /// g of `x` at `t` through the UNet's public API, independently of the job.
@@ -64,7 +69,7 @@ fn g(c: &Cascade, x: &Tensor, t: i64, text: &Tensor, named: &Tensor, relation: O
     let _prediction = tch::no_grad(|| stage.unet.model.forward_probed(&input, false, Some(&maps))).unwrap();
     let maps = maps.take();
     assert!(!maps.is_empty(), "the fixture base UNet attends to text");
-    layout_loss(&maps, named, &[true, true], relation).double_value(&[])
+    layout_loss(&maps, named, &[Some(1), Some(1)], relation).double_value(&[])
 }
 
 #[test]

@@ -18,13 +18,18 @@
 //! ```text
 //! g(x_t) = mean over layers of
 //!            Σ_single things v_k                              (each drawn in one place)
+//!          + Σ_groups of n  v_k^(n) + Σ_i<j max(0, m − |c_ki − c_kj|)
+//!                          + Σ_i max(0, 1/2n − a_ki)          (a group in n places)
 //!          + max(0, m − d) + max(0, |d⊥| − d/2)               (a relation: the subject on its side)
 //!          or Σ_pairs max(0, m − |c_j − c_k|)                 (no relation: things apart)
 //! ε̂' = ε̂ + s·√(1 − ᾱ_t)·∇_{x_t} g
 //! ```
 //!
 //! with c_k the centroid of thing k's attention in [0, 1] image coordinates,
-//! v_k the attention's mean squared distance from it, d and d⊥ the offset
+//! v_k the attention's mean squared distance from it, v_k^(n) its mean
+//! squared distance from the nearest of n cluster centres c_k1 … c_kn (a
+//! group counted as n: "three stars") and a_ki the share of its attention
+//! in cluster i, d and d⊥ the offset
 //! from the subject's centroid to the object's along and across the
 //! relation's axis, and m a margin (ADM's classifier-guidance form with
 //! log p = −g). Only steps with t at or above a threshold are guided: layout
@@ -66,6 +71,12 @@ pub const ACROSS: f64 = 0.5;
 /// Weight of the two sides' attention spread in g.
 pub const COMPACT: f64 = 1.0;
 
+/// Weight of a counted group's spread about its nearest cluster centre in g.
+pub const COUNTED: f64 = 1.0;
+
+/// Lloyd iterations refining a counted group's cluster centres.
+const LLOYD_ITERATIONS: usize = 3;
+
 /// The share of the schedule, from its noisy end, whose steps are guided.
 pub const GUIDED_SHARE: f64 = 0.5;
 
@@ -73,8 +84,9 @@ pub const GUIDED_SHARE: f64 = 0.5;
 pub struct LayoutJob {
     /// `[K, L]`: 1 on the tokens of the words naming thing k.
     named: Tensor,
-    /// Whether thing k is one object (its attention should be compact).
-    single: Vec<bool>,
+    /// How many objects thing k is: one (its attention should be compact),
+    /// n (in n compact places), or a group of no stated size.
+    counts: Vec<Option<u32>>,
     /// `named[0]` stands in this relation to `named[1]`.
     relation: Option<Relation>,
     scale: f32,
@@ -108,13 +120,13 @@ impl LayoutJob {
         if rows.iter().any(|r| !r.contains(&1.0)) {
             return Ok(None);
         }
-        let single: Vec<bool> = layout.named.iter().map(|n| n.single).collect();
+        let counts: Vec<Option<u32>> = layout.named.iter().map(|n| n.count).collect();
         let device = text.device();
         let (k, l) = (rows.len() as i64, offsets.len() as i64);
         let named = Tensor::from_slice(&rows.concat()).view([k, l]).to_device(device);
         let steps = schedule.len() as i64;
         let from_t = ((1.0 - GUIDED_SHARE) * steps as f64).round() as i64;
-        Ok(Some(Self { named, single, relation: layout.relation, scale, text, from_t, prediction, schedule }))
+        Ok(Some(Self { named, counts, relation: layout.relation, scale, text, from_t, prediction, schedule }))
     }
 
     /// Whether the step at timestep `t` is guided.
@@ -148,7 +160,7 @@ impl LayoutJob {
                 if maps.is_empty() {
                     return Ok((0.0, x.zeros_like()));
                 }
-                let loss = layout_loss(&maps, &self.named, &self.single, self.relation);
+                let loss = layout_loss(&maps, &self.named, &self.counts, self.relation);
                 let value = loss.double_value(&[]);
                 let mut g = Tensor::f_run_backward(&[loss], &[&x], false, false)?;
                 Ok((value, g.remove(0)))
@@ -186,14 +198,10 @@ pub fn centroid(map: &Tensor, tokens: &Tensor) -> Tensor {
 /// small when the words attend one compact place, large when their attention
 /// is split between two (a duplicated object) or smeared over the image.
 pub fn spread(map: &Tensor, tokens: &Tensor) -> (Tensor, Tensor) {
-    let (b, positions, _) = map.size3().expect("[B, H·W, L] attention map");
-    let side = (positions as f64).sqrt().round() as i64;
-    let weights = map.to_kind(Kind::Float).matmul(&tokens.to_kind(Kind::Float)); // [B, H·W]
-    let weights = &weights / weights.sum_dim_intlist([1i64].as_slice(), true, Kind::Float).clamp_min(1e-12);
-    let options = (Kind::Float, map.device());
-    let coord = (Tensor::arange(side, options) + 0.5) / side as f64;
-    let ys = coord.view([side, 1]).expand([side, side], false).reshape([1, positions]);
-    let xs = coord.view([1, side]).expand([side, side], false).reshape([1, positions]);
+    let (weights, cells) = attention(map, tokens);
+    let b = weights.size()[0];
+    let ys = cells.select(1, 0).unsqueeze(0);
+    let xs = cells.select(1, 1).unsqueeze(0);
     let y = (&weights * &ys).sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
     let x = (&weights * &xs).sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
     let distance = (ys - y.view([b, 1])).square() + (xs - x.view([b, 1])).square();
@@ -201,18 +209,38 @@ pub fn spread(map: &Tensor, tokens: &Tensor) -> (Tensor, Tensor) {
     (Tensor::stack(&[y, x], 1).view([b, 2]), dispersion)
 }
 
-/// g for `named` things (`[K, L]` token marks, `single[k]` when thing k is
-/// one object) in `relation` (of thing 0 to thing 1, if any), averaged over
-/// the layers' `maps` (each `[1, H·W, L]`).
-pub fn layout_loss(maps: &[Tensor], named: &Tensor, single: &[bool], relation: Option<Relation>) -> Tensor {
+/// The attention of the tokens marked by `tokens` (`[L]`) in each row of
+/// `map` (`[B, H·W, L]`, a square grid) as weights summing to one over the
+/// cells (`[B, H·W]`, f32), and each cell's centre (y, x) in [0, 1] image
+/// coordinates (`[H·W, 2]`).
+fn attention(map: &Tensor, tokens: &Tensor) -> (Tensor, Tensor) {
+    let (_, positions, _) = map.size3().expect("[B, H·W, L] attention map");
+    let side = (positions as f64).sqrt().round() as i64;
+    let weights = map.to_kind(Kind::Float).matmul(&tokens.to_kind(Kind::Float)); // [B, H·W]
+    let weights = &weights / weights.sum_dim_intlist([1i64].as_slice(), true, Kind::Float).clamp_min(1e-12);
+    let coord = (Tensor::arange(side, (Kind::Float, map.device())) + 0.5) / side as f64;
+    let ys = coord.view([side, 1]).expand([side, side], false).reshape([positions, 1]);
+    let xs = coord.view([1, side]).expand([side, side], false).reshape([positions, 1]);
+    (weights, Tensor::cat(&[ys, xs], 1))
+}
+
+/// g for `named` things (`[K, L]` token marks, `counts[k]` how many objects
+/// thing k is, if stated) in `relation` (of thing 0 to thing 1, if any),
+/// averaged over the layers' `maps` (each `[1, H·W, L]`).
+pub fn layout_loss(maps: &[Tensor], named: &Tensor, counts: &[Option<u32>], relation: Option<Relation>) -> Tensor {
     let per_layer: Vec<Tensor> = maps
         .iter()
         .map(|map| {
             let parts: Vec<(Tensor, Tensor)> = (0..named.size()[0]).map(|k| spread(map, &named.get(k))).collect();
             let mut g = Tensor::zeros([1], (Kind::Float, map.device()));
-            for ((_, v), &one) in parts.iter().zip(single) {
-                if one {
-                    g += v * COMPACT;
+            for (k, ((_, v), &count)) in parts.iter().zip(counts).enumerate() {
+                match count {
+                    Some(1) => g += v * COMPACT,
+                    Some(n) => {
+                        let (centres, shares, v_n) = clusters(map, &named.get(k as i64), i64::from(n));
+                        g += v_n * COUNTED + separation(&centres, MARGIN) + shortfall(&shares);
+                    }
+                    None => {}
                 }
             }
             match relation {
@@ -230,6 +258,85 @@ pub fn layout_loss(maps: &[Tensor], named: &Tensor, single: &[bool], relation: O
         })
         .collect();
     Tensor::stack(&per_layer, 0).mean(Kind::Float)
+}
+
+/// The attention of the tokens marked by `tokens` (`[L]`) in each row of
+/// `map` (`[B, H·W, L]`, a square grid) as `n` clusters: their centres (y, x)
+/// in [0, 1] image coordinates (`[B, n, 2]`), each cluster's share of the
+/// attention (`[B, n]`), and the attention's mean squared distance from the
+/// nearest centre (`[B]`). The distance is small when the words attend n
+/// compact places and large when they attend more (one cluster spans two
+/// objects); when they attend fewer, two centres share one place (which
+/// [`separation`] penalises) or a cluster holds next to nothing (which
+/// [`shortfall`] does). With n = 1 the distance is [`spread`]'s.
+///
+/// Weighted k-means: seeded at the heaviest cell, then each time at the cell
+/// whose weight times squared distance to the nearest seed is largest (a
+/// deterministic k-means++, so a map always gives the same clusters), then
+/// refined by Lloyd iterations. Which cell belongs to which cluster is
+/// chosen without gradient; the centres and distances carry it.
+pub fn clusters(map: &Tensor, tokens: &Tensor, n: i64) -> (Tensor, Tensor, Tensor) {
+    let (weights, cells) = attention(map, tokens);
+    let (b, positions) = weights.size2().expect("[B, H·W] weights");
+    let n = n.clamp(1, positions);
+    let options = (Kind::Float, map.device());
+    // Squared distance of every cell to every centre: [B, H·W, n].
+    let distances = |centres: &Tensor| {
+        let k = centres.size()[1];
+        (cells.view([1, positions, 1, 2]) - centres.view([b, 1, k, 2])).square().sum_dim_intlist([3i64].as_slice(), false, Kind::Float)
+    };
+    // The weighted mean of each cluster's cells, where it has any weight.
+    let means = |assigned: &Tensor, previous: &Tensor, w: &Tensor| {
+        let mass = w.unsqueeze(2) * assigned.one_hot(n).to_kind(Kind::Float); // [B, H·W, n]
+        let total = mass.sum_dim_intlist([1i64].as_slice(), false, Kind::Float).unsqueeze(2); // [B, n, 1]
+        let centres = mass.transpose(1, 2).matmul(&cells) / total.clamp_min(1e-12);
+        centres.where_self(&total.gt(0.0), previous)
+    };
+    let assigned = tch::no_grad(|| {
+        let w = weights.detach();
+        let mut centres = cells.index_select(0, &w.argmax(1, false)).view([b, 1, 2]);
+        for _ in 1..n {
+            let nearest = distances(&centres).amin(&[2i64][..], false);
+            let next = cells.index_select(0, &(&w * nearest).argmax(1, false)).view([b, 1, 2]);
+            centres = Tensor::cat(&[centres, next], 1);
+        }
+        let mut assigned = distances(&centres).argmin(2, false);
+        for _ in 0..LLOYD_ITERATIONS {
+            centres = means(&assigned, &centres, &w);
+            assigned = distances(&centres).argmin(2, false);
+        }
+        assigned
+    });
+    let seeds = tch::no_grad(|| means(&assigned, &Tensor::zeros([b, n, 2], options), &weights.detach()));
+    let centres = means(&assigned, &seeds, &weights);
+    let nearest = distances(&centres).gather(2, &assigned.unsqueeze(2), false).squeeze_dim(2); // [B, H·W]
+    let dispersion = (&weights * nearest).sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
+    let shares = (weights.unsqueeze(2) * assigned.one_hot(n).to_kind(Kind::Float)).sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
+    (centres, shares, dispersion)
+}
+
+/// How far each of n clusters' `shares` of the attention (`[B, n]`) falls
+/// short of half an even share, 1/2n, summed: `[B]`. A group drawn as fewer
+/// objects than it counts leaves a cluster on a stray corner of the map.
+pub fn shortfall(shares: &Tensor) -> Tensor {
+    let n = shares.size()[1];
+    (shares.neg() + 0.5 / n as f64).relu().sum_dim_intlist([1i64].as_slice(), false, Kind::Float)
+}
+
+/// How far each pair of `centres` (`[B, n, 2]`) is from being `margin`
+/// apart, summed (0 when every pair is): `[B]`.
+pub fn separation(centres: &Tensor, margin: f64) -> Tensor {
+    let (b, n, _) = centres.size3().expect("[B, n, 2] centres");
+    let mut total = Tensor::zeros([b], (Kind::Float, centres.device()));
+    for i in 0..n {
+        for j in i + 1..n {
+            // The small floor keeps the square root's gradient finite where
+            // two centres meet.
+            let distance = (centres.select(1, i) - centres.select(1, j)).square().sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
+            total += ((distance + 1e-8).sqrt().neg() + margin).relu();
+        }
+    }
+    total
 }
 
 /// How far centroid `s` (`[B, 2]`, y then x) is from lying `margin` on the
@@ -258,7 +365,7 @@ mod tests {
     /// g of a relation alone: two group-like things (no compactness term).
     fn relation_loss(maps: &[Tensor], s: &Tensor, o: &Tensor, relation: Relation) -> Tensor {
         let named = Tensor::stack(&[s, o], 0);
-        layout_loss(maps, &named, &[false, false], Some(relation))
+        layout_loss(maps, &named, &[None, None], Some(relation))
     }
 
     /// A 4×4 map over 3 tokens: token 0 attends cell `a`, token 1 cell `b`
@@ -346,19 +453,70 @@ mod tests {
         let (a, b) = (Tensor::from_slice(&[1.0f32, 0.0, 0.0]), Tensor::from_slice(&[0.0f32, 1.0, 0.0]));
         let named = Tensor::stack(&[&a, &b], 0);
         // Far apart and each in one cell: nothing to do.
-        assert_eq!(layout_loss(&[map()], &named, &[true, true], None).double_value(&[]), 0.0);
+        assert_eq!(layout_loss(&[map()], &named, &[Some(1), Some(1)], None).double_value(&[]), 0.0);
         // In neighbouring cells (0.25 apart): exactly at the margin.
-        assert!(layout_loss(&[map_at(5, 6)], &named, &[true, true], None).double_value(&[]).abs() < 1e-6);
+        assert!(layout_loss(&[map_at(5, 6)], &named, &[Some(1), Some(1)], None).double_value(&[]).abs() < 1e-6);
         // In the same cell: the whole margin.
-        assert!((layout_loss(&[map_at(5, 5)], &named, &[true, true], None).double_value(&[]) - MARGIN).abs() < 1e-6);
+        assert!((layout_loss(&[map_at(5, 5)], &named, &[Some(1), Some(1)], None).double_value(&[]) - MARGIN).abs() < 1e-6);
         // Token 0 split over two far cells: its spread counts when it is one object, not when a group.
         let mut values = vec![0.0f32; 16 * 3];
         values[0] = 0.5;
         values[15 * 3] = 0.5;
         values[5 * 3 + 1] = 1.0;
         let split = Tensor::from_slice(&values).view([1, 16, 3]);
-        let one = layout_loss(&[split.shallow_clone()], &named.narrow(0, 0, 1), &[true], None).double_value(&[]);
-        let group = layout_loss(&[split], &named.narrow(0, 0, 1), &[false], None).double_value(&[]);
+        let one = layout_loss(&[split.shallow_clone()], &named.narrow(0, 0, 1), &[Some(1)], None).double_value(&[]);
+        let group = layout_loss(&[split], &named.narrow(0, 0, 1), &[None], None).double_value(&[]);
         assert!((one - 0.28125 * COMPACT).abs() < 1e-6 && group == 0.0, "{one} {group}");
+    }
+
+    /// An 8×8 map over one token attending `cells` evenly.
+    fn attending(cells: &[usize]) -> Tensor {
+        let mut values = vec![0.0f32; 64];
+        for &c in cells {
+            values[c] = 1.0 / cells.len() as f32;
+        }
+        Tensor::from_slice(&values).view([1, 64, 1])
+    }
+
+    #[test]
+    fn a_counted_group_is_kept_in_as_many_places_as_it_counts() {
+        let token = Tensor::from_slice(&[1.0f32]).view([1, 1]);
+        let loss = |cells: &[usize], n| layout_loss(&[attending(cells)], &token, &[Some(n)], None).double_value(&[]);
+        // Three far-apart cells (corners and the bottom middle) counted as three: nothing to do.
+        let three = [0, 7, 60];
+        let (centres, shares, v) = clusters(&attending(&three), &token.get(0), 3);
+        assert_eq!(v.double_value(&[0]), 0.0);
+        let mut found: Vec<Vec<f32>> = (0..3).map(|i| Vec::<f32>::try_from(centres.get(0).get(i)).unwrap()).collect();
+        found.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        assert_eq!(found, [vec![0.0625, 0.0625], vec![0.0625, 0.9375], vec![0.9375, 0.5625]]);
+        assert!(Vec::<f32>::try_from(shares.view([-1])).unwrap().iter().all(|&a| (a - 1.0 / 3.0).abs() < 1e-6));
+        assert_eq!(loss(&three, 3), 0.0);
+        // A fourth place: one cluster spans two of them.
+        assert!(loss(&[0, 7, 60, 63], 3) > 0.01);
+        // Two places: the third cluster holds nothing.
+        assert!((loss(&[9, 54], 3) - 1.0 / 6.0).abs() < 1e-6);
+        // Two neighbouring cells counted as two: closer than the margin.
+        assert!((loss(&[27, 28], 2) - (MARGIN - 0.125)).abs() < 1e-6);
+        assert_eq!(loss(&[9, 54], 2), 0.0);
+    }
+
+    #[test]
+    fn one_cluster_is_the_spread() {
+        let token = Tensor::from_slice(&[1.0f32]).view([1, 1]);
+        let map = attending(&[0, 9, 10, 44]);
+        let (centre, shares, v) = clusters(&map, &token.get(0), 1);
+        let (centroid, spread) = spread(&map, &token.get(0));
+        assert!((v - spread).abs().max().double_value(&[]) < 1e-6);
+        assert!((centre.view([1, 2]) - centroid).abs().max().double_value(&[]) < 1e-6);
+        assert!((shares.double_value(&[0, 0]) - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn meeting_centres_have_a_finite_gradient() {
+        let centres = Tensor::from_slice(&[0.5f32, 0.5, 0.5, 0.5]).view([1, 2, 2]).set_requires_grad(true);
+        let apart = separation(&centres, MARGIN);
+        assert!((apart.double_value(&[0]) - MARGIN).abs() < 1e-3);
+        let grad = Tensor::run_backward(&[apart.sum(Kind::Float)], &[&centres], false, false).remove(0);
+        assert!(grad.isfinite().all().int64_value(&[]) == 1);
     }
 }

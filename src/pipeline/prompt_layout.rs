@@ -10,8 +10,9 @@
 //! left of", …), "and", "with" and commas split the prompt into noun phrases,
 //! and each phrase's content words (articles and other function words
 //! dropped) are what names it. A phrase with a number word or a plural last
-//! word is a group. A prompt with two relation phrases, or a relation without
-//! exactly one phrase on either side, has no reading, and is not guided.
+//! word is a group, of the number's size when it states one. A prompt with
+//! two relation phrases, or a relation without exactly one phrase on either
+//! side, has no reading, and is not guided.
 
 use crate::train::claims::Relation;
 
@@ -49,13 +50,25 @@ const FUNCTION_WORDS: [&str; 18] = [
 const COUNT_WORDS: [&str; 14] =
     ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "several", "many", "some", "few", "multiple"];
 
+/// The number words of `COUNT_WORDS`, from two.
+const NUMBERS: [&str; 9] = ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"];
+
 /// One thing a prompt names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Named {
     /// Byte ranges of the words naming it.
     pub words: Vec<(usize, usize)>,
+    /// How many objects it is: 1 for one object, the number for a counted
+    /// group ("three stars", "2 squares"), `None` for a group of no stated
+    /// size ("stars", "several stars").
+    pub count: Option<u32>,
+}
+
+impl Named {
     /// One object (not a group).
-    pub single: bool,
+    pub fn single(&self) -> bool {
+        self.count == Some(1)
+    }
 }
 
 /// What a prompt asks to be drawn where.
@@ -68,9 +81,10 @@ pub struct PromptLayout {
 
 impl PromptLayout {
     /// Whether layout guidance has anything to do: a relation, a single
-    /// object to keep compact, or things to keep apart.
+    /// object to keep compact, a counted group to keep in as many places as
+    /// it counts, or things to keep apart.
     pub fn guided(&self) -> bool {
-        self.relation.is_some() || self.named.len() > 1 || self.named.iter().any(|n| n.single)
+        self.relation.is_some() || self.named.len() > 1 || self.named.iter().any(|n| n.count.is_some())
     }
 }
 
@@ -91,7 +105,7 @@ fn words(text: &str) -> Vec<(usize, usize)> {
     out
 }
 
-/// One noun phrase's naming words and whether it is a single object.
+/// One noun phrase's naming words and how many objects it is.
 fn named(lower: &str, phrase: &[(usize, usize)]) -> Option<Named> {
     let text = |&(a, b): &(usize, usize)| &lower[a..b];
     let words: Vec<(usize, usize)> = phrase.iter().copied().filter(|w| !FUNCTION_WORDS.contains(&text(w))).collect();
@@ -99,7 +113,17 @@ fn named(lower: &str, phrase: &[(usize, usize)]) -> Option<Named> {
     let counted = words.iter().any(|w| COUNT_WORDS.contains(&text(w)) || text(w).parse::<u32>().is_ok_and(|n| n >= 2));
     let noun = text(last);
     let plural = noun.len() > 2 && noun.ends_with('s') && !noun.ends_with("ss");
-    Some(Named { words, single: !counted && !plural })
+    // The first number stated; a phrase with two ("two or three stars") is
+    // read by its first, which is as good a guess as any.
+    let number = words.iter().find_map(|w| {
+        let word = text(w);
+        NUMBERS.iter().position(|&n| n == word).map(|i| i as u32 + 2).or_else(|| word.parse::<u32>().ok().filter(|&n| n >= 2))
+    });
+    let count = match (counted, plural) {
+        (false, false) => Some(1),
+        _ => number,
+    };
+    Some(Named { words, count })
 }
 
 /// Reads `prompt`'s layout; `None` when it names nothing, or its relations
@@ -178,7 +202,7 @@ mod tests {
         assert_eq!(r.relation, Some(Relation::Above));
         assert_eq!(said(p, &r.named[0]), ["red", "circle"]);
         assert_eq!(said(p, &r.named[1]), ["blue", "square"]);
-        assert!(r.named.iter().all(|n| n.single));
+        assert!(r.named.iter().all(Named::single));
 
         let p = "Green star to the left of an orange triangle.";
         let r = read(p).expect("a layout");
@@ -198,13 +222,18 @@ mod tests {
         assert_eq!(r.relation, None);
         let names: Vec<Vec<String>> = r.named.iter().map(|n| said(p, n)).collect();
         assert_eq!(names, [vec!["red", "circle"], vec!["green", "ring"], vec!["three", "blue", "crosses"]]);
-        assert_eq!(r.named.iter().map(|n| n.single).collect::<Vec<_>>(), [true, true, false]);
+        assert_eq!(r.named.iter().map(|n| n.count).collect::<Vec<_>>(), [Some(1), Some(1), Some(3)]);
 
         let r = read("red square with 2 yellow plus signs").expect("a layout");
-        assert_eq!(r.named.iter().map(|n| n.single).collect::<Vec<_>>(), [true, false]);
+        assert_eq!(r.named.iter().map(|n| n.count).collect::<Vec<_>>(), [Some(1), Some(2)]);
         let r = read("a purple cross").expect("a layout");
-        assert_eq!((r.named.len(), r.named[0].single), (1, true));
-        assert_eq!(read("four stars").map(|r| r.named[0].single), Some(false));
+        assert_eq!((r.named.len(), r.named[0].single()), (1, true));
+        assert_eq!(read("four stars").map(|r| r.named[0].count), Some(Some(4)));
+        assert_eq!(read("ten stars").map(|r| r.named[0].count), Some(Some(10)));
+        // Groups of no stated size: no count to keep.
+        for p in ["stars", "several red stars", "some squares", "1 squares"] {
+            assert_eq!(read(p).map(|r| r.named[0].count), Some(None), "{p}");
+        }
     }
 
     #[test]
@@ -219,9 +248,9 @@ mod tests {
         use crate::train::scene::Shape;
         for shape in Shape::ALL {
             for (one, many) in vocabulary::shape(shape) {
-                assert_eq!(read(&format!("a red {one}")).map(|r| r.named[0].single), Some(true), "{one}");
-                assert_eq!(read(&format!("two red {many}")).map(|r| r.named[0].single), Some(false), "{many}");
-                assert_eq!(read(&format!("red {many}")).map(|r| r.named[0].single), Some(false), "{many}");
+                assert_eq!(read(&format!("a red {one}")).map(|r| r.named[0].count), Some(Some(1)), "{one}");
+                assert_eq!(read(&format!("two red {many}")).map(|r| r.named[0].count), Some(Some(2)), "{many}");
+                assert_eq!(read(&format!("red {many}")).map(|r| r.named[0].count), Some(None), "{many}");
             }
         }
     }
