@@ -18,8 +18,8 @@
 //! ```text
 //! g(x_t) = mean over layers of
 //!            Σ_single things v_k                              (each drawn in one place)
-//!          + Σ_groups of n  v_k^(n) + Σ_i<j max(0, m − |c_ki − c_kj|)
-//!                          + Σ_i max(0, 1/2n − a_ki)          (a group in n places)
+//!          + Σ_groups of n  w·(v_k^(n) + Σ_i<j max(0, m − |c_ki − c_kj|)
+//!                              + Σ_i max(0, 1/2n − a_ki))     (a group in n places)
 //!          + max(0, m − d) + max(0, |d⊥| − d/2)               (a relation: the subject on its side)
 //!          or Σ_pairs max(0, m − |c_j − c_k|)                 (no relation: things apart)
 //! ε̂' = ε̂ + s·√(1 − ᾱ_t)·∇_{x_t} g
@@ -29,7 +29,7 @@
 //! v_k the attention's mean squared distance from it, v_k^(n) its mean
 //! squared distance from the nearest of n cluster centres c_k1 … c_kn (a
 //! group counted as n: "three stars") and a_ki the share of its attention
-//! in cluster i, d and d⊥ the offset
+//! in cluster i, w a weight (`COUNTED`), d and d⊥ the offset
 //! from the subject's centroid to the object's along and across the
 //! relation's axis, and m a margin (ADM's classifier-guidance form with
 //! log p = −g). Only steps with t at or above a threshold are guided: layout
@@ -71,8 +71,11 @@ pub const ACROSS: f64 = 0.5;
 /// Weight of the two sides' attention spread in g.
 pub const COMPACT: f64 = 1.0;
 
-/// Weight of a counted group's spread about its nearest cluster centre in g.
-pub const COUNTED: f64 = 1.0;
+/// Weight of a counted group's terms in g. Counts need a firmer push than
+/// places: on the default model's 32 counting prompts at 32 px, these terms
+/// at layout guidance 300 drew 87.5% of the counts right with weight 1,
+/// 96.9% at twice that scale and 100% at 1000/300 of it, shapes intact.
+pub const COUNTED: f64 = 3.0;
 
 /// Lloyd iterations refining a counted group's cluster centres.
 const LLOYD_ITERATIONS: usize = 3;
@@ -238,7 +241,7 @@ pub fn layout_loss(maps: &[Tensor], named: &Tensor, counts: &[Option<u32>], rela
                     Some(1) => g += v * COMPACT,
                     Some(n) => {
                         let (centres, shares, v_n) = clusters(map, &named.get(k as i64), i64::from(n));
-                        g += v_n * COUNTED + separation(&centres, MARGIN) + shortfall(&shares);
+                        g += (v_n + separation(&centres, MARGIN) + shortfall(&shares)) * COUNTED;
                     }
                     None => {}
                 }
@@ -494,9 +497,9 @@ mod tests {
         // A fourth place: one cluster spans two of them.
         assert!(loss(&[0, 7, 60, 63], 3) > 0.01);
         // Two places: the third cluster holds nothing.
-        assert!((loss(&[9, 54], 3) - 1.0 / 6.0).abs() < 1e-6);
+        assert!((loss(&[9, 54], 3) - COUNTED / 6.0).abs() < 1e-6);
         // Two neighbouring cells counted as two: closer than the margin.
-        assert!((loss(&[27, 28], 2) - (MARGIN - 0.125)).abs() < 1e-6);
+        assert!((loss(&[27, 28], 2) - COUNTED * (MARGIN - 0.125)).abs() < 1e-6);
         assert_eq!(loss(&[9, 54], 2), 0.0);
     }
 
