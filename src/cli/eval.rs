@@ -44,6 +44,10 @@ pub struct EvalArgs {
     /// DDPM 1000) or `guidance` (1, 2, 3, 5, 7). Without it, one row of defaults.
     #[arg(long, value_enum)]
     pub table: Option<Sweep>,
+    /// Only these rows of `--table` (1-based, comma-separated, in the
+    /// table's order): a long row such as DDPM 1000 can run on its own.
+    #[arg(long, value_delimiter = ',', value_name = "ROWS", requires = "table", value_parser = clap::value_parser!(u32).range(1..))]
+    pub rows: Vec<u32>,
     /// GLIDE's CLIP guidance of every sample's base stage at this scale (the
     /// cascade's manifest must name a noised CLIP), on top of each row's
     /// classifier-free guidance: run with and without to compare the modes.
@@ -158,7 +162,13 @@ fn model(args: &EvalArgs, cases: &[Case], rules: Rules) -> anyhow::Result<Vec<(S
         Some(side) => side,
         None => sampled,
     };
-    let settings = args.table.map_or_else(|| vec![StageOverride::default()], Sweep::rows);
+    let mut settings = args.table.map_or_else(|| vec![StageOverride::default()], Sweep::rows);
+    if !args.rows.is_empty() {
+        if let Some(bad) = args.rows.iter().find(|&&r| r as usize > settings.len()) {
+            bail!("--rows {bad}: the table has {} rows", settings.len());
+        }
+        settings = settings.into_iter().enumerate().filter(|(i, _)| args.rows.contains(&(*i as u32 + 1))).map(|(_, s)| s).collect();
+    }
     let images = args.images as usize;
     eprintln!(
         "{} prompts × {images} images at {size} px with {} on {:?}, {} row(s)",
