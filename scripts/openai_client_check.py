@@ -2,7 +2,7 @@
 """Drives diffusiond's OpenAI-compatible endpoints with the official `openai`
 client (pinned in gen_fixtures.py), as a user of that SDK would: generations
 (b64 and url), edits with a transparent mask and without one, variations,
-JPEG output, and streamed generation with partial images.
+JPEG and WebP output, and streamed generation with partial images.
 
     openai_client_check.py BASE_URL SIZE [API_KEY]
 
@@ -44,7 +44,11 @@ def main() -> None:
     except openai.APIStatusError as e:
         body = e.body if isinstance(e.body, dict) else {}
         error = {"status": e.status_code, "param": body.get("param"), "type": body.get("type"), "message": body.get("message")}
-    out = {"created": result.created, "sizes": sizes, "url": urls.data[0].url, "error": error}
+    webp = client.images.generate(prompt="a purple cross", n=1, size=size, output_format="webp",
+                                  extra_body={"seed": 7, "num_inference_steps": 2})
+    riff = base64.b64decode(webp.data[0].b64_json)
+    out = {"created": result.created, "sizes": sizes, "url": urls.data[0].url, "error": error,
+           "webp": riff[:4] == b"RIFF" and riff[8:12] == b"WEBP"}
     out.update(edits(client, size))
     out["stream"] = stream(client, size)
     print(json.dumps(out))
@@ -75,7 +79,12 @@ def edits(client: "openai.OpenAI", size: str) -> dict:
     jpeg = base64.b64decode(whole.data[0].b64_json)[:3] == b"\xff\xd8\xff"
     varied = client.images.create_variation(image=png_file(source), n=2, size=size, response_format="b64_json",
                                             extra_body={"seed": 5})
-    return {"edit_kept_unmasked": kept, "edit_jpeg": jpeg, "variations": [list(png_size(base64.b64decode(d.b64_json))) for d in varied.data]}
+    # The SDK's variation call has no output_format argument; the form field goes through extra_body.
+    varied_jpeg = client.images.create_variation(image=png_file(source), n=1, size=size, response_format="b64_json",
+                                                 extra_body={"seed": 5, "output_format": "jpeg"})
+    return {"edit_kept_unmasked": kept, "edit_jpeg": jpeg,
+            "variations": [list(png_size(base64.b64decode(d.b64_json))) for d in varied.data],
+            "variation_jpeg": base64.b64decode(varied_jpeg.data[0].b64_json)[:3] == b"\xff\xd8\xff"}
 
 
 def stream(client: "openai.OpenAI", size: str) -> list:

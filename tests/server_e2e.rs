@@ -328,6 +328,9 @@ async fn the_official_openai_client_generates_images() {
     assert_eq!(result["edit_kept_unmasked"], true, "{result}");
     assert_eq!(result["edit_jpeg"], true, "{result}");
     assert_eq!(result["variations"], json!([[32, 32], [32, 32]]));
+    // output_format on the other two routes.
+    assert_eq!(result["webp"], true, "{result}");
+    assert_eq!(result["variation_jpeg"], true, "{result}");
     // Streaming: two partial images (x̂₀ of the 16 px base stage), then the finished one.
     let partial = json!({"type": "image_generation.partial_image", "size": [16, 16]});
     let stream: Vec<Value> = result["stream"].as_array().unwrap().clone();
