@@ -5,9 +5,12 @@
 
 Loads every stage folder of the cascade in MANIFEST_DIR (its `cascade.json`)
 with the pipeline class its `model_index.json` names (`IFPipeline` for the
-base, `IFSuperResolutionPipeline` for each super-resolution stage), without
-text encoder or safety modules, and runs the cascade for N images of one
-prompt at each stage's steps, guidance scale and noise level. The prompt's
+base, `IFSuperResolutionPipeline` for each super-resolution stage, or
+`IFImg2ImgSuperResolutionPipeline` where the stage's `strength` is below 1:
+it starts from the stage below's output upsampled bicubically, as diffusiond
+does), without text encoder or safety modules, and runs the cascade for N
+images of one prompt at each stage's steps, guidance scale, noise level and
+strength. The prompt's
 embeddings come from EMBEDS (`prompt_embeds`, `null_embeds`, written by the
 Rust side with diffusiond's own encoder), so both sides do the same work from
 the same inputs. Prints one JSON line over ITERS runs after one warm-up run:
@@ -28,7 +31,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from diffusers import IFPipeline, IFSuperResolutionPipeline
+from diffusers import IFImg2ImgSuperResolutionPipeline, IFPipeline, IFSuperResolutionPipeline
 
 NONE = dict(text_encoder=None, tokenizer=None, safety_checker=None, feature_extractor=None, watermarker=None,
             requires_safety_checker=False)
@@ -38,7 +41,12 @@ def load(root: Path):
     manifest = json.loads((root / "cascade.json").read_text())
     stages = []
     for i, stage in enumerate(manifest["stages"]):
-        cls = IFPipeline if i == 0 else IFSuperResolutionPipeline
+        if i == 0:
+            cls = IFPipeline
+        elif stage.get("strength", 1.0) < 1.0:
+            cls = IFImg2ImgSuperResolutionPipeline
+        else:
+            cls = IFSuperResolutionPipeline
         pipe = cls.from_pretrained(root / stage["path"], torch_dtype=torch.float32, **NONE)
         pipe.set_progress_bar_config(disable=True)
         stages.append((pipe, stage))
@@ -56,9 +64,15 @@ def run(stages, prompt: torch.Tensor, null: torch.Tensor, n: int, stage_ms: list
                          **common).images
         else:
             # The SR pipeline wants one prompt row per input image.
+            extra = {}
+            if stage.get("strength", 1.0) < 1.0:
+                side = pipe.unet.config.sample_size
+                upsampled = torch.nn.functional.interpolate(image, size=(side, side), mode="bicubic",
+                                                            align_corners=False).clamp(-1, 1)
+                extra = dict(original_image=upsampled, strength=stage["strength"])
             image = pipe(image=image, noise_level=stage.get("noise_level", 250),
                          prompt_embeds=prompt.repeat(n, 1, 1), negative_prompt_embeds=null.repeat(n, 1, 1),
-                         **common).images
+                         **extra, **common).images
         stage_ms[i].append((time.perf_counter() - start) * 1e3)
     return image
 
