@@ -9,7 +9,8 @@
 //! `Cascade::generate`. diffusers' side is
 //! `scripts/diffusers_cascade_bench.py` in the reference environment
 //! (`make refenv`), fed the embeddings our encoder produced so that both do the
-//! same work.
+//! same work (a super-resolution stage with a `strength` below 1 runs
+//! `IFImg2ImgSuperResolutionPipeline` from the upsampled image there).
 //!
 //!     cargo bench --bench latency                  # 2 threads, median of 3
 //!     BENCH_THREADS=1 BENCH_ITERS=5 BENCH_SIZES=1 BENCH_MODEL=models/default cargo bench --bench latency
@@ -109,7 +110,11 @@ fn main() {
         .manifest
         .stages
         .iter()
-        .map(|s| format!("{} {}-{}", s.name, s.sampler, s.steps))
+        .map(|s| match s.strength {
+            // A super-resolution stage started from the upsampled image runs only its last strength·steps.
+            Some(strength) if strength < 1.0 => format!("{} {}-{} at strength {strength}", s.name, s.sampler, s.steps),
+            _ => format!("{} {}-{}", s.name, s.sampler, s.steps),
+        })
         .collect();
     println!("cascade {} ({}), CPU f32, {threads} threads, median of {iters}", model.display(), stages.join(" → "));
     println!("{:>4} {:>8} {:>14} {:>14} {:>12}", "n", "stage", "diffusiond ms", "diffusers ms", "theirs/ours");
