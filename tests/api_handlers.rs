@@ -428,6 +428,8 @@ async fn image_inputs_are_checked_before_anything_is_queued() {
         (json!({"prompt": "x", "source": {"kind": "image", "image": "@@@"}}), "source.image", "base64"),
         (json!({"prompt": "x", "source": {"kind": "image", "image": "aGVsbG8="}}), "source.image", "PNG, JPEG or WebP"),
         (json!({"prompt": "x", "source": {"kind": "image", "image": png_b64(40, 20, 0)}}), "source.image", "aspect ratio"),
+        // Refused from its header, before its pixels are decoded.
+        (json!({"prompt": "x", "source": {"kind": "image", "image": png_b64(4097, 1, 0)}}), "source.image", "at most 4096 pixels a side"),
         (json!({"prompt": "x", "source": {"kind": "image", "image": image, "strength": 0}}), "source.strength", "outside"),
         (json!({"prompt": "x", "source": {"kind": "inpaint", "image": image, "mask": png_b64(16, 16, 255)}}), "source.mask", "16x16"),
         (json!({"prompt": "x", "source": {"kind": "inpaint", "image": image, "mask": png_b64(32, 32, 0)}}), "source.mask", "repaints nothing"),
@@ -480,6 +482,8 @@ async fn openai_forms_name_their_fields() {
     check(h.send(multipart(&[("image", png.clone())])).await, StatusCode::UNPROCESSABLE_ENTITY, "prompt");
     check(h.send(multipart(&[("image", png.clone()), ("prompt", b"x".to_vec()), ("colour", b"red".to_vec())])).await, StatusCode::UNPROCESSABLE_ENTITY, "colour");
     check(h.send(multipart(&[("image", b"not an image".to_vec()), ("prompt", b"x".to_vec())])).await, StatusCode::UNPROCESSABLE_ENTITY, "image");
+    let wide = base64::engine::general_purpose::STANDARD.decode(png_b64(4097, 1, 10)).unwrap();
+    check(h.send(multipart(&[("image", wide), ("prompt", b"x".to_vec())])).await, StatusCode::UNPROCESSABLE_ENTITY, "image");
     check(h.send(multipart(&[("image", png.clone()), ("prompt", b"x".to_vec()), ("n", b"two".to_vec())])).await, StatusCode::UNPROCESSABLE_ENTITY, "n");
     check(h.send(multipart(&[("image", png.clone()), ("image[]", png.clone()), ("prompt", b"x".to_vec())])).await, StatusCode::UNPROCESSABLE_ENTITY, "image");
     let json = h.send(post_json("/v1/images/edits", &json!({"prompt": "x"}))).await;
@@ -509,10 +513,12 @@ async fn layout_guidance_is_planned_for_laid_out_prompts_and_range_checked() {
     let stages = reply.json()["request"]["stages"].clone();
     assert_eq!(stages[0]["layout_guidance_scale"], 250.0);
     assert_eq!(stages[1]["layout_guidance_scale"], 0.0, "{stages}");
-    // One group has nothing to lay out: accepted, planned as 0.
-    let reply = h.send(async_generate(&json!({"prompt": "three green stars", "layout_guidance_scale": 250.0}))).await;
+    // One group of no stated size has nothing to lay out: accepted, planned as 0; a counted one is guided.
+    let reply = h.send(async_generate(&json!({"prompt": "green stars", "layout_guidance_scale": 250.0}))).await;
     assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
     assert_eq!(reply.json()["request"]["stages"][0]["layout_guidance_scale"], 0.0);
+    let reply = h.send(async_generate(&json!({"prompt": "three green stars", "layout_guidance_scale": 250.0}))).await;
+    assert_eq!(reply.json()["request"]["stages"][0]["layout_guidance_scale"], 250.0);
     for bad in [json!(-1.0), json!(1000.5), json!("lots")] {
         let (param, msg) = invalid(&h, json!({"prompt": "a red circle above a blue square", "layout_guidance_scale": bad})).await;
         assert_eq!(param, "layout_guidance_scale", "{bad}: {msg}");
@@ -586,4 +592,28 @@ async fn clip_guidance_needs_a_clip_of_the_base_stage_size() {
     assert_eq!(param, "clip_guidance_scale");
     assert!(msg.contains("upscale"), "{msg}");
     assert_eq!(h.store.len(), 2, "only the valid requests are stored");
+}
+
+#[tokio::test]
+async fn a_running_job_shows_its_latest_preview_and_a_finished_one_does_not() {
+    use diffusiond::jobs::{JobPreview, JobProgress, JobStore};
+    let h = Harness::new(Behaviour::Hold);
+    let reply = h.send(async_generate(&json!({"prompt": "x", "preview_every": 2}))).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+    let id = reply.json()["id"].as_str().unwrap().to_owned();
+    let job: JobId = id.parse().unwrap();
+    let preview = JobPreview { stage: 0, step: 4, images: vec![png_b64(16, 16, 200)] };
+    let progress = JobProgress { stage: 0, stages: 3, stage_name: "base".into(), step: 4, total_steps: 25, fraction: 0.1, preview: Some(preview) };
+    assert!(h.store.start(job, 1).unwrap());
+    h.store.set_progress(job, &progress).unwrap();
+    let doc = h.send(get(&format!("/jobs/{id}"))).await.json();
+    assert_eq!(doc["status"], "running", "{doc}");
+    assert_eq!((doc["preview"]["stage"].as_u64(), doc["preview"]["step"].as_u64()), (Some(0), Some(4)), "{doc}");
+    let png = base64::engine::general_purpose::STANDARD.decode(doc["preview"]["images"][0].as_str().unwrap()).unwrap();
+    assert_eq!(image::load_from_memory(&png).unwrap().width(), 16);
+    // Once the images are there, the preview is gone.
+    h.queue.finish(job, Behaviour::Succeed);
+    assert_eq!(h.store.status(job), Some(JobStatus::Succeeded));
+    let doc = h.send(get(&format!("/jobs/{id}"))).await.json();
+    assert!(doc.get("preview").is_none_or(Value::is_null), "{doc}");
 }
