@@ -2,8 +2,8 @@
 //! (read, ack, heartbeat, reclaim, requeue, trim, dead letters), the HTTP
 //! side's `RedisQueue` (cluster-wide capacity, positions, cancel broadcast),
 //! and two in-process replicas on the tiny fixture cascade: a job accepted by
-//! one runs on the other, with sync results, SSE progress and cancellation
-//! crossing over; a job delivered too often is given up on.
+//! one runs on the other, with sync results, edits, SSE progress and
+//! cancellation crossing over; a job delivered too often is given up on.
 
 mod cluster;
 mod common;
@@ -22,7 +22,8 @@ use diffusiond::jobs::{
     RedisQueue, RelayConfig, RelayTargets, SharedLimits, StreamOptions, WorkStream,
 };
 use diffusiond::nn::device::{DeviceSetting, Precision};
-use diffusiond::pipeline::{Cascade, LoadOptions, RequestSpec};
+use base64::Engine as _;
+use diffusiond::pipeline::{Cascade, LoadOptions, Mask, Picture, RequestSpec, SourceSpec};
 use diffusiond::server::ServerConfig;
 use diffusiond::worker::{EngineConfig, LocalQueue, QueueLimits, SharedQueueConfig};
 use serde_json::{json, Value};
@@ -315,6 +316,25 @@ async fn a_job_accepted_by_one_replica_runs_on_another() {
     assert_eq!(b.stats.jobs_finished.load(Ordering::Relaxed), 1, "B ran it");
     assert_eq!(a.stats.jobs_finished.load(Ordering::Relaxed), a_finished, "A did not");
 
+    // An edit crosses over whole: inpainting accepted by A, run by B, gives
+    // the image the pipeline makes directly from the same picture and mask.
+    let edit = |name: &str| std::fs::read(fixture_dir().join("edit").join(name)).unwrap();
+    let (image, mask) = (edit("image32.png"), edit("mask32.png"));
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let body = json!({"prompt": "a blue square", "seed": 2, "steps": 4, "source": {"kind": "inpaint", "image": b64(&image), "mask": b64(&mask)}});
+    let doc: Value = client.post(format!("{base_a}/generate")).json(&body).send().await.unwrap().json().await.unwrap();
+    let served = base64::engine::general_purpose::STANDARD.decode(doc["images"][0]["b64_json"].as_str().unwrap_or_else(|| panic!("{doc}"))).unwrap();
+    assert_eq!(b.stats.jobs_finished.load(Ordering::Relaxed), 2, "B ran the edit");
+    let source = SourceSpec::Inpaint {
+        image: Picture::from_image(&image::load_from_memory(&image).unwrap()),
+        mask: Mask::from_image(&image::load_from_memory(&mask).unwrap()),
+        strength: None,
+    };
+    let spec = RequestSpec { prompt: "a blue square".into(), n: 1, seed: Some(2), steps: Some(4), source: Some(source), ..Default::default() };
+    let cascade = Cascade::load(&fixture_dir().join("cascade"), &CPU).unwrap();
+    let direct = cascade.generate(&cascade.plan(&spec).unwrap(), &mut |_| std::ops::ControlFlow::Continue(())).unwrap();
+    assert_eq!(served, direct[0].png().unwrap(), "the edit's image");
+
     // SSE on A follows a job B runs, to its end.
     let job = submit(&client, &base_a, json!({"prompt": "a ring", "seed": 2, "steps": 12})).await;
     let id = job["id"].as_str().unwrap().to_owned();
@@ -325,7 +345,7 @@ async fn a_job_accepted_by_one_replica_runs_on_another() {
     }
     assert!(text.contains("event: progress") && text.contains("event: stage_done"), "{text}");
     assert!(text.trim_end().contains("event: succeeded"), "{text}");
-    assert_eq!(b.stats.jobs_finished.load(Ordering::Relaxed), 2);
+    assert_eq!(b.stats.jobs_finished.load(Ordering::Relaxed), 3);
 
     // B busy too: the next job waits in the shared queue, with a position.
     let second = submit(&client, &base_b, long.clone()).await;
