@@ -240,6 +240,9 @@ pub fn layout_loss(maps: &[Tensor], named: &Tensor, counts: &[Option<u32>], rela
                 match count {
                     Some(1) => g += v * COMPACT,
                     Some(n) => {
+                        // Weighed apart from the spread's: sharing them would
+                        // reorder the gradient's sums and change the images'
+                        // last bits.
                         let (centres, shares, v_n) = clusters(map, &named.get(k as i64), i64::from(n));
                         g += (v_n + separation(&centres, MARGIN) + shortfall(&shares)) * COUNTED;
                     }
@@ -282,13 +285,13 @@ pub fn clusters(map: &Tensor, tokens: &Tensor, n: i64) -> (Tensor, Tensor, Tenso
     let (weights, cells) = attention(map, tokens);
     let (b, positions) = weights.size2().expect("[B, H·W] weights");
     let n = n.clamp(1, positions);
-    let options = (Kind::Float, map.device());
     // Squared distance of every cell to every centre: [B, H·W, n].
     let distances = |centres: &Tensor| {
         let k = centres.size()[1];
         (cells.view([1, positions, 1, 2]) - centres.view([b, 1, k, 2])).square().sum_dim_intlist([3i64].as_slice(), false, Kind::Float)
     };
-    // The weighted mean of each cluster's cells, where it has any weight.
+    // The weighted mean of each cluster's cells, where it has any weight
+    // (`previous` where it has none).
     let means = |assigned: &Tensor, previous: &Tensor, w: &Tensor| {
         let mass = w.unsqueeze(2) * assigned.one_hot(n).to_kind(Kind::Float); // [B, H·W, n]
         let total = mass.sum_dim_intlist([1i64].as_slice(), false, Kind::Float).unsqueeze(2); // [B, n, 1]
@@ -310,8 +313,9 @@ pub fn clusters(map: &Tensor, tokens: &Tensor, n: i64) -> (Tensor, Tensor, Tenso
         }
         assigned
     });
-    let seeds = tch::no_grad(|| means(&assigned, &Tensor::zeros([b, n, 2], options), &weights.detach()));
-    let centres = means(&assigned, &seeds, &weights);
+    // A cluster left with no weight has no centre of its own: it sits at the
+    // origin, where only the other centres' distances to it carry gradient.
+    let centres = means(&assigned, &Tensor::zeros([b, n, 2], (Kind::Float, weights.device())), &weights);
     let nearest = distances(&centres).gather(2, &assigned.unsqueeze(2), false).squeeze_dim(2); // [B, H·W]
     let dispersion = (&weights * nearest).sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
     let shares = (weights.unsqueeze(2) * assigned.one_hot(n).to_kind(Kind::Float)).sum_dim_intlist([1i64].as_slice(), false, Kind::Float);

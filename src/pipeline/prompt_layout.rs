@@ -46,12 +46,16 @@ const FUNCTION_WORDS: [&str; 18] = [
     "showing", "shows",
 ];
 
-/// Words that make a phrase a group.
-const COUNT_WORDS: [&str; 14] =
-    ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "several", "many", "some", "few", "multiple"];
-
-/// The number words of `COUNT_WORDS`, from two.
+/// Number words that make a phrase a group, from two.
 const NUMBERS: [&str; 9] = ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"];
+
+/// Words that make a phrase a group of no stated size.
+const QUANTIFIERS: [&str; 5] = ["several", "many", "some", "few", "multiple"];
+
+/// The number `word` states, when it is one of two or more ("three", "3").
+fn number(word: &str) -> Option<u32> {
+    NUMBERS.iter().position(|&n| n == word).map(|i| i as u32 + 2).or_else(|| word.parse::<u32>().ok().filter(|&n| n >= 2))
+}
 
 /// One thing a prompt names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,18 +114,16 @@ fn named(lower: &str, phrase: &[(usize, usize)]) -> Option<Named> {
     let text = |&(a, b): &(usize, usize)| &lower[a..b];
     let words: Vec<(usize, usize)> = phrase.iter().copied().filter(|w| !FUNCTION_WORDS.contains(&text(w))).collect();
     let last = words.last()?;
-    let counted = words.iter().any(|w| COUNT_WORDS.contains(&text(w)) || text(w).parse::<u32>().is_ok_and(|n| n >= 2));
     let noun = text(last);
     let plural = noun.len() > 2 && noun.ends_with('s') && !noun.ends_with("ss");
     // The first number stated; a phrase with two ("two or three stars") is
     // read by its first, which is as good a guess as any.
-    let number = words.iter().find_map(|w| {
-        let word = text(w);
-        NUMBERS.iter().position(|&n| n == word).map(|i| i as u32 + 2).or_else(|| word.parse::<u32>().ok().filter(|&n| n >= 2))
-    });
-    let count = match (counted, plural) {
-        (false, false) => Some(1),
-        _ => number,
+    let stated = words.iter().find_map(|w| number(text(w)));
+    let vague = words.iter().any(|w| QUANTIFIERS.contains(&text(w)));
+    let count = match (stated, vague || plural) {
+        (Some(n), _) => Some(n),
+        (None, false) => Some(1),
+        (None, true) => None,
     };
     Some(Named { words, count })
 }
