@@ -595,6 +595,44 @@ async fn clip_guidance_needs_a_clip_of_the_base_stage_size() {
 }
 
 #[tokio::test]
+async fn classifier_guidance_needs_the_same_clip_and_combines_with_clip_guidance() {
+    let h = Harness::new(Behaviour::Hold);
+    assert_eq!(h.send(get("/info")).await.json()["limits"]["max_classifier_guidance_scale"], 100.0);
+    assert_eq!(h.send(async_generate(&json!({"prompt": "x", "classifier_guidance_scale": 0.0}))).await.status, StatusCode::ACCEPTED);
+    let (param, msg) = invalid(&h, json!({"prompt": "x", "classifier_guidance_scale": 3.0})).await;
+    assert_eq!(param, "classifier_guidance_scale", "{msg}");
+    assert!(msg.contains("no noised CLIP"), "{msg}");
+    with_clip(&h, Some(32));
+    let (param, msg) = invalid(&h, json!({"prompt": "x", "classifier_guidance_scale": 3.0})).await;
+    assert_eq!(param, "classifier_guidance_scale");
+    assert!(msg.contains("32x32"), "{msg}");
+
+    with_clip(&h, Some(16));
+    let body = json!({"prompt": "a red circle above a blue square", "classifier_guidance_scale": 4.5, "clip_guidance_scale": 2.0});
+    let reply = h.send(async_generate(&body)).await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+    let stages = reply.json()["request"]["stages"].clone();
+    assert_eq!((stages[0]["classifier_guidance_scale"].clone(), stages[0]["clip_guidance_scale"].clone()), (json!(4.5), json!(2.0)));
+    assert_eq!(stages[1]["classifier_guidance_scale"], 0.0, "{stages}");
+    for bad in [json!(-0.5), json!(100.5), json!("lots"), json!(null)] {
+        let body = json!({"prompt": "x", "classifier_guidance_scale": bad});
+        if bad.is_null() {
+            assert_eq!(h.send(async_generate(&body)).await.status, StatusCode::ACCEPTED, "null is unset");
+            continue;
+        }
+        let (param, msg) = invalid(&h, body).await;
+        assert_eq!(param, "classifier_guidance_scale", "{bad}: {msg}");
+    }
+    let body = json!({"prompt": "", "classifier_guidance_scale": 1.0, "source": {"kind": "image", "image": png_b64(16, 16, 90)}});
+    let (param, msg) = invalid(&h, body).await;
+    assert_eq!(param, "classifier_guidance_scale");
+    assert!(msg.contains("prompt"), "{msg}");
+    let body = json!({"prompt": "x", "classifier_guidance_scale": 1.0, "source": {"kind": "upscale", "image": png_b64(16, 16, 90)}});
+    assert_eq!(invalid(&h, body).await.0, "classifier_guidance_scale");
+    assert_eq!(h.store.len(), 3, "only the valid requests are stored");
+}
+
+#[tokio::test]
 async fn a_running_job_shows_its_latest_preview_and_a_finished_one_does_not() {
     use diffusiond::jobs::{JobPreview, JobProgress, JobStore};
     let h = Harness::new(Behaviour::Hold);

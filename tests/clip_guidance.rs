@@ -7,67 +7,22 @@
 mod common;
 
 use std::ops::ControlFlow;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::cascade::{assert_guided_batch_invariant, ddim_spec, generate, pixels};
+use common::clip::{cascade_with_clip, clip_config};
 use common::fixture_dir;
 use diffusiond::diffusion::forward::{to_x0_and_eps, NoiseLevel};
 use diffusiond::diffusion::PredictionType;
 use diffusiond::jobs::embedded::EmbeddedStore;
 use diffusiond::jobs::{event_channel, now_ms, JobId, JobQueue, JobRecord, JobStatus, JobStore};
 use diffusiond::nn::device::{DeviceSetting, Precision};
-use diffusiond::nn::noised_clip::{LoadedNoisedClip, ModelInputs, NoisedClipConfig};
-use diffusiond::pipeline::manifest::ClipEntry;
-use diffusiond::pipeline::{Cascade, ClipGuide, ClipJob, GeneratedImage, GenerationRequest, LoadOptions, Manifest, PipelineError, RequestSpec};
+use diffusiond::pipeline::{Cascade, ClipGuide, ClipJob, GeneratedImage, GenerationRequest, LoadOptions, PipelineError, RequestSpec};
 use diffusiond::worker::{readiness_channel, spawn, EngineConfig, QueueLimits, Readiness, WorkerSettings};
 use tch::{Device, Kind, Tensor};
 
 const CPU: LoadOptions = LoadOptions { device: DeviceSetting::Cpu, precision: Precision::F32 };
-
-fn clip_config(image_size: i64, text_hidden_size: i64) -> NoisedClipConfig {
-    NoisedClipConfig { image_size, block_out_channels: vec![8, 16], layers_per_block: 1, embed_dim: 16, text_hidden_size, num_train_timesteps: 1000, norm_num_groups: 4 }
-}
-
-fn base_scheduler() -> serde_json::Value {
-    let text = std::fs::read_to_string(fixture_dir().join("cascade/base/scheduler/scheduler_config.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
-/// A copy of the fixture cascade in a fresh folder named after `name`, with a
-/// random CLIP of `config` (seeded with `seed`) in `clip/` that the manifest names.
-fn cascade_with_clip(name: &str, config: &NoisedClipConfig, seed: i64) -> PathBuf {
-    let src = fixture_dir().join("cascade");
-    let dir = std::env::temp_dir().join(format!("diffusiond-clip-guidance-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    for stage in ["base", "sr"] {
-        copy_dir(&src.join(stage), &dir.join(stage));
-    }
-    let encoder = std::fs::canonicalize(fixture_dir().join("text/tiny-bert")).unwrap();
-    let mut manifest = Manifest::from_dir(&src).unwrap();
-    manifest.text_encoder.path = encoder.clone();
-    manifest.clip = Some(ClipEntry { path: "clip".into() });
-    manifest.write(&dir).unwrap();
-    tch::manual_seed(seed);
-    let clip = LoadedNoisedClip::random(config).unwrap();
-    clip.save(&dir.join("clip")).unwrap();
-    ModelInputs { text_encoder: encoder, max_length: 16, scheduler: base_scheduler(), train_seed: 0 }.write(&dir.join("clip")).unwrap();
-    dir
-}
 
 fn spec(n: usize, seed: u64, clip: Option<f32>) -> RequestSpec {
     RequestSpec { clip_guidance_scale: clip, ..ddim_spec("a red circle on top of a blue square", n, seed) }

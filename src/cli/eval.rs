@@ -41,18 +41,30 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// A sweep, one row per value: `steps` (base stage DDIM 10, 20, 50, 100 and
-    /// DDPM 1000) or `guidance` (1, 2, 3, 5, 7). Without it, one row of defaults.
+    /// DDPM 1000), `guidance` (1, 2, 3, 5, 7) or `modes` (classifier-free
+    /// guidance off and at the default, each alone, with CLIP guidance and
+    /// with classifier guidance at two scales; needs a noised CLIP). Without
+    /// it, one row of defaults.
     #[arg(long, value_enum)]
     pub table: Option<Sweep>,
     /// Only these rows of `--table` (1-based, comma-separated, in the
     /// table's order): a long row such as DDPM 1000 can run on its own.
     #[arg(long, value_delimiter = ',', value_name = "ROWS", requires = "table", value_parser = clap::value_parser!(u32).range(1..))]
     pub rows: Vec<u32>,
+    /// Classifier-free guidance scale of every sample's base stage (default:
+    /// the stage's).
+    #[arg(long, value_name = "S", conflicts_with = "table")]
+    pub guidance: Option<f32>,
     /// GLIDE's CLIP guidance of every sample's base stage at this scale (the
     /// cascade's manifest must name a noised CLIP), on top of each row's
     /// classifier-free guidance: run with and without to compare the modes.
-    #[arg(long, value_name = "S")]
+    #[arg(long, value_name = "S", conflicts_with = "table")]
     pub clip_guidance: Option<f32>,
+    /// ADM's classifier guidance of every sample's base stage at this scale,
+    /// the cascade's noised CLIP as the classifier, on top of each row's
+    /// classifier-free guidance.
+    #[arg(long, value_name = "S", conflicts_with = "table")]
+    pub classifier_guidance: Option<f32>,
     /// Layout guidance of every sample's base stage at this scale (0: none;
     /// default: the cascade's), on top of each row's settings.
     #[arg(long, value_name = "S")]
@@ -82,19 +94,44 @@ pub struct EvalArgs {
 pub enum Sweep {
     Steps,
     Guidance,
+    Modes,
+}
+
+/// CLIP guidance scales of the `modes` table.
+pub const MODES_CLIP: [f32; 2] = [10.0, 30.0];
+/// Classifier guidance scales of the `modes` table.
+pub const MODES_CLASSIFIER: [f32; 2] = [3.0, 10.0];
+
+/// How one row of a table samples the base stage.
+#[derive(Debug, Clone, Default)]
+struct Row {
+    base: StageOverride,
+    clip: Option<f32>,
+    classifier: Option<f32>,
 }
 
 impl Sweep {
-    /// The base-stage settings of each row.
-    fn rows(self) -> Vec<StageOverride> {
+    /// The settings of each row.
+    fn rows(self) -> Vec<Row> {
+        let base = |base: StageOverride| Row { base, ..Default::default() };
         match self {
             Sweep::Steps => [(SamplerKind::Ddim, 10), (SamplerKind::Ddim, 20), (SamplerKind::Ddim, 50), (SamplerKind::Ddim, 100), (SamplerKind::Ddpm, 1000)]
                 .into_iter()
-                .map(|(sampler, steps)| StageOverride { sampler: Some(sampler), steps: Some(steps), ..Default::default() })
+                .map(|(sampler, steps)| base(StageOverride { sampler: Some(sampler), steps: Some(steps), ..Default::default() }))
                 .collect(),
-            Sweep::Guidance => {
-                [1.0, 2.0, 3.0, 5.0, 7.0].into_iter().map(|g| StageOverride { guidance_scale: Some(g), ..Default::default() }).collect()
-            }
+            Sweep::Guidance => [1.0, 2.0, 3.0, 5.0, 7.0].into_iter().map(|g| base(StageOverride { guidance_scale: Some(g), ..Default::default() })).collect(),
+            // Each mode alone (classifier-free guidance off) and on top of
+            // classifier-free guidance at the stage's default.
+            Sweep::Modes => [Some(1.0), None]
+                .into_iter()
+                .flat_map(|g| {
+                    let cfg = StageOverride { guidance_scale: g, ..Default::default() };
+                    let plain = Row { base: cfg.clone(), ..Default::default() };
+                    let clip = MODES_CLIP.map(|s| Row { base: cfg.clone(), clip: Some(s), ..Default::default() });
+                    let classifier = MODES_CLASSIFIER.map(|s| Row { base: cfg.clone(), classifier: Some(s), ..Default::default() });
+                    std::iter::once(plain).chain(clip).chain(classifier)
+                })
+                .collect(),
         }
     }
 }
@@ -130,8 +167,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
 
 /// Renders every case's scene and judges it; failures go to stderr.
 fn ground_truth(args: &EvalArgs, cases: &[Case], rules: Rules) -> anyhow::Result<Vec<(String, Tally)>> {
-    if args.table.is_some() || args.clip_guidance.is_some() || args.layout_guidance.is_some() {
-        bail!("--table, --clip-guidance and --layout-guidance set how a model samples; ground truth has no samples");
+    if args.table.is_some() || args.guidance.is_some() || args.clip_guidance.is_some() || args.classifier_guidance.is_some() || args.layout_guidance.is_some() {
+        bail!("--table and the guidance options set how a model samples; ground truth has no samples");
     }
     let size = args.size.unwrap_or(64);
     let mut tally = Tally::default();
@@ -162,7 +199,9 @@ fn model(args: &EvalArgs, cases: &[Case], rules: Rules) -> anyhow::Result<Vec<(S
         Some(side) => side,
         None => sampled,
     };
-    let mut settings = args.table.map_or_else(|| vec![StageOverride::default()], Sweep::rows);
+    let mut settings = args
+        .table
+        .map_or_else(|| vec![Row { base: StageOverride { guidance_scale: args.guidance, ..Default::default() }, clip: args.clip_guidance, classifier: args.classifier_guidance }], Sweep::rows);
     if !args.rows.is_empty() {
         if let Some(bad) = args.rows.iter().find(|&&r| r as usize > settings.len()) {
             bail!("--rows {bad}: the table has {} rows", settings.len());
@@ -190,8 +229,9 @@ fn model(args: &EvalArgs, cases: &[Case], rules: Rules) -> anyhow::Result<Vec<(S
                     prompt: case.prompt.clone(),
                     n: images,
                     seed: Some(args.seed.wrapping_add((p * MAX_IMAGES) as u64)),
-                    stage_overrides: vec![(0, setting.clone())],
-                    clip_guidance_scale: args.clip_guidance,
+                    stage_overrides: vec![(0, setting.base.clone())],
+                    clip_guidance_scale: setting.clip,
+                    classifier_guidance_scale: setting.classifier,
                     layout_guidance_scale: args.layout_guidance,
                     stages: Some(stages),
                     ..Default::default()
@@ -266,6 +306,9 @@ fn setting_label(request: &GenerationRequest) -> String {
     let mut label = format!("{} {} steps, guidance {}", base.sampler.kind.name(), base.sampler.steps, base.guidance_scale);
     if base.clip_guidance_scale > 0.0 {
         label.push_str(&format!(", CLIP guidance {}", base.clip_guidance_scale));
+    }
+    if base.classifier_guidance_scale > 0.0 {
+        label.push_str(&format!(", classifier guidance {}", base.classifier_guidance_scale));
     }
     if base.layout_guidance_scale > 0.0 {
         label.push_str(&format!(", layout guidance {}", base.layout_guidance_scale));

@@ -64,6 +64,11 @@ pub struct GenerateArgs {
     /// cascade whose manifest names a noised CLIP; 0: none).
     #[arg(long, value_name = "S")]
     pub clip_guidance: Option<f32>,
+    /// ADM's classifier guidance of the base stage at this scale, the
+    /// cascade's noised CLIP as the classifier over the prompt and its
+    /// contrasts (needs a cascade whose manifest names one; 0: none).
+    #[arg(long, value_name = "S")]
+    pub classifier_guidance: Option<f32>,
     /// Layout guidance of the base stage at this scale: each single thing
     /// the prompt names drawn once, things apart, a stated relation ("…
     /// above …") kept (0: none; default: the cascade's).
@@ -206,6 +211,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         steps: args.steps,
         guidance_scale: args.guidance,
         clip_guidance_scale: args.clip_guidance,
+        classifier_guidance_scale: args.classifier_guidance,
         layout_guidance_scale: args.layout_guidance,
         stage_overrides: (1..cascade.stages.len()).map(|i| (i, sr.clone())).collect(),
         stages: args.stages,

@@ -65,8 +65,8 @@ pub fn sample_request(seed: u64) -> GenerationRequest {
         n: 2,
         seed,
         stages: vec![
-            StagePlan { index: 0, name: "base".into(), sampler: base, guidance_scale: 7.5, noise_level: None, clip_guidance_scale: 0.0, layout_guidance_scale: 0.0, strength: 1.0 },
-            StagePlan { index: 1, name: "sr-256".into(), sampler: sr, guidance_scale: 4.0, noise_level: Some(250), clip_guidance_scale: 0.0, layout_guidance_scale: 0.0, strength: 0.4 },
+            StagePlan { index: 0, name: "base".into(), sampler: base, guidance_scale: 7.5, noise_level: None, clip_guidance_scale: 0.0, classifier_guidance_scale: 0.0, layout_guidance_scale: 0.0, strength: 1.0 },
+            StagePlan { index: 1, name: "sr-256".into(), sampler: sr, guidance_scale: 4.0, noise_level: Some(250), clip_guidance_scale: 0.0, classifier_guidance_scale: 0.0, layout_guidance_scale: 0.0, strength: 0.4 },
         ],
         // Pictures travel inside the request (as PNG): the store must keep them exactly.
         source: Some(Source::Inpaint {

@@ -10,7 +10,9 @@
 //!
 //! A cascade may also hold a noised CLIP (the manifest's `clip`), with which
 //! requests add GLIDE's CLIP guidance (Nichol et al. 2022, §2.4) to the base
-//! stage; see `pipeline::clip_guidance`.
+//! stage (see `pipeline::clip_guidance`) or ADM's classifier guidance, the
+//! CLIP's softmax over caption classes as the noisy classifier (see
+//! `pipeline::classifier_guidance`).
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -18,6 +20,8 @@ use std::path::{Path, PathBuf};
 use image::RgbImage;
 use tch::{Device, Kind, Tensor};
 
+use super::classifier_guidance::ClassifierJob;
+use super::classifier_labels;
 use super::clip_guidance::{ClipGuide, ClipJob};
 use super::prompt_layout;
 use super::layout_guidance::LayoutJob;
@@ -387,6 +391,10 @@ impl Cascade {
                 s if first && s > 0.0 => Some(self.clip_job(request, stage, &plan.sampler, s)?),
                 _ => None,
             },
+            classifier: match plan.classifier_guidance_scale {
+                s if first && s > 0.0 => Some(self.classifier_job(request, stage, &plan.sampler, s)?),
+                _ => None,
+            },
             layout: match plan.layout_guidance_scale {
                 s if first && s > 0.0 => self.layout_job(request, stage, &plan.sampler, &cond, s)?,
                 _ => None,
@@ -395,14 +403,39 @@ impl Cascade {
         StageJob::new(stage, inputs, noise)
     }
 
-    /// The CLIP guidance of `request`'s images at the base `stage`: the
-    /// prompt's CLIP text embedding, computed once for the job (an
-    /// interpolation between prompts guides frame i towards the normalised
-    /// mix of the two embeddings at its weight, as its tokens are mixed).
+    /// The CLIP guidance of `request`'s images at the base `stage`, towards
+    /// [`Cascade::guide_text`].
     fn clip_job(&self, request: &GenerationRequest, stage: &Stage, sampler: &SamplerOptions, scale: f32) -> Result<ClipJob> {
         let clip = self.clip.as_ref().ok_or_else(|| PipelineError::invalid(super::clip_guidance::FIELD, "this cascade has no noised CLIP"))?;
+        let text = self.guide_text(clip, request)?;
+        let prediction = stage.scheduler.config().resolve(sampler.kind)?.prediction_type;
+        Ok(ClipJob::new(text, scale, prediction, std::sync::Arc::clone(stage.scheduler.schedule())))
+    }
+
+    /// The classifier guidance of `request`'s images at the base `stage`:
+    /// each image's label is its [`Cascade::guide_text`], the other classes
+    /// the prompts' contrasts (`pipeline::classifier_labels`).
+    fn classifier_job(&self, request: &GenerationRequest, stage: &Stage, sampler: &SamplerOptions, scale: f32) -> Result<ClassifierJob> {
+        let field = super::classifier_guidance::FIELD;
+        let clip = self.clip.as_ref().ok_or_else(|| PipelineError::invalid(field, "this cascade has no noised CLIP"))?;
+        let own = self.guide_text(clip, request)?;
+        let mut prompts = vec![request.prompt.as_str()];
+        if let NoiseMix::Interpolation { prompt: Some(to), .. } = &request.noise {
+            prompts.push(to);
+        }
+        let labels = classifier_labels::labels(&prompts);
+        let others = clip.text_embeds(&self.encoder, &labels.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let prediction = stage.scheduler.config().resolve(sampler.kind)?.prediction_type;
+        ClassifierJob::new(own, others, scale, prediction, std::sync::Arc::clone(stage.scheduler.schedule()))
+    }
+
+    /// The CLIP text embedding each of `request`'s images is guided towards
+    /// (`[n, D]`): the prompt's, computed once for the job; an interpolation
+    /// between prompts guides frame i towards the normalised mix of the two
+    /// embeddings at its weight, as its tokens are mixed.
+    fn guide_text(&self, clip: &ClipGuide, request: &GenerationRequest) -> Result<Tensor> {
         let n = request.n as i64;
-        let text = match &request.noise {
+        Ok(match &request.noise {
             NoiseMix::Interpolation { prompt: Some(to), .. } => {
                 let both = clip.text_embeds(&self.encoder, &[&request.prompt, to])?;
                 let (a, b) = (both.narrow(0, 0, 1), both.narrow(0, 1, 1));
@@ -416,9 +449,7 @@ impl Cascade {
                 Tensor::cat(&frames, 0)
             }
             _ => clip.text_embeds(&self.encoder, &[&request.prompt])?.expand([n, -1], false).contiguous(),
-        };
-        let prediction = stage.scheduler.config().resolve(sampler.kind)?.prediction_type;
-        Ok(ClipJob::new(text, scale, prediction, std::sync::Arc::clone(stage.scheduler.schedule())))
+        })
     }
 
     /// The layout guidance of `request`'s images at the base `stage`, when
@@ -453,6 +484,7 @@ impl Cascade {
                         noise_level: p.noise_level,
                         size: format!("{w}x{h}"),
                         clip_guidance_scale: p.clip_guidance_scale,
+                        classifier_guidance_scale: p.classifier_guidance_scale,
                         layout_guidance_scale: p.layout_guidance_scale,
                         strength: p.strength,
                     }

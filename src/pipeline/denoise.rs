@@ -26,10 +26,13 @@
 //! is shifted along the noised CLIP's gradient before the sampler steps. The
 //! UNet rows are the same, so guided jobs batch with unguided ones. Layout
 //! guidance (`pipeline::layout_guidance`) shifts it likewise, along the
-//! gradient of the stage's own attention on the prompt's layout.
+//! gradient of the stage's own attention on the prompt's layout. Classifier
+//! guidance (`pipeline::classifier_guidance`, ADM) shifts it along the
+//! gradient of the noised CLIP's log-probability of the prompt's class.
 
 use tch::{Kind, Tensor};
 
+use super::classifier_guidance::{ClassifierJob, FIELD as CLASSIFIER_FIELD};
 use super::clip_guidance::{ClipGuide, ClipJob, FIELD as CLIP_FIELD};
 use super::error::{PipelineError, Result};
 use super::layout_guidance::LayoutJob;
@@ -81,6 +84,8 @@ pub struct JobInputs<'a> {
     pub invert: Option<StageInversion<'a>>,
     /// CLIP guidance of this job (base stage only).
     pub clip: Option<ClipJob>,
+    /// Classifier guidance of this job (base stage only).
+    pub classifier: Option<ClassifierJob>,
     /// Layout guidance of this job (base stage only).
     pub layout: Option<LayoutJob>,
 }
@@ -115,6 +120,8 @@ pub struct StageJob {
     preview: Option<Tensor>,
     /// CLIP guidance, applied after classifier-free guidance at every sampling step.
     clip: Option<ClipJob>,
+    /// Classifier guidance, applied after CLIP guidance at every sampling step.
+    classifier: Option<ClassifierJob>,
     /// Layout guidance, applied after that at the noisy steps.
     layout: Option<LayoutJob>,
 }
@@ -204,6 +211,7 @@ impl StageJob {
             inversion,
             preview: None,
             clip: inputs.clip,
+            classifier: inputs.classifier,
             layout: inputs.layout,
         })
     }
@@ -288,6 +296,14 @@ impl StageJob {
                 let guide = clip.ok_or_else(|| PipelineError::invalid(CLIP_FIELD, "the job is CLIP-guided but the cascade has no CLIP"))?;
                 let t = self.sampler.current_timestep().ok_or_else(|| PipelineError::invalid("steps", "the job is already finished"))?;
                 guide.guide(job, &output, &self.sample, t)?
+            }
+        };
+        let output = match &self.classifier {
+            None => output,
+            Some(job) => {
+                let guide = clip.ok_or_else(|| PipelineError::invalid(CLASSIFIER_FIELD, "the job is classifier-guided but the cascade has no CLIP"))?;
+                let t = self.sampler.current_timestep().ok_or_else(|| PipelineError::invalid("steps", "the job is already finished"))?;
+                job.guide(guide, &output, &self.sample, t)?
             }
         };
         let output = match &self.layout {

@@ -11,6 +11,8 @@
 //! | `source` | images a request starts from, noise mixes (variations, interpolation) |
 //! | `denoise` | one job's denoising at one stage, a step at a time |
 //! | `clip_guidance` | GLIDE's CLIP guidance of the base stage with a noised CLIP |
+//! | `classifier_guidance` | ADM's classifier guidance, the noised CLIP as the noisy classifier |
+//! | `classifier_labels` | the caption classes a prompt is told apart from |
 //! | `prompt_layout` | reading what a prompt names, and where ("… above …") |
 //! | `layout_guidance` | guidance of that layout through the base UNet's own attention |
 //! | `cascade` | the loaded cascade and the whole generation |
@@ -20,6 +22,8 @@
 //! | `unclip` | DALL-E 2's unCLIP: CLIP prior, decoder, super-resolution (Karlo's layout) |
 
 pub mod cascade;
+pub mod classifier_guidance;
+pub mod classifier_labels;
 pub mod clip_guidance;
 pub mod denoise;
 pub mod error;
@@ -35,6 +39,7 @@ pub mod unclip;
 pub mod writer;
 
 pub use cascade::{Cascade, CascadeInfo, GeneratedImage, JobText, LoadOptions, Progress};
+pub use classifier_guidance::{ClassifierJob, MAX_CLASSIFIER_GUIDANCE};
 pub use clip_guidance::{ClipGuide, ClipJob, MAX_CLIP_GUIDANCE};
 pub use error::{PipelineError, Result};
 pub use format::{ImageFormat, Output};

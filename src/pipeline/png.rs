@@ -49,6 +49,9 @@ pub struct StageRecord {
     /// GLIDE's CLIP guidance scale (the base stage; left out when 0).
     #[serde(skip_serializing_if = "is_zero")]
     pub clip_guidance_scale: f32,
+    /// ADM's classifier guidance scale (the base stage; left out when 0).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub classifier_guidance_scale: f32,
     /// Layout guidance scale (the base stage; left out when 0).
     #[serde(skip_serializing_if = "is_zero")]
     pub layout_guidance_scale: f32,
@@ -91,6 +94,9 @@ impl ImageRecord {
             pairs.push(format!("CFG scale: {}", first.guidance_scale));
             if first.clip_guidance_scale != 0.0 {
                 pairs.push(format!("CLIP guidance: {}", first.clip_guidance_scale));
+            }
+            if first.classifier_guidance_scale != 0.0 {
+                pairs.push(format!("Classifier guidance: {}", first.classifier_guidance_scale));
             }
             if first.layout_guidance_scale != 0.0 {
                 pairs.push(format!("Layout guidance: {}", first.layout_guidance_scale));
@@ -196,6 +202,7 @@ mod tests {
                 noise_level: None,
                 size: "32x32".into(),
                 clip_guidance_scale: 0.0,
+                classifier_guidance_scale: 0.0,
                 layout_guidance_scale: 0.0,
                 strength: 1.0,
             }, StageRecord {
@@ -207,6 +214,7 @@ mod tests {
                 noise_level: Some(100),
                 size: "64x64".into(),
                 clip_guidance_scale: 0.0,
+                classifier_guidance_scale: 0.0,
                 layout_guidance_scale: 0.0,
                 strength: 0.4,
             }],

@@ -8,6 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::classifier_guidance::{self, MAX_CLASSIFIER_GUIDANCE};
 use super::clip_guidance::{self, MAX_CLIP_GUIDANCE};
 use super::layout_guidance::{self, MAX_LAYOUT_GUIDANCE};
 use super::error::{PipelineError, Result};
@@ -57,6 +58,9 @@ pub struct RequestSpec {
     /// GLIDE's CLIP guidance of the base stage (0 or unset: none); needs a
     /// cascade with a noised CLIP.
     pub clip_guidance_scale: Option<f32>,
+    /// ADM's classifier guidance of the base stage, the noised CLIP as the
+    /// classifier (0 or unset: none); needs a cascade with a noised CLIP.
+    pub classifier_guidance_scale: Option<f32>,
     /// Layout guidance of the base stage (unset: the stage's default; 0: none).
     pub layout_guidance_scale: Option<f32>,
     /// Overrides for stage i (index into the cascade's stages).
@@ -85,6 +89,9 @@ pub struct StagePlan {
     /// before it existed, which read as 0.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub clip_guidance_scale: f32,
+    /// Classifier guidance (base stage only; 0: none), likewise.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub classifier_guidance_scale: f32,
     /// Layout guidance (base stage only; 0: none), likewise.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub layout_guidance_scale: f32,
@@ -212,15 +219,15 @@ fn check_runs_a_step(field: &str, strength: f64, steps: usize) -> Result<()> {
     Ok(())
 }
 
-/// The request's CLIP guidance scale, checked against the cascade's CLIP
+/// A guidance scale by the cascade's noised CLIP (`field`, at most `max`;
+/// CLIP or classifier guidance), checked against the CLIP
 /// (`stages[0].clip_image_size`) and the stages that run (from `first`).
-fn check_clip_guidance(spec: &RequestSpec, stages: &[StageLimits], first: usize) -> Result<f32> {
-    let field = clip_guidance::FIELD;
-    let scale = spec.clip_guidance_scale.unwrap_or(0.0);
+fn check_clip_guidance(field: &str, scale: Option<f32>, max: f32, spec: &RequestSpec, stages: &[StageLimits], first: usize) -> Result<f32> {
+    let scale = scale.unwrap_or(0.0);
     if !scale.is_finite() {
         return Err(PipelineError::invalid(field, "must be a finite number"));
     }
-    let scale = check_range(field, scale, 0.0, MAX_CLIP_GUIDANCE)?;
+    let scale = check_range(field, scale, 0.0, max)?;
     if scale == 0.0 {
         return Ok(0.0);
     }
@@ -344,7 +351,9 @@ pub fn plan(spec: &RequestSpec, stages: &[StageLimits]) -> Result<GenerationRequ
         Some(SourceSpec::Inpaint { strength, .. }) => Some(check_strength("source.strength", strength.unwrap_or(DEFAULT_INPAINT_STRENGTH))?),
         _ => None,
     };
-    let clip_guidance_scale = check_clip_guidance(spec, stages, first)?;
+    let clip_guidance_scale = check_clip_guidance(clip_guidance::FIELD, spec.clip_guidance_scale, MAX_CLIP_GUIDANCE, spec, stages, first)?;
+    let classifier_guidance_scale =
+        check_clip_guidance(classifier_guidance::FIELD, spec.classifier_guidance_scale, MAX_CLASSIFIER_GUIDANCE, spec, stages, first)?;
     let layout_guidance_scale = check_layout_guidance(spec, stages, first)?;
     let seed = spec.seed.unwrap_or_else(rand::random);
     let mut plans = Vec::with_capacity(count);
@@ -401,7 +410,8 @@ pub fn plan(spec: &RequestSpec, stages: &[StageLimits]) -> Result<GenerationRequ
         if let (true, Some(strength)) = (is_base, strength) {
             check_runs_a_step("source.strength", strength, timesteps.len())?;
         }
-        let (clip_guidance_scale, layout_guidance_scale) = if is_base { (clip_guidance_scale, layout_guidance_scale) } else { (0.0, 0.0) };
+        let (clip_guidance_scale, classifier_guidance_scale, layout_guidance_scale) =
+            if is_base { (clip_guidance_scale, classifier_guidance_scale, layout_guidance_scale) } else { (0.0, 0.0, 0.0) };
         plans.push(StagePlan {
             index,
             name: stage.name.clone(),
@@ -409,6 +419,7 @@ pub fn plan(spec: &RequestSpec, stages: &[StageLimits]) -> Result<GenerationRequ
             guidance_scale,
             noise_level,
             clip_guidance_scale,
+            classifier_guidance_scale,
             layout_guidance_scale,
             strength: sr_strength,
         });

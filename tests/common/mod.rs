@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cascade;
+pub mod clip;
 pub mod server;
 pub mod text;
 

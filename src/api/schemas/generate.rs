@@ -94,6 +94,15 @@ pub struct GenerateBody {
     /// stage's (`clip_guidance` in `GET /info`).
     #[schema(minimum = 0.0, maximum = 100.0)]
     pub clip_guidance_scale: Option<f32>,
+    /// ADM's classifier guidance of the base stage: each step moves along
+    /// the gradient of log p(prompt | x_t), the cascade's noised CLIP
+    /// classifying the noisy image among the prompt and its contrasts (the
+    /// prompt with a colour, shape, count or relation changed, its
+    /// attributes swapped, and single shapes), at this scale (0 or unset:
+    /// none). Needs the same CLIP as `clip_guidance_scale`; the two may be
+    /// combined, with each other and with classifier-free guidance.
+    #[schema(minimum = 0.0, maximum = 100.0)]
+    pub classifier_guidance_scale: Option<f32>,
     /// Layout guidance of the base stage: the early steps move along the
     /// gradient of the UNet's own cross-attention so that each single thing
     /// the prompt names is drawn in one place, a counted group ("three
@@ -184,6 +193,7 @@ impl GenerateBody {
             steps: self.steps,
             guidance_scale: self.guidance_scale,
             clip_guidance_scale: self.clip_guidance_scale,
+            classifier_guidance_scale: self.classifier_guidance_scale,
             layout_guidance_scale: self.layout_guidance_scale,
             stage_overrides: self
                 .stage_overrides

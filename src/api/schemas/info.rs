@@ -10,7 +10,7 @@ use crate::api::state::ApiConfig;
 use crate::diffusion::SamplerKind;
 use crate::pipeline::request::{MAX_GUIDANCE, MAX_PROMPT_CHARS};
 use crate::pipeline::stage::StageKind;
-use crate::pipeline::{CascadeInfo, MAX_CLIP_GUIDANCE, MAX_LAYOUT_GUIDANCE};
+use crate::pipeline::{CascadeInfo, MAX_CLASSIFIER_GUIDANCE, MAX_CLIP_GUIDANCE, MAX_LAYOUT_GUIDANCE};
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct StatusDoc {
@@ -66,6 +66,7 @@ pub struct LimitsDoc {
     pub max_images: usize,
     pub max_guidance_scale: f32,
     pub max_clip_guidance_scale: f32,
+    pub max_classifier_guidance_scale: f32,
     pub max_layout_guidance_scale: f32,
     pub max_prompt_chars: usize,
     pub max_body_bytes: usize,
@@ -75,7 +76,8 @@ pub struct LimitsDoc {
 }
 
 /// Whether requests may ask for `clip_guidance_scale` (GLIDE's CLIP guidance
-/// of the base stage).
+/// of the base stage) and `classifier_guidance_scale` (ADM's classifier
+/// guidance, the same CLIP as the classifier).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ClipGuidanceDoc {
     /// The cascade has a noised CLIP that reads the base stage's images.
@@ -140,6 +142,7 @@ impl InfoDocument {
                 max_images: config.max_images,
                 max_guidance_scale: MAX_GUIDANCE,
                 max_clip_guidance_scale: MAX_CLIP_GUIDANCE,
+                max_classifier_guidance_scale: MAX_CLASSIFIER_GUIDANCE,
                 max_layout_guidance_scale: MAX_LAYOUT_GUIDANCE,
                 max_prompt_chars: MAX_PROMPT_CHARS,
                 max_body_bytes: config.max_body_bytes,

@@ -107,6 +107,9 @@ pub struct StageSettings {
     pub noise_level: Option<i64>,
     /// GLIDE's CLIP guidance scale (the base stage; 0: none).
     pub clip_guidance_scale: f32,
+    /// ADM's classifier guidance scale (the base stage; 0: none).
+    #[serde(default)]
+    pub classifier_guidance_scale: f32,
     /// Layout guidance scale (the base stage, when the prompt has a layout
     /// to guide; 0: none).
     #[serde(default)]
@@ -225,6 +228,7 @@ impl JobDocument {
                         eta: s.sampler.eta,
                         noise_level: s.noise_level,
                         clip_guidance_scale: s.clip_guidance_scale,
+                        classifier_guidance_scale: s.classifier_guidance_scale,
                         layout_guidance_scale: s.layout_guidance_scale,
                         strength: s.strength,
                     })
