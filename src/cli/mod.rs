@@ -11,6 +11,7 @@ mod schedule;
 mod serve;
 mod train;
 mod train_clip;
+mod train_prior;
 mod unclip;
 
 use clap::{Parser, Subcommand};
@@ -46,6 +47,8 @@ pub enum Command {
     TrainClip(train_clip::TrainClipArgs),
     /// Zero-shot retrieval of a noised CLIP on held-out renders: top-1 accuracy per noise level, both directions.
     EvalClip(eval_clip::EvalClipArgs),
+    /// Train DALL-E 2's diffusion prior in a noised CLIP's embedding space; resumes from the run folder.
+    TrainPrior(train_prior::TrainPriorArgs),
 }
 
 impl Cli {
@@ -62,6 +65,7 @@ impl Cli {
             Command::Eval(args) => eval::run(args),
             Command::TrainClip(args) => train_clip::run(args),
             Command::EvalClip(args) => eval_clip::run(args),
+            Command::TrainPrior(args) => train_prior::run(args),
         }
     }
 }

@@ -19,6 +19,7 @@
 //! | [`run`] | a stage's training run: config, init weights, loop, time limit, checkpoints, resume, export |
 //! | [`contrastive`] | CLIP's symmetric InfoNCE with equal descriptions as each other's positives |
 //! | [`clip`] | the noised CLIP's training run (GLIDE): noised batches, steps, checkpoints, resume, export |
+//! | [`prior`] | DALL-E 2's diffusion prior in the noised CLIP's embedding space: batches, steps, checkpoints, resume, export |
 
 pub mod caption;
 mod checkpoint;
@@ -30,6 +31,7 @@ pub mod grounding;
 pub mod layout;
 pub mod loss;
 pub mod optim;
+pub mod prior;
 pub mod trainer;
 pub mod render;
 pub mod run;

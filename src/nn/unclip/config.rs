@@ -87,6 +87,16 @@ impl PriorConfig {
         from_dir(dir, Self::CLASS_NAME)
     }
 
+    /// `config.json` as diffusers writes it (with its class name).
+    pub fn to_json(&self) -> String {
+        let mut value = serde_json::to_value(self).expect("config serialises");
+        if let serde_json::Value::Object(map) = &mut value {
+            map.insert("_class_name".into(), Self::CLASS_NAME.into());
+            map.insert("_diffusers_version".into(), crate::nn::unet::config::DIFFUSERS_VERSION.into());
+        }
+        serde_json::to_string_pretty(&value).expect("config serialises") + "\n"
+    }
+
     pub fn spec(&self) -> Result<PriorSpec> {
         let positive = [
             ("num_attention_heads", self.num_attention_heads),

@@ -261,4 +261,63 @@ impl LoadedPrior {
         let (vs, model) = weights::load_frozen(dir, WEIGHTS_STEM, device, kind, |p| PriorTransformer::new(p, &config))?;
         Ok(Self { vs, model })
     }
+
+    /// A prior with diffusers' initial values (libtorch's generator draws the
+    /// linear layers), on the CPU in f32, trainable.
+    pub fn random(config: &PriorConfig) -> Result<Self> {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = PriorTransformer::new(&vs.root(), config)?;
+        let prior = Self { vs, model };
+        prior.freeze_statistics();
+        Ok(prior)
+    }
+
+    /// Writes a diffusers `PriorTransformer` folder: `config.json` and the weights in `kind`.
+    pub fn save(&self, dir: &Path, kind: Kind) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| NnError::io(dir, e))?;
+        let config = dir.join("config.json");
+        std::fs::write(&config, self.model.config().to_json()).map_err(|e| NnError::io(&config, e))?;
+        weights::save(&self.vs, &dir.join(format!("{WEIGHTS_STEM}.safetensors")), kind)
+    }
+
+    /// Makes the weights trainable again (loading freezes them), all but
+    /// `clip_mean` and `clip_std`: the statistics of the embeddings are set
+    /// from data, not learned (see [`LoadedPrior::set_statistics`]).
+    pub fn unfreeze(&mut self) {
+        self.vs.unfreeze();
+        self.freeze_statistics();
+    }
+
+    fn freeze_statistics(&self) {
+        for (name, var) in self.vs.variables() {
+            if name == "clip_mean" || name == "clip_std" {
+                let _ = var.set_requires_grad(false);
+            }
+        }
+    }
+
+    /// Sets the scale the prior's latents are denoised in: an embedding e is
+    /// the latent (e − mean) / std (`[clip_embed_dim]` each).
+    pub fn set_statistics(&self, mean: &Tensor, std: &Tensor) -> Result<()> {
+        let width = self.model.spec.clip_embed_dim;
+        if mean.size() != [width] || std.size() != [width] {
+            return Err(NnError::input("clip_mean", format!("statistics {:?} and {:?} for width {width}", mean.size(), std.size())));
+        }
+        tch::no_grad(|| {
+            self.model.clip_mean.shallow_clone().copy_(&mean.view([1, width]));
+            self.model.clip_std.shallow_clone().copy_(&std.view([1, width]));
+        });
+        Ok(())
+    }
+
+    /// Embeddings `[B, clip_embed_dim]` as the latents the prior denoises:
+    /// the inverse of [`PriorTransformer::post_process_latents`].
+    pub fn to_latents(&self, embeddings: &Tensor) -> Tensor {
+        let m = &self.model;
+        (embeddings - m.clip_mean.to_kind(embeddings.kind())) / m.clip_std.to_kind(embeddings.kind())
+    }
+
+    pub fn parameter_count(&self) -> i64 {
+        self.vs.variables().values().map(Tensor::numel).sum::<usize>() as i64
+    }
 }
