@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use diffusiond::diffusion::{Scheduler, SchedulerConfig};
+use diffusiond::eval::prior::{evaluate, PriorEvalConfig};
 use diffusiond::nn::noised_clip::{LoadedNoisedClip, ModelInputs, NoisedClipConfig};
 use diffusiond::nn::unclip::{LoadedPrior, PriorInput};
 use diffusiond::train::clip::noise_schedule;
@@ -127,5 +128,16 @@ fn a_stopped_run_resumes_at_its_step_and_exports_a_prior_folder() {
     let out = tch::no_grad(|| prior.model.forward(&PriorInput { hidden_states: &x, timesteps: &Tensor::from(10i64), proj_embedding: &text, encoder_hidden_states: None, attention_mask: None })).unwrap();
     assert_eq!(out.size(), [2, 16]);
     assert!(prior.to_latents(&prior.model.post_process_latents(&out)).allclose(&out, 1e-5, 1e-5, false));
+
+    // And it evaluates: the text-embedding baseline, then one row per guidance scale.
+    let teacher = PriorTeacher::load(&clip, Device::Cpu).unwrap();
+    let eval = PriorEvalConfig { samples: 24, candidates: 4, seed: 99, steps: 4, guidance_scales: vec![1.0, 3.0] };
+    let report = evaluate(&prior, &scheduler, &teacher, &eval).unwrap();
+    assert_eq!(report.rows.len(), 3);
+    for r in &report.rows {
+        assert!((0.0..=1.0).contains(&r.top1) && (-1.0..=1.0).contains(&r.cosine), "{r:?}");
+    }
+    assert_eq!(evaluate(&prior, &scheduler, &teacher, &eval).unwrap(), report, "seeded: the same numbers again");
+    println!("{}", report.markdown());
     std::fs::remove_dir_all(&dir).unwrap();
 }

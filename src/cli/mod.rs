@@ -4,6 +4,7 @@ mod dataset;
 mod env;
 mod eval;
 mod eval_clip;
+mod eval_prior;
 mod generate;
 mod info;
 mod openapi;
@@ -49,6 +50,8 @@ pub enum Command {
     EvalClip(eval_clip::EvalClipArgs),
     /// Train DALL-E 2's diffusion prior in a noised CLIP's embedding space; resumes from the run folder.
     TrainPrior(train_prior::TrainPriorArgs),
+    /// Score a trained prior on held-out renders: image retrieval and cosine of its samples vs the text embedding alone.
+    EvalPrior(eval_prior::EvalPriorArgs),
 }
 
 impl Cli {
@@ -66,6 +69,7 @@ impl Cli {
             Command::TrainClip(args) => train_clip::run(args),
             Command::EvalClip(args) => eval_clip::run(args),
             Command::TrainPrior(args) => train_prior::run(args),
+            Command::EvalPrior(args) => eval_prior::run(args),
         }
     }
 }

@@ -18,7 +18,7 @@ use tch::{Device, Kind, Tensor};
 use crate::diffusion::guidance::classifier_free;
 use crate::diffusion::{BatchNoise, SamplerKind, SamplerOptions, Scheduler};
 use crate::nn::text::{TextEncoder, TextEncoderOptions};
-use crate::nn::unclip::{LoadedPrior, LoadedTextProj, PriorInput};
+use crate::nn::unclip::{LoadedPrior, LoadedTextProj, PriorInput, PriorTransformer};
 use crate::nn::unet::unet2d::LoadedUNet2D;
 use crate::nn::unet::{LoadedUNet, UNetInput};
 
@@ -128,26 +128,9 @@ impl UnClipPipeline {
         let (prompt_embeds, text_hidden, text_mask) = self.encode(prompts, guided)?;
 
         // 1. The prior: a CLIP image embedding from the caption.
-        let prior = &self.prior.model;
-        let width = prior.config().embedding_dim;
-        let mut sampler = self.prior_scheduler.sampler(&SamplerOptions::new(SamplerKind::Ddpm, settings.prior_steps))?;
-        let mut latents = noise.prior.draw(&[b, width], Kind::Float, Device::Cpu)?;
-        while let Some(t) = sampler.current_timestep() {
-            let input = twice(&latents);
-            let timesteps = Tensor::from(t);
-            let out = tch::no_grad(|| {
-                prior.forward(&PriorInput {
-                    hidden_states: &input,
-                    timesteps: &timesteps,
-                    proj_embedding: &prompt_embeds,
-                    encoder_hidden_states: Some(&text_hidden),
-                    attention_mask: Some(&text_mask),
-                })
-            })?;
-            let out = guide(&out, settings.prior_guidance_scale, width)?;
-            latents = sampler.step(&out, &latents, &mut noise.prior)?.prev_sample;
-        }
-        let image_embeddings = prior.post_process_latents(&latents);
+        let condition = PriorCondition { proj_embedding: &prompt_embeds, hidden: Some(&text_hidden), mask: Some(&text_mask), guided };
+        let prior_scale = if guided { settings.prior_guidance_scale } else { 1.0 };
+        let image_embeddings = sample_prior(&self.prior.model, &self.prior_scheduler, &condition, settings.prior_steps, prior_scale, &mut noise.prior)?;
 
         // 2. The decoder, conditioned on the embedding and the caption.
         let projected = tch::no_grad(|| self.text_proj.model.forward(&image_embeddings, &prompt_embeds, &text_hidden, guided))?;
@@ -193,6 +176,47 @@ impl UnClipPipeline {
         let image = (image * 0.5 + 0.5).clamp(0.0, 1.0);
         Ok(UnClipOutput { image_embeddings, small, image })
     }
+}
+
+/// What a prior is conditioned on, for B captions: `[uncond; cond]` rows
+/// (2B) when `guided`, else B.
+pub struct PriorCondition<'a> {
+    /// The captions' CLIP text embeddings.
+    pub proj_embedding: &'a Tensor,
+    /// Their encoder states and mask (Karlo's prior), if the prior reads tokens.
+    pub hidden: Option<&'a Tensor>,
+    pub mask: Option<&'a Tensor>,
+    pub guided: bool,
+}
+
+/// Samples CLIP image embeddings `[B, clip_embed_dim]` with `prior` by DDPM
+/// over `steps` of `scheduler`'s timesteps, classifier-free guided at
+/// `guidance_scale` when the condition is, as `UnCLIPPipeline` does; the
+/// latents are drawn from `noise` (one stream per caption) and returned
+/// through `post_process_latents`.
+pub fn sample_prior(prior: &PriorTransformer, scheduler: &Scheduler, condition: &PriorCondition<'_>, steps: usize, guidance_scale: f32, noise: &mut BatchNoise) -> Result<Tensor> {
+    let rows = condition.proj_embedding.size()[0];
+    let b = if condition.guided { rows / 2 } else { rows };
+    let width = prior.config().embedding_dim;
+    let device = condition.proj_embedding.device();
+    let mut sampler = scheduler.sampler(&SamplerOptions::new(SamplerKind::Ddpm, steps))?;
+    let mut latents = noise.draw(&[b, width], Kind::Float, device)?;
+    while let Some(t) = sampler.current_timestep() {
+        let input = if condition.guided { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
+        let timesteps = Tensor::from(t);
+        let out = tch::no_grad(|| {
+            prior.forward(&PriorInput {
+                hidden_states: &input,
+                timesteps: &timesteps,
+                proj_embedding: condition.proj_embedding,
+                encoder_hidden_states: condition.hidden,
+                attention_mask: condition.mask,
+            })
+        })?;
+        let out = if condition.guided { classifier_free(&out, &vec![guidance_scale; b as usize], width)? } else { out };
+        latents = sampler.step(&out, &latents, noise)?.prev_sample;
+    }
+    Ok(prior.post_process_latents(&latents))
 }
 
 fn sample_side(size: Option<&crate::nn::unet::config::SampleSize>) -> Option<i64> {
