@@ -139,6 +139,14 @@ train-clip: build encoder
 	target/release/diffusiond train-clip --config models/default/train/noised-clip.json --out runs/noised-clip \
 		--device $(DEVICE) --export runs/noised-clip/model
 
+# DALL-E 2's diffusion prior in the shipped CLIP's embedding space (unCLIP's
+# first stage), resumed from runs/prior/checkpoint; `diffusiond eval-prior
+# --model runs/prior/model --clip models/default/clip` scores its samples.
+.PHONY: train-prior
+train-prior: build encoder
+	target/release/diffusiond train-prior --config models/default/train/prior.json --out runs/prior \
+		--device $(DEVICE) --export runs/prior/model
+
 # The figures in the README: the detector on ground truth, the base stage's
 # sweeps at 32 px, the whole cascade at 128 px. EVAL_N prompts per category.
 EVAL_N ?= 4
@@ -147,6 +155,8 @@ eval: build encoder
 	target/release/diffusiond eval --model models/default --size 32 --per-category $(EVAL_N) --images 1 --table steps
 	target/release/diffusiond eval --model models/default --size 32 --per-category $(EVAL_N) --images 1 --table guidance
 	target/release/diffusiond eval --model models/default --size 128 --per-category $(EVAL_N) --images 1
+	target/release/diffusiond eval --model models/default --size 32 --per-category $(EVAL_N) --images 1 --table modes --layout-guidance 0
+	target/release/diffusiond eval-clip --model models/default/clip --samples 256 --candidates 8
 
 # Speed comparisons against diffusers on the same torch (figures and ratios, not tests).
 bench: venv refenv

@@ -74,12 +74,14 @@ fn is_json(headers: &HeaderMap) -> bool {
 }
 
 /// Parses `bytes` as `T`; errors name the field (a dotted path, `body` for the whole).
+///
+/// In two passes: the text to a JSON value (a syntax error, trailing garbage
+/// included, is the body's), then the value to `T`. Straight from the text,
+/// serde_json reports some wrong types as syntax errors without a path (a
+/// number where an enum's string belongs: "expected value").
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(classify)?;
-    // Trailing garbage after the object is malformed JSON too.
-    de.end().map_err(|e| ApiError::invalid("body", strip_position(&e)))?;
-    Ok(value)
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| ApiError::invalid("body", format!("malformed JSON: {}", strip_position(&e))))?;
+    serde_path_to_error::deserialize(value).map_err(classify)
 }
 
 fn classify(error: serde_path_to_error::Error<serde_json::Error>) -> ApiError {

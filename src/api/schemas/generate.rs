@@ -64,9 +64,10 @@ pub struct StageOverrideBody {
 #[serde(deny_unknown_fields)]
 pub struct GenerateBody {
     /// What to draw.
-    #[schema(example = "a red circle on top of a blue square")]
+    #[schema(example = "a red circle on top of a blue square", max_length = 4000)]
     pub prompt: String,
     /// What to steer away from (replaces the empty prompt in classifier-free guidance).
+    #[schema(max_length = 4000)]
     pub negative_prompt: Option<String>,
     /// Images to generate (default 1).
     #[schema(minimum = 1, maximum = 8)]
@@ -113,7 +114,8 @@ pub struct GenerateBody {
     /// out (one group of no stated size, say "stars") are not guided.
     #[schema(minimum = 0.0, maximum = 1000.0)]
     pub layout_guidance_scale: Option<f32>,
-    /// Run only the first k stages (an alternative to `size`).
+    /// Run only the first k stages (an alternative to `size`; with both, `size`
+    /// must be what stage k produces).
     #[schema(minimum = 1)]
     pub stages: Option<usize>,
     /// Per-stage settings, by stage index; a later entry for the same stage wins.

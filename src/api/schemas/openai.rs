@@ -36,7 +36,7 @@ pub enum ResponseFormat {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ImagesRequest {
-    #[schema(example = "a red circle on top of a blue square")]
+    #[schema(example = "a red circle on top of a blue square", max_length = 4000)]
     pub prompt: String,
     /// Images to generate (default 1).
     #[schema(minimum = 1, maximum = 8)]
@@ -51,6 +51,7 @@ pub struct ImagesRequest {
     /// Extension: image i uses seed + i.
     pub seed: Option<u64>,
     /// Extension.
+    #[schema(max_length = 4000)]
     pub negative_prompt: Option<String>,
     /// Extension: the base stage's guidance scale.
     #[schema(minimum = 0.0, maximum = 50.0)]
@@ -106,6 +107,7 @@ pub struct EditsForm {
     /// Same size as `image`; its transparent pixels are repainted.
     #[schema(value_type = Option<String>, format = Binary)]
     pub mask: Option<Vec<u8>>,
+    #[schema(max_length = 4000)]
     pub prompt: String,
     #[schema(minimum = 1, maximum = 8)]
     pub n: Option<usize>,
@@ -118,6 +120,7 @@ pub struct EditsForm {
     /// Extension: image i uses seed + i.
     pub seed: Option<u64>,
     /// Extension.
+    #[schema(max_length = 4000)]
     pub negative_prompt: Option<String>,
     /// Extension: the base stage's guidance scale.
     #[schema(minimum = 0.0, maximum = 50.0)]
@@ -155,6 +158,7 @@ pub struct VariationsForm {
     /// Extension: image i uses seed + i.
     pub seed: Option<u64>,
     /// Extension: what the variations should show (the empty prompt when unset).
+    #[schema(max_length = 4000)]
     pub prompt: Option<String>,
     /// Extension: how far a variation strays from the image, in (0, 1] (0.7 when unset).
     #[schema(minimum = 0.0, exclusive_minimum = 0.0, maximum = 1.0)]
