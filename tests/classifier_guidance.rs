@@ -11,7 +11,7 @@ mod common;
 use std::sync::Arc;
 
 use common::cascade::{assert_guided_batch_invariant, ddim_spec, generate, pixels};
-use common::clip::{cascade_with_clip, clip_config};
+use common::clip::{cascade_with_clip, cli_generate, cli_refused_without_clip, clip_config};
 use common::fixture_dir;
 use diffusiond::diffusion::forward::{to_x0_and_eps, NoiseLevel};
 use diffusiond::diffusion::PredictionType;
@@ -173,35 +173,16 @@ fn requests_stored_before_classifier_guidance_still_read() {
 #[test]
 fn the_command_line_guides_generate_and_labels_eval_rows() {
     let dir = cascade_with_clip("classifier-cli", &clip_config(16, 32), 26);
-    let out = dir.join("out");
-    let diffusiond = || std::process::Command::new(env!("CARGO_BIN_EXE_diffusiond"));
-    let run = diffusiond()
-        .args(["generate", PROMPT, "--seed", "4", "--sampler", "ddim", "--eta", "0.5", "--classifier-guidance", "30"])
-        .args(["--device", "cpu", "--model"])
-        .arg(&dir)
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    let file = String::from_utf8(run.stdout).unwrap().lines().next().unwrap().to_owned();
+    let file = cli_generate(&dir, PROMPT, &["--classifier-guidance", "30"]);
     let written = image::open(&file).unwrap().to_rgb8();
     let c = Cascade::load(&dir, &CPU).unwrap();
     let want = generate(&c, &spec(1, 4, Some(30.0))).remove(0);
     assert_eq!(written.as_raw(), want.image.as_raw(), "the CLI's image is the library's");
-
-    let refused = diffusiond()
-        .args(["generate", "a star", "--classifier-guidance", "5", "--device", "cpu", "--model"])
-        .arg(fixture_dir().join("cascade"))
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("classifier_guidance_scale"));
+    let stderr = cli_refused_without_clip(&dir.join("out"), &["--classifier-guidance", "5"]);
+    assert!(stderr.contains("classifier_guidance_scale"), "{stderr}");
 
     // The modes table: classifier-free guidance off, alone and with each mode.
-    let eval = diffusiond()
+    let eval = std::process::Command::new(env!("CARGO_BIN_EXE_diffusiond"))
         .args(["eval", "--per-category", "1", "--images", "1", "--size", "16", "--table", "modes", "--rows", "1,4,7", "--device", "cpu", "--model"])
         .arg(&dir)
         .output()

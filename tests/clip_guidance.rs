@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::cascade::{assert_guided_batch_invariant, ddim_spec, generate, pixels};
-use common::clip::{cascade_with_clip, clip_config};
+use common::clip::{cascade_with_clip, cli_generate, cli_refused_without_clip, clip_config};
 use common::fixture_dir;
 use diffusiond::diffusion::forward::{to_x0_and_eps, NoiseLevel};
 use diffusiond::diffusion::PredictionType;
@@ -232,18 +232,7 @@ fn the_worker_batches_a_guided_job_with_unguided_ones_without_changing_a_bit() {
 #[test]
 fn the_command_line_guides_generate_and_eval() {
     let dir = cascade_with_clip("cli", &clip_config(16, 32), 18);
-    let out = dir.join("out");
-    let diffusiond = || std::process::Command::new(env!("CARGO_BIN_EXE_diffusiond"));
-    let run = diffusiond()
-        .args(["generate", "a red circle on top of a blue square", "--seed", "4", "--sampler", "ddim", "--eta", "0.5", "--clip-guidance", "30"])
-        .args(["--device", "cpu", "--model"])
-        .arg(&dir)
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    let file = String::from_utf8(run.stdout).unwrap().lines().next().unwrap().to_owned();
+    let file = cli_generate(&dir, "a red circle on top of a blue square", &["--clip-guidance", "30"]);
     let written = image::open(&file).unwrap().to_rgb8();
     let c = Cascade::load(&dir, &CPU).unwrap();
     let want = generate(&c, &spec(1, 4, Some(30.0))).remove(0);
@@ -252,18 +241,11 @@ fn the_command_line_guides_generate_and_eval() {
     assert!(chunks.iter().any(|(k, v)| k == "parameters" && v.contains("CLIP guidance: 30")), "{chunks:?}");
 
     // Without a CLIP the request is refused before anything runs.
-    let refused = diffusiond()
-        .args(["generate", "a star", "--clip-guidance", "5", "--device", "cpu", "--model"])
-        .arg(fixture_dir().join("cascade"))
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("clip_guidance_scale"), "{}", String::from_utf8_lossy(&refused.stderr));
+    let stderr = cli_refused_without_clip(&dir.join("out"), &["--clip-guidance", "5"]);
+    assert!(stderr.contains("clip_guidance_scale"), "{stderr}");
 
     // The benchmark labels its row with the guidance it applied.
-    let eval = diffusiond()
+    let eval = std::process::Command::new(env!("CARGO_BIN_EXE_diffusiond"))
         .args(["eval", "--per-category", "1", "--images", "1", "--size", "16", "--clip-guidance", "10", "--device", "cpu", "--model"])
         .arg(&dir)
         .output()

@@ -6,7 +6,7 @@ mod common;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
-use common::fixture_dir;
+use common::{copy_dir, fixture_dir};
 use diffusiond::diffusion::SamplerKind;
 use diffusiond::nn::device::{DeviceSetting, Precision};
 use diffusiond::pipeline::png::read_text_chunks;
@@ -116,18 +116,6 @@ fn invalid_requests_name_the_field_and_range() {
 
 /// A copy of the fixture cascade whose manifest points at the fixture encoder.
 fn copy_cascade(name: &str) -> PathBuf {
-    fn copy_dir(from: &Path, to: &Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for entry in std::fs::read_dir(from).unwrap() {
-            let entry = entry.unwrap();
-            let target = to.join(entry.file_name());
-            if entry.file_type().unwrap().is_dir() {
-                copy_dir(&entry.path(), &target);
-            } else {
-                std::fs::copy(entry.path(), target).unwrap();
-            }
-        }
-    }
     let dir = std::env::temp_dir().join(format!("diffusiond-cascade-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     copy_dir(&fixture_dir().join("cascade"), &dir);

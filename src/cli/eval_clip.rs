@@ -17,6 +17,16 @@ pub struct EvalClipArgs {
     /// A model folder written by `train-clip --export`.
     #[arg(long)]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub held_out: HeldOutArgs,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceSetting,
+}
+
+/// The held-out renders a retrieval is scored on, and its candidates.
+#[derive(Debug, Args)]
+pub struct HeldOutArgs {
     /// Held-out renders to score.
     #[arg(long, default_value_t = 256)]
     pub samples: usize,
@@ -24,20 +34,25 @@ pub struct EvalClipArgs {
     #[arg(long, default_value_t = 8)]
     pub candidates: usize,
     /// The held-out dataset's seed (default: the bitwise complement of the
-    /// training seed, as training's validation uses); never the training seed.
+    /// CLIP's training seed, as training's validation uses); never the training seed.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    pub device: DeviceSetting,
+}
+
+impl HeldOutArgs {
+    /// The held-out seed for a model trained with `train_seed`.
+    pub fn seed(&self, train_seed: u64) -> anyhow::Result<u64> {
+        let seed = self.seed.unwrap_or(!train_seed);
+        if seed == train_seed {
+            bail!("--seed {seed} is the training seed: scores are taken on renders the model never saw");
+        }
+        Ok(seed)
+    }
 }
 
 pub fn run(args: EvalClipArgs) -> anyhow::Result<()> {
     let inputs = ModelInputs::read(&args.model)?;
-    let seed = args.seed.unwrap_or(!inputs.train_seed);
-    if seed == inputs.train_seed {
-        bail!("--seed {seed} is the training seed: retrieval is scored on renders the model never saw");
-    }
+    let seed = args.held_out.seed(inputs.train_seed)?;
     let device = args.device.resolve();
     let clip = LoadedNoisedClip::load(&args.model, device)?;
     let options = TextEncoderOptions { max_length: Some(inputs.max_length), ..Default::default() };
@@ -45,7 +60,7 @@ pub fn run(args: EvalClipArgs) -> anyhow::Result<()> {
         .with_context(|| format!("the text encoder named by {}", args.model.join(ModelInputs::FILE).display()))?;
     encoder.to(device, Kind::Float)?;
     let schedule = noise_schedule(&inputs.scheduler)?;
-    let config = RetrievalConfig { samples: args.samples, candidates: args.candidates, seed, timesteps: TIMESTEPS.to_vec() };
+    let config = RetrievalConfig { samples: args.held_out.samples, candidates: args.held_out.candidates, seed, timesteps: TIMESTEPS.to_vec() };
     let report = evaluate(&clip.model, &encoder, &schedule, &config)?;
     println!("{}", report.markdown());
     Ok(())

@@ -13,6 +13,8 @@ use diffusiond::nn::unclip::LoadedPrior;
 use diffusiond::train::prior::PriorTeacher;
 use tch::Kind;
 
+use super::eval_clip::HeldOutArgs;
+
 #[derive(Debug, Args)]
 pub struct EvalPriorArgs {
     /// A folder with `prior/` and `prior_scheduler/` (what `train-prior --export` writes).
@@ -21,16 +23,8 @@ pub struct EvalPriorArgs {
     /// The noised CLIP folder the prior was trained in.
     #[arg(long)]
     pub clip: PathBuf,
-    /// Held-out renders to score.
-    #[arg(long, default_value_t = 256)]
-    pub samples: usize,
-    /// Candidate renders per query, the right one included (chance is 1/K).
-    #[arg(long, default_value_t = 8)]
-    pub candidates: usize,
-    /// The held-out dataset's seed (default: the bitwise complement of the
-    /// CLIP's training seed); never the training seed.
-    #[arg(long)]
-    pub seed: Option<u64>,
+    #[command(flatten)]
+    pub held_out: HeldOutArgs,
     /// The prior's DDPM steps.
     #[arg(long, default_value_t = 25)]
     pub steps: usize,
@@ -45,17 +39,14 @@ pub struct EvalPriorArgs {
 pub fn run(args: EvalPriorArgs) -> anyhow::Result<()> {
     let device = args.device.resolve();
     let teacher = PriorTeacher::load(&args.clip, device)?;
-    let seed = args.seed.unwrap_or(!teacher.inputs.train_seed);
-    if seed == teacher.inputs.train_seed {
-        bail!("--seed {seed} is the training seed: the prior is scored on renders it never saw");
-    }
+    let seed = args.held_out.seed(teacher.inputs.train_seed)?;
     if let Some(bad) = args.guidance.iter().find(|g| !(g.is_finite() && **g >= 0.0)) {
         bail!("--guidance {bad}: must be a number ≥ 0");
     }
     let prior = LoadedPrior::load(&args.model.join("prior"), device, Kind::Float)?;
     let text = std::fs::read_to_string(args.model.join("prior_scheduler/scheduler_config.json"))?;
     let scheduler = Scheduler::new(SchedulerConfig::from_json_str(&text)?)?;
-    let config = PriorEvalConfig { samples: args.samples, candidates: args.candidates, seed, steps: args.steps, guidance_scales: args.guidance };
+    let config = PriorEvalConfig { samples: args.held_out.samples, candidates: args.held_out.candidates, seed, steps: args.steps, guidance_scales: args.guidance };
     let report = evaluate(&prior, &scheduler, &teacher, &config)?;
     println!("{}", report.markdown());
     Ok(())

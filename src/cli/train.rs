@@ -9,9 +9,12 @@ use diffusiond::train::run::{Run, RunOptions, TrainConfig};
 use diffusiond::train::trainer::Precision;
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// What every training command takes: the run's config, its folder, the
+/// device and a time limit.
 #[derive(Debug, Args)]
-pub struct TrainArgs {
-    /// The stage's train.json (architecture, schedule, data, optimiser, steps).
+pub struct RunArgs {
+    /// The run's config file (model, schedule, data, optimiser, steps), e.g.
+    /// models/default/train/base.json, noised-clip.json or prior.json.
     #[arg(long)]
     pub config: PathBuf,
     /// The run folder: checkpoints, train.log. An existing checkpoint is resumed.
@@ -20,12 +23,18 @@ pub struct TrainArgs {
     /// auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: DeviceSetting,
-    /// Stop at this step (a bounded burst); the run resumes from there later.
-    #[arg(long)]
-    pub until: Option<u64>,
     /// Stop after this many seconds of training (with a checkpoint); resumable.
     #[arg(long)]
     pub max_seconds: Option<f64>,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Stop at this step (a bounded burst); the run resumes from there later.
+    #[arg(long)]
+    pub until: Option<u64>,
     /// auto (fp16 mixed precision on CUDA; on the CPU bf16 products where it
     /// has bfloat16 instructions, else f32), f32, fp16 or bf16.
     #[arg(long, default_value = "auto")]
@@ -57,23 +66,23 @@ impl std::str::FromStr for PrecisionSetting {
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    let config = TrainConfig::from_file(&args.config)?;
+    let config = TrainConfig::from_file(&args.run.config)?;
     let total = args.until.unwrap_or(config.steps).min(config.steps);
-    let device = args.device.resolve();
+    let device = args.run.device.resolve();
     let precision = match args.precision {
         PrecisionSetting::Fixed(p) => p,
         PrecisionSetting::Auto if device.is_cuda() => Precision::Fp16,
         PrecisionSetting::Auto if diffusiond::nn::precision::cpu_has_bf16() => Precision::Bf16,
         PrecisionSetting::Auto => Precision::F32,
     };
-    check_max_seconds(args.max_seconds)?;
+    check_max_seconds(args.run.max_seconds)?;
     let data_threads = args.data_threads.unwrap_or(if device.is_cuda() { 4 } else { 0 });
-    let options = RunOptions { precision, max_seconds: args.max_seconds, data_threads };
-    let run = Run { config, out: args.out.clone(), device, options };
+    let options = RunOptions { precision, max_seconds: args.run.max_seconds, data_threads };
+    let run = Run { config, out: args.run.out.clone(), device, options };
     let bar = StepBar::new(total);
     let step = run.train(args.until, &mut |step, loss, rate| bar.update(step, loss, rate))?;
     bar.finish();
-    eprintln!("trained to step {step}; checkpoint in {}", args.out.join("checkpoint").display());
+    eprintln!("trained to step {step}; checkpoint in {}", args.run.out.join("checkpoint").display());
     if let Some(dir) = &args.export {
         run.export(dir)?;
         eprintln!("exported the EMA weights to {}", dir.display());

@@ -64,39 +64,24 @@ impl ClassifierJob {
         let x_t = x_t.to_device(clip.device()).to_kind(Kind::Float);
         let timestep = Tensor::from_slice(&[t]).to_device(clip.device());
         let rows = (0..x_t.size()[0])
-            .map(|i| tch::no_grad(|| self.row_log_prob(clip, &x_t.narrow(0, i, 1), &timestep, i)))
+            .map(|i| tch::no_grad(|| Ok(self.row_log_prob(clip, &clip.model().image_embeds(&x_t.narrow(0, i, 1), &timestep)?, i))))
             .collect::<Result<Vec<Tensor>>>()?;
         Ok(Tensor::cat(&rows, 0))
     }
 
-    /// log p(y_i | x) for one image `x` (`[1, 3, S, S]`): `[1]`.
-    fn row_log_prob(&self, clip: &ClipGuide, x: &Tensor, timestep: &Tensor, i: i64) -> Result<Tensor> {
-        let image = clip.model().image_embeds(x, timestep)?;
+    /// log p(y_i | x) from image i's embedding `[1, D]`: `[1]`.
+    fn row_log_prob(&self, clip: &ClipGuide, image: &Tensor, i: i64) -> Tensor {
         let classes = Tensor::cat(&[self.own.narrow(0, i, 1), self.others.shallow_clone()], 0);
-        let logits = clip.model().logits(&image, &classes);
-        Ok(logits.log_softmax(1, Kind::Float).select(1, 0))
+        clip.model().logits(image, &classes).log_softmax(1, Kind::Float).select(1, 0)
     }
 
     /// ∇_{x_t} log p(y | x_t) for each row of `x_t` (`[n, 3, S, S]`), one image at a time.
     pub fn gradient(&self, clip: &ClipGuide, x_t: &Tensor, t: i64) -> Result<Tensor> {
-        let device = clip.device();
-        let x_t = x_t.to_device(device).to_kind(Kind::Float);
         let n = x_t.size()[0];
         if self.own.size()[0] != n {
             return Err(PipelineError::invalid(FIELD, format!("{} labels for {n} images", self.own.size()[0])));
         }
-        let timestep = Tensor::from_slice(&[t]).to_device(device);
-        let rows = (0..n)
-            .map(|i| {
-                tch::with_grad(|| -> Result<Tensor> {
-                    let x = x_t.narrow(0, i, 1).detach().set_requires_grad(true);
-                    let log_prob = self.row_log_prob(clip, &x, &timestep, i)?.sum(Kind::Float);
-                    let mut grads = Tensor::f_run_backward(&[log_prob], &[&x], false, false)?;
-                    Ok(grads.remove(0))
-                })
-            })
-            .collect::<Result<Vec<Tensor>>>()?;
-        Ok(Tensor::cat(&rows, 0))
+        clip.row_gradients(x_t, t, &|image, i| Ok(self.row_log_prob(clip, image, i).sum(Kind::Float)))
     }
 
     /// The model `output` for `sample` at timestep `t` (`[n, 3 or 6, H, W]`)

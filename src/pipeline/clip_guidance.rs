@@ -142,22 +142,28 @@ impl ClipGuide {
     /// ∇_{x_t} (f(x_t, t)·g) for each row of `x_t` (`[n, 3, S, S]`) against
     /// its row of `text` (`[n, D]`), one image at a time: `[n, 3, S, S]` f32.
     pub fn gradient(&self, x_t: &Tensor, t: i64, text: &Tensor) -> Result<Tensor> {
-        let device = self.device();
-        let x_t = x_t.to_device(device).to_kind(Kind::Float);
-        let timestep = Tensor::from_slice(&[t]).to_device(device);
         let n = x_t.size()[0];
         if text.size() != [n, self.clip.model.config().embed_dim] {
             return Err(PipelineError::invalid(FIELD, format!("text embeddings {:?} for {n} images", text.size())));
         }
-        // Each row alone: a batch of one takes the same route through the
-        // CLIP's layers on every call, the first included (`BatchOfOne`), so
-        // its gradient does not depend on the batch or on earlier calls.
-        let rows = (0..n)
+        self.row_gradients(x_t, t, &|image, i| Ok((image * text.narrow(0, i, 1)).sum(Kind::Float)))
+    }
+
+    /// ∇_{x_t} of `objective(f(x_i, t), i)` (a scalar of image i's `[1, D]`
+    /// embedding) for each row i of `x_t` (`[n, 3, S, S]`): `[n, 3, S, S]` f32.
+    ///
+    /// Each row alone: a batch of one takes the same route through the
+    /// CLIP's layers on every call, the first included (`BatchOfOne`), so its
+    /// gradient does not depend on the batch or on earlier calls.
+    pub fn row_gradients(&self, x_t: &Tensor, t: i64, objective: &dyn Fn(&Tensor, i64) -> Result<Tensor>) -> Result<Tensor> {
+        let device = self.device();
+        let x_t = x_t.to_device(device).to_kind(Kind::Float);
+        let timestep = Tensor::from_slice(&[t]).to_device(device);
+        let rows = (0..x_t.size()[0])
             .map(|i| {
                 tch::with_grad(|| -> Result<Tensor> {
                     let x = x_t.narrow(0, i, 1).detach().set_requires_grad(true);
-                    let image = self.clip.model.image_embeds(&x, &timestep)?;
-                    let score = (image * text.narrow(0, i, 1)).sum(Kind::Float);
+                    let score = objective(&self.clip.model.image_embeds(&x, &timestep)?, i)?;
                     let mut grads = Tensor::f_run_backward(&[score], &[&x], false, false)?;
                     Ok(grads.remove(0))
                 })

@@ -16,6 +16,7 @@
 //! | [`trainer`] | one training step of a base or super-resolution stage (f32 or fp16 autocast), batches drawn ahead |
 //! | [`validate`] | held-out x̂_0 error per noise level, with and without the caption |
 //! | `checkpoint` | replacing a run's checkpoint folder atomically |
+//! | `steps` | the step loop of the small runs (CLIP, prior): log, checkpoints, time limit |
 //! | [`run`] | a stage's training run: config, init weights, loop, time limit, checkpoints, resume, export |
 //! | [`contrastive`] | CLIP's symmetric InfoNCE with equal descriptions as each other's positives |
 //! | [`clip`] | the noised CLIP's training run (GLIDE): noised batches, steps, checkpoints, resume, export |
@@ -36,5 +37,6 @@ pub mod trainer;
 pub mod render;
 pub mod run;
 pub mod scene;
+mod steps;
 pub mod sdf;
 pub mod validate;

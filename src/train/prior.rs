@@ -22,9 +22,7 @@
 //! stream seeded by (seed, k) and the optimiser's state is checkpointed
 //! whole, so a run stopped and resumed computes what an uninterrupted one would.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use rand::Rng;
@@ -34,6 +32,7 @@ use tch::{Device, Kind, Tensor};
 use super::clip::{noise_schedule, pooled_text};
 use super::dataset::{Dataset, Sample};
 use super::optim::{OptimConfig, Optimizer, StepReport};
+use super::steps::{StepLoop, Stepped};
 use super::trainer::{randn, step_rng};
 use crate::diffusion::forward::q_sample;
 use crate::diffusion::NoiseSchedule;
@@ -328,38 +327,29 @@ impl PriorRun {
         };
         let empty = teacher.text_embeds(&[""])?;
         let trainer = PriorTrainer { prior: &prior, teacher: &teacher, schedule: &schedule, source, empty };
-        let first = opt.step_count();
-        let end = until.unwrap_or(c.steps).min(c.steps);
-        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(self.out.join("train.log"))?;
-        let unix = || SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let verb = if resuming { "resumed" } else { "started" };
-        writeln!(log, "# {verb} at step {first} on {:?}, {} parameters, unix {}", self.device, prior.parameter_count(), unix())?;
-        let started = Instant::now();
-        let out_of_time = || self.max_seconds.is_some_and(|s| started.elapsed().as_secs_f64() >= s);
-        while opt.step_count() < end && !out_of_time() {
-            let r = trainer.step(&mut opt)?;
-            let done = opt.step_count();
-            let rate = (done - first) as f64 * c.batch as f64 / started.elapsed().as_secs_f64();
-            progress(done, r.loss, rate);
-            writeln!(
-                log,
-                "step {done} loss {:.5} cosine {:.4} lr {:.2e} grad_norm {:.3} samples/s {rate:.1} unix {}",
-                r.loss,
-                r.cosine,
-                r.optim.lr,
-                r.optim.grad_norm,
-                unix()
-            )?;
-            if done.is_multiple_of(c.checkpoint_every) || done == end {
-                self.checkpoint(&prior, &opt)?;
-            }
-        }
-        let done = opt.step_count();
-        if done > first && !done.is_multiple_of(c.checkpoint_every) && done != end {
-            // Stopped by the time limit between checkpoints.
-            self.checkpoint(&prior, &opt)?;
-        }
-        Ok(done)
+        let run = StepLoop {
+            out: &self.out,
+            resuming,
+            device: self.device,
+            parameters: prior.parameter_count(),
+            first: opt.step_count(),
+            end: until.unwrap_or(c.steps).min(c.steps),
+            checkpoint_every: c.checkpoint_every,
+            batch: c.batch,
+            unit: "samples",
+            max_seconds: self.max_seconds,
+        };
+        let opt = std::cell::RefCell::new(opt);
+        run.run(
+            &mut || {
+                let mut opt = opt.borrow_mut();
+                let r = trainer.step(&mut opt)?;
+                let fields = format!("loss {:.5} cosine {:.4} lr {:.2e} grad_norm {:.3}", r.loss, r.cosine, r.optim.lr, r.optim.grad_norm);
+                Ok(Stepped { done: opt.step_count(), loss: r.loss, fields })
+            },
+            &mut || self.checkpoint(&prior, &opt.borrow()),
+            progress,
+        )
     }
 
     /// Writes the checkpoint to a fresh folder, then renames it into place.

@@ -7,7 +7,7 @@ use diffusiond::nn::noised_clip::{LoadedNoisedClip, ModelInputs, NoisedClipConfi
 use diffusiond::pipeline::manifest::ClipEntry;
 use diffusiond::pipeline::Manifest;
 
-use super::fixture_dir;
+use super::{copy_dir, fixture_dir};
 
 pub fn clip_config(image_size: i64, text_hidden_size: i64) -> NoisedClipConfig {
     NoisedClipConfig { image_size, block_out_channels: vec![8, 16], layers_per_block: 1, embed_dim: 16, text_hidden_size, num_train_timesteps: 1000, norm_num_groups: 4 }
@@ -16,19 +16,6 @@ pub fn clip_config(image_size: i64, text_hidden_size: i64) -> NoisedClipConfig {
 pub fn base_scheduler() -> serde_json::Value {
     let text = std::fs::read_to_string(fixture_dir().join("cascade/base/scheduler/scheduler_config.json")).unwrap();
     serde_json::from_str(&text).unwrap()
-}
-
-pub fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 /// A copy of the fixture cascade in a fresh folder named after `name`, with a
@@ -52,3 +39,35 @@ pub fn cascade_with_clip(name: &str, config: &NoisedClipConfig, seed: i64) -> Pa
     dir
 }
 
+
+/// `diffusiond generate PROMPT --seed 4 --sampler ddim --eta 0.5 FLAGS` on
+/// the cascade in `dir` (CPU, into `dir/out`): the file it wrote first.
+pub fn cli_generate(dir: &Path, prompt: &str, flags: &[&str]) -> PathBuf {
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_diffusiond"))
+        .args(["generate", prompt, "--seed", "4", "--sampler", "ddim", "--eta", "0.5"])
+        .args(flags)
+        .args(["--device", "cpu", "--model"])
+        .arg(dir)
+        .arg("-o")
+        .arg(dir.join("out"))
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    PathBuf::from(String::from_utf8(run.stdout).unwrap().lines().next().unwrap())
+}
+
+/// `diffusiond generate "a star" FLAGS` on the fixture cascade, which has no
+/// CLIP: it must fail before anything runs; its stderr.
+pub fn cli_refused_without_clip(out: &Path, flags: &[&str]) -> String {
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_diffusiond"))
+        .args(["generate", "a star"])
+        .args(flags)
+        .args(["--device", "cpu", "--model"])
+        .arg(fixture_dir().join("cascade"))
+        .arg("-o")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    String::from_utf8_lossy(&refused.stderr).into_owned()
+}

@@ -8,7 +8,7 @@ pub mod server;
 pub mod text;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use diffusiond::diffusion::guidance::classifier_free;
 use diffusiond::diffusion::{
@@ -240,4 +240,18 @@ pub fn tiny_unet_config(size: i64, sr: bool) -> diffusiond::nn::unet::UNetConfig
         v["class_embed_type"] = "timestep".into();
     }
     diffusiond::nn::unet::UNetConfig::from_json(&v.to_string()).unwrap()
+}
+
+/// Copies the folder `from` to `to`, recursively.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
 }
