@@ -158,6 +158,9 @@ class Stager:
         encoder = manifest.get("text_encoder", {})
         folders = [stage["path"] for stage in manifest.get("stages", [])]
         folders += [p for p in (encoder.get("path"), encoder.get("tokenizer")) if p]
+        # The noised CLIP that CLIP and classifier guidance read, when the cascade names one.
+        clip = manifest.get("clip") or {}
+        folders += [clip["path"]] if clip.get("path") else []
         for folder in dict.fromkeys(folders):
             if Path(folder).is_absolute():
                 raise StageError(f"{manifest_file}: {folder} is absolute; the image needs paths relative to the manifest")

@@ -188,3 +188,33 @@ fn jobs_left_queued_or_running_by_a_previous_run_resume() {
     worker.thread.join().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_warm_up_runs_a_cascade_whose_super_resolution_stage_starts_part_way() {
+    // A stage strength below 1 (as models/default ships) runs only part of
+    // its steps; the warm-up's single step must still run, or the server
+    // would never become ready.
+    let dir = temp_dir("warm-up");
+    common::copy_dir(&fixture_dir().join("cascade"), &dir);
+    let manifest = dir.join("cascade.json");
+    let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    m["stages"][1]["strength"] = serde_json::json!(0.3);
+    let encoder = std::fs::canonicalize(fixture_dir().join("cascade").join(m["text_encoder"]["path"].as_str().unwrap())).unwrap();
+    m["text_encoder"]["path"] = encoder.display().to_string().into();
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let store: Arc<dyn JobStore> = Arc::new(EmbeddedStore::open(&dir.join("store")).unwrap());
+    let (tx, mut rx) = readiness_channel();
+    let settings = WorkerSettings { model_dir: dir.clone(), load: CPU, engine: EngineConfig::default(), limits: QueueLimits { max_waiting_jobs: 4, retry_after_secs: 1 }, warmup: true };
+    let handle = spawn(settings, store, event_channel(), Arc::new(tx)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !rx.borrow_and_update().is_ready() {
+        if let Readiness::Failed(e) = &*rx.borrow() {
+            panic!("the warm-up failed: {e}");
+        }
+        assert!(Instant::now() < deadline, "worker not ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    handle.queue.close();
+    handle.thread.join().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

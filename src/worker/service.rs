@@ -33,8 +33,10 @@ pub struct WorkerHandle {
 }
 
 /// One step per stage, one image: exercises every stage's kernels once.
+/// Super-resolution stages run from noise (strength 1): a stage's default
+/// strength below 1 would leave its single step nothing to run.
 fn warm_up(cascade: &Cascade) -> Result<(), crate::pipeline::PipelineError> {
-    let one = StageOverride { steps: Some(1), ..Default::default() };
+    let one = StageOverride { steps: Some(1), strength: Some(1.0), ..Default::default() };
     let spec = RequestSpec {
         prompt: "warm-up".into(),
         n: 1,
