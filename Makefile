@@ -47,11 +47,11 @@ serve: venv encoder
 	$(CARGO) run $(CARGO_FLAGS) --release -- serve --model $(MODEL) --bind $(BIND) --data-dir $(DATA_DIR)
 
 # After the Rust suite: the deployment files (lint, render, schemas, nginx -t)
-# and the container's runtime tree, staged in a temporary folder and started.
+# and the container's runtime tree with the shipped cascade, staged in a temporary folder and started.
 test: venv encoder refenv redis nginx chromium
 	$(CARGO) test $(CARGO_FLAGS)
 	BINARY=target/debug/diffusiond scripts/check_deploy.sh
-	rt=$$(mktemp -d) && chmod 755 $$rt && scripts/runtime_tree.sh --binary target/debug/diffusiond --model tests/fixtures/cascade $$rt/tree; \
+	rt=$$(mktemp -d) && chmod 755 $$rt && scripts/runtime_tree.sh --binary target/debug/diffusiond --model models/default $$rt/tree; \
 		status=$$?; rm -rf $$rt; exit $$status
 
 # The Redis tests (tests/jobs_redis.rs, redis_queue.rs, scale_out.rs) start their own redis-server,
