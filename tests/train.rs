@@ -313,9 +313,18 @@ fn the_shipped_stages_match_their_committed_training_configs() {
     let mut names = Vec::new();
     for entry in std::fs::read_dir(root.join("train")).unwrap() {
         let path = entry.unwrap().path();
-        // The noised CLIP's run (`diffusiond train-clip`) is not a stage of the cascade.
+        // The noised CLIP's run (`diffusiond train-clip`) and the unCLIP
+        // prior's (`diffusiond train-prior`) are not stages of the cascade;
+        // the shipped CLIP is its config's model.
         if path.file_stem().is_some_and(|n| n.to_string_lossy().starts_with("noised-clip")) {
-            diffusiond::train::clip::ClipTrainConfig::from_file(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            let config = diffusiond::train::clip::ClipTrainConfig::from_file(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            let shipped = diffusiond::nn::noised_clip::LoadedNoisedClip::load(&root.join("clip"), tch::Device::Cpu).unwrap();
+            assert_eq!(shipped.model.config(), &config.model, "models/default/clip is the model of {}", path.display());
+            continue;
+        }
+        if path.file_stem().is_some_and(|n| n == "prior") {
+            let config = diffusiond::train::prior::PriorTrainConfig::from_file(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            assert!(config.clip.join("config.json").is_file(), "{}: the CLIP it learns from is shipped", path.display());
             continue;
         }
         let config = TrainConfig::from_file(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));

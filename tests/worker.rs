@@ -15,7 +15,7 @@ use diffusiond::jobs::embedded::EmbeddedStore;
 use diffusiond::jobs::{event_channel, now_ms, JobId, JobQueue, JobRecord, JobStatus, JobStore};
 use diffusiond::nn::device::{DeviceSetting, Precision};
 use diffusiond::pipeline::{Cascade, GenerationRequest, LoadOptions, Mask, NoiseMix, Picture, RequestSpec, SourceSpec};
-use diffusiond::worker::{readiness_channel, spawn, EngineConfig, QueueLimits, Readiness, WorkerHandle, WorkerSettings};
+use diffusiond::worker::{readiness_channel, spawn, EngineConfig, QueueLimits, Readiness, ReadinessReceiver, WorkerHandle, WorkerSettings};
 
 const CPU: LoadOptions = LoadOptions { device: DeviceSetting::Cpu, precision: Precision::F32 };
 
@@ -35,6 +35,12 @@ fn start(store: Arc<dyn JobStore>, engine: EngineConfig) -> WorkerHandle {
         warmup: false,
     };
     let handle = spawn(settings, store, event_channel(), Arc::new(tx)).unwrap();
+    wait_ready(&mut rx);
+    handle
+}
+
+/// Waits up to a minute for the worker to be ready; a failure panics with its reason.
+fn wait_ready(rx: &mut ReadinessReceiver) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !rx.borrow_and_update().is_ready() {
         if let Readiness::Failed(e) = &*rx.borrow() {
@@ -43,7 +49,6 @@ fn start(store: Arc<dyn JobStore>, engine: EngineConfig) -> WorkerHandle {
         assert!(Instant::now() < deadline, "worker not ready");
         std::thread::sleep(Duration::from_millis(20));
     }
-    handle
 }
 
 fn wait_for(store: &dyn JobStore, ids: &[JobId]) -> Vec<JobRecord> {
@@ -206,14 +211,7 @@ fn the_warm_up_runs_a_cascade_whose_super_resolution_stage_starts_part_way() {
     let (tx, mut rx) = readiness_channel();
     let settings = WorkerSettings { model_dir: dir.clone(), load: CPU, engine: EngineConfig::default(), limits: QueueLimits { max_waiting_jobs: 4, retry_after_secs: 1 }, warmup: true };
     let handle = spawn(settings, store, event_channel(), Arc::new(tx)).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !rx.borrow_and_update().is_ready() {
-        if let Readiness::Failed(e) = &*rx.borrow() {
-            panic!("the warm-up failed: {e}");
-        }
-        assert!(Instant::now() < deadline, "worker not ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_ready(&mut rx);
     handle.queue.close();
     handle.thread.join().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
