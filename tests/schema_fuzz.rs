@@ -1,5 +1,6 @@
-//! A schema fuzzer for `POST /generate`, driven by the served OpenAPI
-//! document and `GET /info`: both directions, through `Router::oneshot`.
+//! A schema fuzzer for `POST /generate` and `POST /v1/images/generations`,
+//! driven by the served OpenAPI document and `GET /info`: both directions,
+//! through `Router::oneshot`.
 //!
 //! - Accepted: bodies whose every field is drawn inside its schema (type,
 //!   minimum, maximum, exclusive minimum, length, enum), within the limits
@@ -194,6 +195,10 @@ fn invalid_values(doc: &Doc, schema: &Value) -> Vec<(Value, &'static str)> {
             out.push((json!(12), "type"));
             out.push((json!({"text": "x"}), "type"));
         }
+        Some("boolean") => {
+            out.push((json!("yes"), "type"));
+            out.push((json!(1), "type"));
+        }
         Some("array") => out.push((json!("x"), "type")),
         Some("object") | None => out.push((json!(5), "type")),
         Some(other) => panic!("no invalid values for type {other}"),
@@ -307,4 +312,69 @@ async fn a_field_outside_the_document_is_refused_naming_it() {
     refuse(no_prompt, "prompt".into(), "required").await;
     assert!(probes > 60, "{probes} probes");
     assert_eq!(h.store.len(), 0, "nothing refused is stored");
+}
+
+/// A value inside the schema of `ImagesRequest` field `name`, and the limits of `/info`.
+fn valid_images_field(doc: &Doc, name: &str, schema: &Value, rng: &mut Xoshiro256PlusPlus) -> Option<Value> {
+    let s = doc.resolve(schema);
+    Some(match name {
+        "prompt" | "negative_prompt" => json!(words(rng, s["maxLength"].as_u64().unwrap_or(4000) as usize - 1)),
+        "size" => {
+            let sizes = doc.info["limits"]["sizes"].as_array().unwrap();
+            sizes[rng.random_range(0..sizes.len())].clone()
+        }
+        "num_inference_steps" => json!(rng.random_range(1..=doc.base_max_steps())),
+        "n" => json!(rng.random_range(1..=doc.info["limits"]["max_images"].as_i64().unwrap().min(s["maximum"].as_i64().unwrap()))),
+        "seed" => json!(rng.random_range(0..1u64 << 40)),
+        // Streaming answers with events as the job runs; these bodies are answered whole.
+        "stream" => json!(false),
+        "partial_images" => return None,
+        // Accepted and ignored, whatever they say.
+        "background" | "model" | "moderation" | "quality" | "style" | "user" | "safety_identifier" => json!(words(rng, 20)),
+        _ => match (Doc::types(s).first().map(String::as_str), s["enum"].as_array()) {
+            (_, Some(options)) => options[rng.random_range(0..options.len())].clone(),
+            (Some("number"), _) => json!(rng.random_range(s["minimum"].as_f64().unwrap()..=s["maximum"].as_f64().unwrap())),
+            (Some("integer"), _) => json!(rng.random_range(s["minimum"].as_i64().unwrap()..=s["maximum"].as_i64().unwrap())),
+            other => panic!("no generator for `{name}` ({other:?}): the fuzzer must learn the new field"),
+        },
+    })
+}
+
+#[tokio::test]
+async fn openai_generation_bodies_are_accepted_inside_the_document_and_refused_outside_it() {
+    let h = Harness::new(Behaviour::Succeed);
+    let doc = load(&h).await;
+    let schema = doc.body_schema("ImagesRequest").clone();
+    let fields = schema["properties"].as_object().unwrap();
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(11);
+    let body = |rng: &mut Xoshiro256PlusPlus| {
+        let mut body = Map::new();
+        for (name, field) in fields {
+            if name == "prompt" || rng.random_bool(0.5) {
+                if let Some(v) = valid_images_field(&doc, name, field, rng) {
+                    body.insert(name.clone(), v);
+                }
+            }
+        }
+        Value::Object(body)
+    };
+    for i in 0..100 {
+        let b = body(&mut rng);
+        let reply = h.send(post_json("/v1/images/generations", &b)).await;
+        assert_eq!(reply.status, StatusCode::OK, "body {i} is inside the document but was refused: {b}\n{}", reply.text());
+    }
+    let stored = h.store.len();
+    let mut probes = 0;
+    for (name, field) in fields {
+        for (value, broke) in invalid_values(&doc, field) {
+            let mut b = body(&mut rng);
+            b[name.as_str()] = value;
+            let reply = h.send(post_json("/v1/images/generations", &b)).await;
+            assert!(reply.status.is_client_error(), "{name} ({broke}) was accepted: {b}");
+            assert_eq!(reply.json()["error"]["param"], name.as_str(), "{name} ({broke}): {}", reply.text());
+            probes += 1;
+        }
+    }
+    assert!(probes > 30, "{probes} probes");
+    assert_eq!(h.store.len(), stored, "nothing refused is stored");
 }
