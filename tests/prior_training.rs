@@ -15,7 +15,8 @@ use diffusiond::nn::unclip::{LoadedPrior, PriorInput};
 use diffusiond::train::clip::noise_schedule;
 use diffusiond::train::dataset::Dataset;
 use diffusiond::train::optim::{OptimConfig, Optimizer};
-use diffusiond::train::prior::{embedding_statistics, PriorBatchSource, PriorRun, PriorTeacher, PriorTrainConfig, PriorTrainer};
+use diffusiond::train::clip::FrozenClip;
+use diffusiond::train::prior::{embedding_statistics, PriorBatchSource, PriorRun, PriorTrainConfig, PriorTrainer};
 use tch::{Device, Kind, Tensor};
 
 /// Weight initialisation draws from libtorch's one global generator.
@@ -58,7 +59,7 @@ fn the_prior_loss_falls_on_held_out_batches() {
     let dir = std::env::temp_dir().join(format!("diffusiond-prior-loss-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let _turn = GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
-    let teacher = PriorTeacher::load(&clip_dir(&dir), Device::Cpu).unwrap();
+    let teacher = FrozenClip::load(&clip_dir(&dir), Device::Cpu).unwrap();
     let c = config(&dir.join("clip"));
     tch::manual_seed(1);
     let prior = LoadedPrior::random(&c.model).unwrap();
@@ -130,7 +131,7 @@ fn a_stopped_run_resumes_at_its_step_and_exports_a_prior_folder() {
     assert!(prior.to_latents(&prior.model.post_process_latents(&out)).allclose(&out, 1e-5, 1e-5, false));
 
     // And it evaluates: the text-embedding baseline, then one row per guidance scale.
-    let teacher = PriorTeacher::load(&clip, Device::Cpu).unwrap();
+    let teacher = FrozenClip::load(&clip, Device::Cpu).unwrap();
     let eval = PriorEvalConfig { samples: 24, candidates: 4, seed: 99, steps: 4, guidance_scales: vec![1.0, 3.0] };
     let report = evaluate(&prior, &scheduler, &teacher, &eval).unwrap();
     assert_eq!(report.rows.len(), 3);

@@ -76,8 +76,9 @@ fn words(rng: &mut Xoshiro256PlusPlus, max_chars: usize) -> String {
     out.chars().take(max_chars).collect::<String>().trim().to_owned() + "x"
 }
 
-/// A value for top-level field `name` of `GenerateBody`, inside its schema and
-/// the documented limits; `None` for fields drawn elsewhere.
+/// A value for top-level field `name` of `GenerateBody` (or a field of that
+/// name elsewhere), inside its schema and the documented limits; `None` for
+/// fields drawn elsewhere.
 fn valid(doc: &Doc, name: &str, schema: &Value, rng: &mut Xoshiro256PlusPlus) -> Option<Value> {
     let s = doc.resolve(schema);
     let info = &doc.info;
@@ -314,29 +315,18 @@ async fn a_field_outside_the_document_is_refused_naming_it() {
     assert_eq!(h.store.len(), 0, "nothing refused is stored");
 }
 
-/// A value inside the schema of `ImagesRequest` field `name`, and the limits of `/info`.
+/// A value inside the schema of `ImagesRequest` field `name`, and the limits
+/// of `/info`: its own fields here, the ones it shares with `GenerateBody` as
+/// [`valid`] draws them.
 fn valid_images_field(doc: &Doc, name: &str, schema: &Value, rng: &mut Xoshiro256PlusPlus) -> Option<Value> {
-    let s = doc.resolve(schema);
     Some(match name {
-        "prompt" | "negative_prompt" => json!(words(rng, s["maxLength"].as_u64().unwrap_or(4000) as usize - 1)),
-        "size" => {
-            let sizes = doc.info["limits"]["sizes"].as_array().unwrap();
-            sizes[rng.random_range(0..sizes.len())].clone()
-        }
         "num_inference_steps" => json!(rng.random_range(1..=doc.base_max_steps())),
-        "n" => json!(rng.random_range(1..=doc.info["limits"]["max_images"].as_i64().unwrap().min(s["maximum"].as_i64().unwrap()))),
-        "seed" => json!(rng.random_range(0..1u64 << 40)),
         // Streaming answers with events as the job runs; these bodies are answered whole.
         "stream" => json!(false),
         "partial_images" => return None,
         // Accepted and ignored, whatever they say.
         "background" | "model" | "moderation" | "quality" | "style" | "user" | "safety_identifier" => json!(words(rng, 20)),
-        _ => match (Doc::types(s).first().map(String::as_str), s["enum"].as_array()) {
-            (_, Some(options)) => options[rng.random_range(0..options.len())].clone(),
-            (Some("number"), _) => json!(rng.random_range(s["minimum"].as_f64().unwrap()..=s["maximum"].as_f64().unwrap())),
-            (Some("integer"), _) => json!(rng.random_range(s["minimum"].as_i64().unwrap()..=s["maximum"].as_i64().unwrap())),
-            other => panic!("no generator for `{name}` ({other:?}): the fuzzer must learn the new field"),
-        },
+        _ => return valid(doc, name, schema, rng),
     })
 }
 

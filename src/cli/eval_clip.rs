@@ -3,14 +3,11 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Args;
 use diffusiond::eval::retrieval::{evaluate, RetrievalConfig, TIMESTEPS};
 use diffusiond::nn::device::DeviceSetting;
-use diffusiond::nn::noised_clip::{LoadedNoisedClip, ModelInputs};
-use diffusiond::nn::text::{TextEncoder, TextEncoderOptions};
-use diffusiond::train::clip::noise_schedule;
-use tch::Kind;
+use diffusiond::train::clip::{noise_schedule, FrozenClip};
 
 #[derive(Debug, Args)]
 pub struct EvalClipArgs {
@@ -51,17 +48,11 @@ impl HeldOutArgs {
 }
 
 pub fn run(args: EvalClipArgs) -> anyhow::Result<()> {
-    let inputs = ModelInputs::read(&args.model)?;
-    let seed = args.held_out.seed(inputs.train_seed)?;
-    let device = args.device.resolve();
-    let clip = LoadedNoisedClip::load(&args.model, device)?;
-    let options = TextEncoderOptions { max_length: Some(inputs.max_length), ..Default::default() };
-    let mut encoder = TextEncoder::load(&inputs.text_encoder, &options)
-        .with_context(|| format!("the text encoder named by {}", args.model.join(ModelInputs::FILE).display()))?;
-    encoder.to(device, Kind::Float)?;
-    let schedule = noise_schedule(&inputs.scheduler)?;
+    let clip = FrozenClip::load(&args.model, args.device.resolve())?;
+    let seed = args.held_out.seed(clip.inputs.train_seed)?;
+    let schedule = noise_schedule(&clip.inputs.scheduler)?;
     let config = RetrievalConfig { samples: args.held_out.samples, candidates: args.held_out.candidates, seed, timesteps: TIMESTEPS.to_vec() };
-    let report = evaluate(&clip.model, &encoder, &schedule, &config)?;
+    let report = evaluate(&clip.clip.model, &clip.encoder, &schedule, &config)?;
     println!("{}", report.markdown());
     Ok(())
 }

@@ -10,7 +10,7 @@ use diffusiond::diffusion::{Scheduler, SchedulerConfig};
 use diffusiond::eval::prior::{evaluate, PriorEvalConfig};
 use diffusiond::nn::device::DeviceSetting;
 use diffusiond::nn::unclip::LoadedPrior;
-use diffusiond::train::prior::PriorTeacher;
+use diffusiond::train::clip::FrozenClip;
 use tch::Kind;
 
 use super::eval_clip::HeldOutArgs;
@@ -38,7 +38,7 @@ pub struct EvalPriorArgs {
 
 pub fn run(args: EvalPriorArgs) -> anyhow::Result<()> {
     let device = args.device.resolve();
-    let teacher = PriorTeacher::load(&args.clip, device)?;
+    let teacher = FrozenClip::load(&args.clip, device)?;
     let seed = args.held_out.seed(teacher.inputs.train_seed)?;
     if let Some(bad) = args.guidance.iter().find(|g| !(g.is_finite() && **g >= 0.0)) {
         bail!("--guidance {bad}: must be a number ≥ 0");

@@ -19,12 +19,13 @@ use rand::SeedableRng;
 use rand_xoshiro::Xoshiro256PlusPlus;
 use tch::{Device, Kind, Tensor};
 
-use super::retrieval::candidate_sets;
+use super::retrieval::{candidate_sets, top1};
 use crate::diffusion::{BatchNoise, Scheduler};
+use crate::nn::noised_clip::model::l2_normalise;
 use crate::nn::unclip::LoadedPrior;
 use crate::pipeline::unclip::{sample_prior, PriorCondition};
 use crate::train::dataset::Dataset;
-use crate::train::prior::PriorTeacher;
+use crate::train::clip::FrozenClip;
 
 #[derive(Debug, Clone)]
 pub struct PriorEvalConfig {
@@ -70,16 +71,14 @@ impl PriorReport {
 /// Scores queries `[n, D]` against the image embeddings `[n, D]` of the same renders.
 fn row(label: String, queries: &Tensor, images: &Tensor, sets: &[Vec<usize>]) -> anyhow::Result<PriorRow> {
     let n = images.size()[0] as usize;
-    let unit = |t: &Tensor| t / t.square().sum_dim_intlist(1, true, Kind::Float).sqrt().clamp_min(1e-12);
-    let scores: Vec<f32> = Vec::try_from(unit(queries).matmul(&unit(images).tr()).to_kind(Kind::Float).reshape([-1]))?;
+    let scores: Vec<f32> = Vec::try_from(l2_normalise(queries).matmul(&l2_normalise(images).tr()).to_kind(Kind::Float).reshape([-1]))?;
     let at = |q: usize, c: usize| scores[q * n + c];
-    let hits = sets.iter().enumerate().filter(|(q, set)| set[1..].iter().all(|&c| at(*q, c) < at(*q, set[0]))).count();
     let cosine = (0..n).map(|q| f64::from(at(q, q))).sum::<f64>() / n as f64;
-    Ok(PriorRow { label, top1: hits as f64 / n.max(1) as f64, cosine })
+    Ok(PriorRow { label, top1: top1(sets, at), cosine })
 }
 
 /// Scores `prior` (sampled with `scheduler`) against the CLIP of `teacher`.
-pub fn evaluate(prior: &LoadedPrior, scheduler: &Scheduler, teacher: &PriorTeacher, config: &PriorEvalConfig) -> anyhow::Result<PriorReport> {
+pub fn evaluate(prior: &LoadedPrior, scheduler: &Scheduler, teacher: &FrozenClip, config: &PriorEvalConfig) -> anyhow::Result<PriorReport> {
     let n = config.samples;
     if n < config.candidates {
         bail!("--samples {n} is fewer than --candidates {}", config.candidates);

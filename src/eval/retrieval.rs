@@ -96,7 +96,7 @@ pub fn candidate_sets(samples: &[Sample], k: usize, rng: &mut Xoshiro256PlusPlus
 
 /// The share of queries whose own item (first in its set) scores strictly
 /// above every other candidate; `score(query, candidate)`.
-fn top1(sets: &[Vec<usize>], score: impl Fn(usize, usize) -> f32) -> f64 {
+pub(crate) fn top1(sets: &[Vec<usize>], score: impl Fn(usize, usize) -> f32) -> f64 {
     let hits = sets
         .iter()
         .enumerate()

@@ -21,6 +21,8 @@
 //! interpolation) are left out, since an image cannot be told apart from its
 //! own label.
 
+use std::collections::HashSet;
+
 use crate::train::caption::vocabulary;
 use crate::train::claims::Relation;
 use crate::train::scene::{Colour, Shape};
@@ -178,33 +180,44 @@ fn article(word: &str) -> &'static str {
     }
 }
 
-/// One prompt's contrasts: one attribute changed, then attributes swapped.
-fn contrasts(prompt: &str) -> Vec<String> {
+/// A prompt read once: its words and the spans among them that name something.
+struct Reading {
+    words: Vec<(String, String)>,
+    spans: Vec<Span>,
+}
+
+fn read(prompt: &str) -> Reading {
     let words = split(prompt);
     let spans = spans(&words);
+    Reading { words, spans }
+}
+
+/// One prompt's contrasts: one attribute changed, then attributes swapped.
+fn contrasts(reading: &Reading) -> Vec<String> {
+    let Reading { words, spans } = reading;
     let mut out = Vec::new();
-    for span in &spans {
+    for span in spans {
         for alt in alternatives(span.slot) {
-            out.push(rewrite(&words, &[(*span, alt)]));
+            out.push(rewrite(words, &[(*span, alt)]));
         }
     }
     let colours: Vec<&Span> = spans.iter().filter(|s| matches!(s.slot, Slot::Colour(_))).collect();
     if let [a, b] = colours[..] {
-        out.push(rewrite(&words, &[(*a, b.slot), (*b, a.slot)]));
+        out.push(rewrite(words, &[(*a, b.slot), (*b, a.slot)]));
     }
     let shapes: Vec<&Span> = spans.iter().filter(|s| matches!(s.slot, Slot::Shape { .. })).collect();
     if let [a, b] = shapes[..] {
         if let (Slot::Shape { shape: sa, plural: pa }, Slot::Shape { shape: sb, plural: pb }) = (a.slot, b.slot) {
-            out.push(rewrite(&words, &[(*a, Slot::Shape { shape: sb, plural: pa }), (*b, Slot::Shape { shape: sa, plural: pb })]));
+            out.push(rewrite(words, &[(*a, Slot::Shape { shape: sb, plural: pa }), (*b, Slot::Shape { shape: sa, plural: pb })]));
         }
     }
     out
 }
 
-/// The (colour, shape) of each thing `prompt` names: a shape noun with the
+/// The (colour, shape) of each thing a prompt names: a shape noun with the
 /// colour word right before it (after any count), or with none.
-fn things(prompt: &str) -> Vec<(Option<Colour>, Shape)> {
-    let spans = spans(&split(prompt));
+fn things(reading: &Reading) -> Vec<(Option<Colour>, Shape)> {
+    let spans = &reading.spans;
     spans
         .iter()
         .enumerate()
@@ -233,8 +246,8 @@ fn normal(text: &str) -> String {
 /// square", "a green star" in "a star") is no class: a right image fits it
 /// too, and guidance away from it would erase what the prompt asks for.
 pub fn labels(prompts: &[&str]) -> Vec<String> {
-    let own: Vec<String> = prompts.iter().map(|p| normal(p)).collect();
-    let named: Vec<(Option<Colour>, Shape)> = prompts.iter().flat_map(|p| things(p)).collect();
+    let readings: Vec<Reading> = prompts.iter().map(|p| read(p)).collect();
+    let named: Vec<(Option<Colour>, Shape)> = readings.iter().flat_map(things).collect();
     let single = Colour::OBJECTS
         .iter()
         .flat_map(|&c| Shape::ALL.iter().map(move |&s| (c, s)))
@@ -243,14 +256,9 @@ pub fn labels(prompts: &[&str]) -> Vec<String> {
             let colour = vocabulary::colour(c)[0];
             format!("{} {colour} {}", article(colour), vocabulary::shape(s)[0].0)
         });
-    let mut out: Vec<String> = Vec::new();
-    for label in prompts.iter().flat_map(|p| contrasts(p)).chain(single) {
-        let n = normal(&label);
-        if !own.contains(&n) && !out.iter().any(|o| normal(o) == n) {
-            out.push(label);
-        }
-    }
-    out
+    // Each caption compared by its normal form, taken once; the prompts' own are taken already.
+    let mut seen: HashSet<String> = prompts.iter().map(|p| normal(p)).collect();
+    readings.iter().flat_map(contrasts).chain(single).filter(|label| seen.insert(normal(label))).collect()
 }
 
 #[cfg(test)]
@@ -323,8 +331,8 @@ mod tests {
         let three = labels(&["three green stars"]);
         assert!(!three.contains(&"a green star".to_owned()) && three.contains(&"a red star".to_owned()), "{three:?}");
         // A colour two words before a shape is not its colour.
-        assert_eq!(things("a red and shiny circle"), vec![(None, Shape::Circle)]);
-        assert_eq!(things("4 purple plus signs"), vec![(Some(Colour::Purple), Shape::Cross)]);
+        assert_eq!(things(&read("a red and shiny circle")), vec![(None, Shape::Circle)]);
+        assert_eq!(things(&read("4 purple plus signs")), vec![(Some(Colour::Purple), Shape::Cross)]);
     }
 
     #[test]

@@ -290,28 +290,25 @@ impl StageJob {
             return Ok(());
         }
         let output = if self.guided { classifier_free(output, &self.scales, IMAGE_CHANNELS)? } else { output.shallow_clone() };
+        // The guides below shift the output at the step's timestep.
+        let t = || self.sampler.current_timestep().ok_or_else(|| PipelineError::invalid("steps", "the job is already finished"));
         let output = match &self.clip {
             None => output,
             Some(job) => {
                 let guide = clip.ok_or_else(|| PipelineError::invalid(CLIP_FIELD, "the job is CLIP-guided but the cascade has no CLIP"))?;
-                let t = self.sampler.current_timestep().ok_or_else(|| PipelineError::invalid("steps", "the job is already finished"))?;
-                guide.guide(job, &output, &self.sample, t)?
+                guide.guide(job, &output, &self.sample, t()?)?
             }
         };
         let output = match &self.classifier {
             None => output,
             Some(job) => {
                 let guide = clip.ok_or_else(|| PipelineError::invalid(CLASSIFIER_FIELD, "the job is classifier-guided but the cascade has no CLIP"))?;
-                let t = self.sampler.current_timestep().ok_or_else(|| PipelineError::invalid("steps", "the job is already finished"))?;
-                job.guide(guide, &output, &self.sample, t)?
+                job.guide(guide, &output, &self.sample, t()?)?
             }
         };
         let output = match &self.layout {
             None => output,
-            Some(job) => {
-                let t = self.sampler.current_timestep().ok_or_else(|| PipelineError::invalid("steps", "the job is already finished"))?;
-                job.guide(stage, &output, &self.sample, t)?
-            }
+            Some(job) => job.guide(stage, &output, &self.sample, t()?)?,
         };
         let step = self.sampler.step(&output, &self.sample, &mut self.noise)?;
         self.sample = match &self.mask {

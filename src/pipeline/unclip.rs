@@ -129,8 +129,7 @@ impl UnClipPipeline {
 
         // 1. The prior: a CLIP image embedding from the caption.
         let condition = PriorCondition { proj_embedding: &prompt_embeds, hidden: Some(&text_hidden), mask: Some(&text_mask), guided };
-        let prior_scale = if guided { settings.prior_guidance_scale } else { 1.0 };
-        let image_embeddings = sample_prior(&self.prior.model, &self.prior_scheduler, &condition, settings.prior_steps, prior_scale, &mut noise.prior)?;
+        let image_embeddings = sample_prior(&self.prior.model, &self.prior_scheduler, &condition, settings.prior_steps, settings.prior_guidance_scale, &mut noise.prior)?;
 
         // 2. The decoder, conditioned on the embedding and the caption.
         let projected = tch::no_grad(|| self.text_proj.model.forward(&image_embeddings, &prompt_embeds, &text_hidden, guided))?;

@@ -155,6 +155,44 @@ pub fn pooled_text(encoder: &TextEncoder, prompts: &[&str]) -> anyhow::Result<Te
     Ok(mean_pool(&out.hidden, &out.mask)?)
 }
 
+/// A trained noised CLIP folder with the text encoder it names, frozen: what
+/// retrieval scores and what the unCLIP prior learns the embeddings of.
+pub struct FrozenClip {
+    pub clip: LoadedNoisedClip,
+    pub encoder: TextEncoder,
+    pub inputs: ModelInputs,
+}
+
+impl FrozenClip {
+    /// Loads a noised CLIP folder and the text encoder it names, onto `device`.
+    pub fn load(dir: &Path, device: Device) -> anyhow::Result<Self> {
+        let clip = LoadedNoisedClip::load(dir, device).with_context(|| format!("loading the CLIP in {}", dir.display()))?;
+        let inputs = ModelInputs::read(dir)?;
+        let options = TextEncoderOptions { max_length: Some(inputs.max_length), ..Default::default() };
+        let mut encoder = TextEncoder::load(&inputs.text_encoder, &options)
+            .with_context(|| format!("the text encoder named by {}", dir.join(ModelInputs::FILE).display()))?;
+        encoder.to(device, Kind::Float)?;
+        Ok(Self { clip, encoder, inputs })
+    }
+
+    pub fn width(&self) -> i64 {
+        self.clip.model.config().embed_dim
+    }
+
+    /// Unit-norm CLIP image embeddings of clean renders `[B, 3, S, S]`.
+    pub fn image_embeds(&self, images: &Tensor) -> anyhow::Result<Tensor> {
+        let device = self.clip.vs.device();
+        let t = Tensor::zeros([images.size()[0]], (Kind::Int64, device));
+        Ok(tch::no_grad(|| self.clip.model.image_embeds(&images.to_device(device), &t))?)
+    }
+
+    /// Unit-norm CLIP text embeddings of `prompts`.
+    pub fn text_embeds(&self, prompts: &[&str]) -> anyhow::Result<Tensor> {
+        let pooled = pooled_text(&self.encoder, prompts)?;
+        Ok(tch::no_grad(|| self.clip.model.text_embeds(&pooled))?)
+    }
+}
+
 /// One step's numbers, for the log.
 pub struct ClipStepResult {
     pub loss: f64,

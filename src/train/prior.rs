@@ -29,15 +29,13 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use super::clip::{noise_schedule, pooled_text};
+use super::clip::{noise_schedule, FrozenClip};
 use super::dataset::{Dataset, Sample};
 use super::optim::{OptimConfig, Optimizer, StepReport};
 use super::steps::{StepLoop, Stepped};
 use super::trainer::{randn, step_rng};
 use crate::diffusion::forward::q_sample;
 use crate::diffusion::NoiseSchedule;
-use crate::nn::noised_clip::{LoadedNoisedClip, ModelInputs};
-use crate::nn::text::{TextEncoder, TextEncoderOptions};
 use crate::nn::unclip::{LoadedPrior, PriorConfig, PriorInput};
 
 /// Renders the standardising statistics are measured on.
@@ -113,41 +111,6 @@ impl PriorTrainConfig {
     }
 }
 
-/// The frozen models a prior learns from: the CLIP and its text encoder.
-pub struct PriorTeacher {
-    pub clip: LoadedNoisedClip,
-    pub encoder: TextEncoder,
-    pub inputs: ModelInputs,
-}
-
-impl PriorTeacher {
-    /// Loads a noised CLIP folder and the text encoder it names, onto `device`.
-    pub fn load(dir: &Path, device: Device) -> anyhow::Result<Self> {
-        let clip = LoadedNoisedClip::load(dir, device).with_context(|| format!("loading the CLIP in {}", dir.display()))?;
-        let inputs = ModelInputs::read(dir)?;
-        let mut encoder = TextEncoder::load(&inputs.text_encoder, &TextEncoderOptions { max_length: Some(inputs.max_length), ..Default::default() })?;
-        encoder.to(device, Kind::Float)?;
-        Ok(Self { clip, encoder, inputs })
-    }
-
-    pub fn width(&self) -> i64 {
-        self.clip.model.config().embed_dim
-    }
-
-    /// Unit-norm CLIP image embeddings of clean renders `[B, 3, S, S]`.
-    pub fn image_embeds(&self, images: &Tensor) -> anyhow::Result<Tensor> {
-        let device = self.clip.vs.device();
-        let t = Tensor::zeros([images.size()[0]], (Kind::Int64, device));
-        Ok(tch::no_grad(|| self.clip.model.image_embeds(&images.to_device(device), &t))?)
-    }
-
-    /// Unit-norm CLIP text embeddings of `prompts`.
-    pub fn text_embeds(&self, prompts: &[&str]) -> anyhow::Result<Tensor> {
-        let pooled = pooled_text(&self.encoder, prompts)?;
-        Ok(tch::no_grad(|| self.clip.model.text_embeds(&pooled))?)
-    }
-}
-
 /// The host-side half of a step: renders, captions, timesteps and noise.
 pub struct PriorBatch {
     /// Clean renders `[B, 3, S, S]` in [-1, 1].
@@ -188,7 +151,7 @@ impl PriorBatchSource {
 
 /// Per-dimension mean and standard deviation of the CLIP image embeddings of
 /// `samples` renders of `dataset` (in chunks, no gradient).
-pub fn embedding_statistics(teacher: &PriorTeacher, dataset: &Dataset, size: u32, samples: u64) -> anyhow::Result<(Tensor, Tensor)> {
+pub fn embedding_statistics(teacher: &FrozenClip, dataset: &Dataset, size: u32, samples: u64) -> anyhow::Result<(Tensor, Tensor)> {
     let mut all = Vec::new();
     for start in (0..samples).step_by(128) {
         let indices: Vec<u64> = (start..(start + 128).min(samples)).collect();
@@ -216,7 +179,7 @@ pub struct PriorLoss {
 /// The prior, its teacher, schedule and data.
 pub struct PriorTrainer<'a> {
     pub prior: &'a LoadedPrior,
-    pub teacher: &'a PriorTeacher,
+    pub teacher: &'a FrozenClip,
     pub schedule: &'a NoiseSchedule,
     pub source: PriorBatchSource,
     /// The empty caption's CLIP text embedding `[1, D]`.
@@ -284,7 +247,7 @@ impl PriorRun {
         let c = &self.config;
         c.validate()?;
         std::fs::create_dir_all(&self.out)?;
-        let teacher = PriorTeacher::load(&c.clip, self.device)?;
+        let teacher = FrozenClip::load(&c.clip, self.device)?;
         if teacher.width() != c.model.embedding_dim {
             bail!("model.embedding_dim is {} but the CLIP in {} embeds in {} dimensions", c.model.embedding_dim, c.clip.display(), teacher.width());
         }

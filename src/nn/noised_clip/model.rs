@@ -125,7 +125,7 @@ pub struct NoisedClip {
 }
 
 /// Rows scaled to unit L2 norm (a zero row stays zero).
-fn l2_normalise(x: &Tensor) -> Tensor {
+pub(crate) fn l2_normalise(x: &Tensor) -> Tensor {
     x / x.square().sum_dim_intlist([-1i64].as_slice(), true, x.kind()).sqrt().clamp_min(1e-12)
 }
 
