@@ -82,7 +82,7 @@ fn info_describes_the_cascade() {
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(info["name"], "tiny-if");
     assert_eq!(info["text_encoder"]["type"], "bert");
-    assert_eq!(info["stages"][1]["kind"], "super-resolution");
+    assert_eq!(info["stages"][1]["kind"], "super_resolution");
     assert_eq!(info["stages"][1]["size"], "32x32");
     assert_eq!(info["stages"][1]["defaults"]["noise_level"], 250);
     assert!(info["stages"][0]["parameters"].as_i64().unwrap() > 100_000);

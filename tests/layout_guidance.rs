@@ -66,7 +66,7 @@ fn g(c: &Cascade, x: &Tensor, t: i64, text: &Tensor, named: &Tensor, relation: O
     let maps = AttentionMaps::default();
     let timestep = Tensor::from_slice(&[t]);
     let input = UNetInput { sample: x, timesteps: &timestep, encoder_hidden_states: text, class_labels: None, text_mask: None };
-    let _prediction = tch::no_grad(|| stage.unet.model.forward_probed(&input, false, Some(&maps))).unwrap();
+    let _prediction = tch::no_grad(|| stage.unet().unwrap().model.forward_probed(&input, false, Some(&maps))).unwrap();
     let maps = maps.take();
     assert!(!maps.is_empty(), "the fixture base UNet attends to text");
     layout_loss(&maps, named, &[Some(1), Some(1)], relation).double_value(&[])

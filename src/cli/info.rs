@@ -2,7 +2,6 @@
 //! counts, schedulers and default settings — as text or JSON.
 
 use clap::Args;
-use diffusiond::pipeline::stage::StageKind;
 use diffusiond::pipeline::Cascade;
 use serde_json::{json, Value};
 
@@ -27,9 +26,9 @@ pub fn describe(cascade: &Cascade) -> Value {
             let sched = s.scheduler.config();
             json!({
                 "name": s.name,
-                "kind": match s.kind { StageKind::Base => "base", StageKind::SuperResolution => "super-resolution" },
+                "kind": s.kind.name(),
                 "size": format!("{}x{}", s.size.1, s.size.0),
-                "parameters": s.unet.parameter_count(),
+                "parameters": s.parameter_count(),
                 "scheduler": {
                     "class": sched.class_name,
                     "beta_schedule": sched.beta_schedule.map(|b| format!("{b:?}")),

@@ -12,6 +12,7 @@ mod schedule;
 mod serve;
 mod train;
 mod train_clip;
+mod train_decoder;
 mod train_prior;
 mod unclip;
 
@@ -50,6 +51,8 @@ pub enum Command {
     EvalClip(eval_clip::EvalClipArgs),
     /// Train DALL-E 2's diffusion prior in a noised CLIP's embedding space; resumes from the run folder.
     TrainPrior(train_prior::TrainPriorArgs),
+    /// Train DALL-E 2's decoder from the base stage, conditioned on a noised CLIP's image embeddings; resumes from the run folder.
+    TrainDecoder(train_decoder::TrainDecoderArgs),
     /// Score a trained prior on held-out renders: image retrieval and cosine of its samples vs the text embedding alone.
     EvalPrior(eval_prior::EvalPriorArgs),
 }
@@ -70,6 +73,7 @@ impl Cli {
             Command::EvalClip(args) => eval_clip::run(args),
             Command::TrainPrior(args) => train_prior::run(args),
             Command::EvalPrior(args) => eval_prior::run(args),
+            Command::TrainDecoder(args) => train_decoder::run(args),
         }
     }
 }

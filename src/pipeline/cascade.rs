@@ -13,6 +13,12 @@
 //! stage (see `pipeline::clip_guidance`) or ADM's classifier guidance, the
 //! CLIP's softmax over caption classes as the noisy classifier (see
 //! `pipeline::classifier_guidance`).
+//!
+//! A cascade may be DALL-E 2's unCLIP (Ramesh et al. 2022) instead: a prior
+//! stage samples a CLIP image embedding from the caption's CLIP text
+//! embedding, a decoder stage draws the image from it, and super-resolution
+//! stages follow as usual. Both read the caption through the cascade's CLIP
+//! (its text tower over the encoder's states), so an unCLIP cascade needs one.
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -32,10 +38,11 @@ use super::manifest::Manifest;
 use super::png::{self, ImageRecord, StageRecord};
 use super::request::{plan, GenerationRequest, RequestSpec};
 use super::source::{NoiseMix, Source};
-use super::stage::{Stage, StageKind, StageLimits};
+use super::stage::{Network, Stage, StageKind, StageLimits};
 use crate::diffusion::{BatchNoise, SamplerOptions};
 use crate::nn::device::{DeviceSetting, Precision};
 use crate::nn::text::{TextEncoder, TextEncoderOptions};
+use crate::nn::unclip::PriorInput;
 use crate::nn::unet::UNetInput;
 
 /// Where and in which precision a cascade runs.
@@ -154,13 +161,14 @@ impl Cascade {
         let mut stages = Vec::with_capacity(manifest.stages.len());
         for (i, entry) in manifest.stages.iter().enumerate() {
             let stage = Stage::load(dir, entry, i, device, kind)?;
-            if stage.text_width() != encoder.hidden_size() {
+            let unclip = matches!(stage.kind, StageKind::Prior | StageKind::Decoder);
+            if !unclip && stage.text_width() != encoder.hidden_size() {
                 return Err(PipelineError::model(
                     stage.dir.join("unet/config.json"),
                     format!("reads {}-wide text tokens, the encoder gives {}", stage.text_width(), encoder.hidden_size()),
                 ));
             }
-            if let Some(prev) = stages.last() {
+            if let Some(prev) = stages.last().filter(|p: &&Stage| p.kind != StageKind::Prior) {
                 let prev: &Stage = prev;
                 if stage.size.0 < prev.size.0 || stage.size.1 < prev.size.1 {
                     return Err(PipelineError::model(&stage.dir, format!("output {:?} is smaller than the previous stage's {:?}", stage.size, prev.size)));
@@ -168,10 +176,14 @@ impl Cascade {
             }
             stages.push(stage);
         }
+        let first_image = stages.iter().find(|s| s.kind.draws_from_noise()).unwrap_or(&stages[0]);
         let clip = match &manifest.clip {
-            Some(entry) => Some(ClipGuide::load(dir, entry, &encoder, &stages[0], device)?),
+            Some(entry) => Some(ClipGuide::load(dir, entry, &encoder, first_image, device)?),
             None => None,
         };
+        if stages[0].kind == StageKind::Prior {
+            check_unclip(dir, &stages, clip.as_ref())?;
+        }
         let null_text = tch::no_grad(|| encoder.encode(&[""]))?.hidden.to_kind(kind);
         Ok(Self { dir: dir.to_owned(), manifest, encoder, stages, clip, null_text, device, kind })
     }
@@ -215,14 +227,15 @@ impl Cascade {
             },
             encoder_hidden_size: self.encoder.hidden_size(),
             encoder_max_length: self.encoder.max_length(),
-            stages: self.limits().into_iter().zip(&self.stages).map(|(l, s)| (l, s.unet.parameter_count())).collect(),
+            stages: self.limits().into_iter().zip(&self.stages).map(|(l, s)| (l, s.parameter_count())).collect(),
         }
     }
 
     /// Every stage's limits and defaults, for validating requests elsewhere.
     pub fn limits(&self) -> Vec<StageLimits> {
         let mut limits: Vec<StageLimits> = self.stages.iter().map(Stage::limits).collect();
-        if let (Some(clip), Some(base)) = (&self.clip, limits.first_mut()) {
+        // Only a base stage is CLIP-guided (an unCLIP cascade reads its CLIP otherwise).
+        if let (Some(clip), Some(base)) = (&self.clip, limits.first_mut().filter(|l| l.kind == StageKind::Base)) {
             base.clip_image_size = Some(clip.image_size());
         }
         limits
@@ -239,12 +252,19 @@ impl Cascade {
     /// (see [`crate::nn::layers::batch_strided`]), so a single image costs
     /// one row, not two.
     pub fn forward(&self, stage: &Stage, rows: &ModelRows) -> Result<Tensor> {
+        let unet = match &stage.network {
+            Network::UNet(unet) => unet,
+            Network::Prior(prior) => {
+                let input = PriorInput { hidden_states: &rows.sample, timesteps: &rows.timesteps, proj_embedding: &rows.text, encoder_hidden_states: None, attention_mask: None };
+                return Ok(tch::no_grad(|| prior.model.forward(&input))?);
+            }
+        };
         let run = |twice: bool| -> Result<Tensor> {
             let expand = |t: &Tensor| if twice { Tensor::cat(&[t, t], 0) } else { t.shallow_clone() };
             let (sample, timesteps, text) = (expand(&rows.sample), expand(&rows.timesteps), expand(&rows.text));
             let class_labels = rows.class_labels.as_ref().map(expand);
             let input = UNetInput { sample: &sample, timesteps: &timesteps, encoder_hidden_states: &text, class_labels: class_labels.as_ref(), text_mask: None };
-            let out = tch::no_grad(|| stage.unet.model.forward(&input))?;
+            let out = tch::no_grad(|| unet.model.forward(&input))?;
             Ok(if twice { out.narrow(0, 0, 1) } else { out })
         };
         if rows.sample.size()[0] != 1 {
@@ -325,6 +345,11 @@ impl Cascade {
     pub fn start_stage_with(&self, request: &GenerationRequest, k: usize, text: &JobText, low_res: Option<&Tensor>, noise: BatchNoise) -> Result<StageJob> {
         let plan = &request.stages[k];
         let stage = &self.stages[plan.index];
+        match stage.kind {
+            StageKind::Prior => return self.start_prior(request, k, noise),
+            StageKind::Decoder => return self.start_decoder(request, k, low_res, noise),
+            StageKind::Base | StageKind::SuperResolution => {}
+        }
         let n = request.n as i64;
         let rows = |t: &Tensor| if t.size()[0] == n { t.shallow_clone() } else { t.expand([n, -1, -1], false).contiguous() };
         let (cond, uncond) = (rows(&text.cond), rows(&text.uncond));
@@ -399,6 +424,71 @@ impl Cascade {
                 s if first && s > 0.0 => self.layout_job(request, stage, &plan.sampler, &cond, s)?,
                 _ => None,
             },
+            class_rows: None,
+        };
+        StageJob::new(stage, inputs, noise)
+    }
+
+    /// unCLIP's conditioning of `request`: the prompt's and the negative (or
+    /// empty) prompt's CLIP embeddings `[n, D]` and token states `[n, L, D]`,
+    /// as (cond, uncond) pairs of (embeddings, tokens).
+    fn unclip_text(&self, request: &GenerationRequest) -> Result<((Tensor, Tensor), (Tensor, Tensor))> {
+        let clip = self.clip.as_ref().ok_or_else(|| PipelineError::invalid("stages", "an unCLIP cascade needs its CLIP"))?;
+        let negative = request.negative_prompt.as_deref().unwrap_or("");
+        let (embeds, tokens) = clip.text_conditioning(&self.encoder, &[&request.prompt, negative])?;
+        let n = request.n as i64;
+        let row = |t: &Tensor, i: i64| {
+            let one = t.narrow(0, i, 1);
+            let mut shape = one.size();
+            shape[0] = n;
+            one.expand(shape.as_slice(), false).contiguous()
+        };
+        Ok(((row(&embeds, 0), row(&tokens, 0)), (row(&embeds, 1), row(&tokens, 1))))
+    }
+
+    /// Starts `request`'s prior stage (its stage `k`).
+    fn start_prior(&self, request: &GenerationRequest, k: usize, noise: BatchNoise) -> Result<StageJob> {
+        let plan = &request.stages[k];
+        let ((cond, _), (uncond, _)) = self.unclip_text(request)?;
+        StageJob::prior(&self.stages[plan.index], &cond, &uncond, plan.guidance_scale, &plan.sampler, noise)
+    }
+
+    /// Starts `request`'s decoder stage (its stage `k`) from the prior's
+    /// latents `latents`: their embeddings and the captions are projected
+    /// by the stage's `text_proj` once, for every step (the unconditional
+    /// rows get its learned null embedding, as diffusers' `UnCLIPPipeline`).
+    fn start_decoder(&self, request: &GenerationRequest, k: usize, latents: Option<&Tensor>, noise: BatchNoise) -> Result<StageJob> {
+        let plan = &request.stages[k];
+        let stage = &self.stages[plan.index];
+        let (Some(latents), Some(Network::Prior(prior)), Some(proj)) = (latents, self.stages.first().map(|s| &s.network), stage.text_proj.as_ref()) else {
+            return Err(PipelineError::invalid("stages", format!("stage `{}` needs the prior's embeddings", stage.name)));
+        };
+        let ((cond, cond_tokens), (uncond, uncond_tokens)) = self.unclip_text(request)?;
+        let device = stage.device();
+        let kind = stage.weight_kind();
+        let on = |t: &Tensor| t.to_device(device).to_kind(kind);
+        let image = tch::no_grad(|| prior.model.post_process_latents(&latents.to_device(prior.vs.device())));
+        let projected = tch::no_grad(|| {
+            proj.model.forward(&on(&image), &on(&Tensor::cat(&[&uncond, &cond], 0)), &on(&Tensor::cat(&[&uncond_tokens, &cond_tokens], 0)), true)
+        })?;
+        let n = request.n as i64;
+        let (hidden, time) = (&projected.hidden_states, &projected.time_embeddings);
+        let guided = plan.guidance_scale > 1.0;
+        let class_rows = if guided { time.shallow_clone() } else { time.narrow(0, n, n) };
+        let inputs = JobInputs {
+            cond: &hidden.narrow(0, n, n),
+            uncond: &hidden.narrow(0, 0, n),
+            guidance_scale: plan.guidance_scale,
+            sampler: &plan.sampler,
+            low_res: None,
+            noise_level: None,
+            init: None,
+            mix: None,
+            invert: None,
+            clip: None,
+            classifier: None,
+            layout: None,
+            class_rows: Some(&class_rows),
         };
         StageJob::new(stage, inputs, noise)
     }
@@ -458,7 +548,7 @@ impl Cascade {
     fn layout_job(&self, request: &GenerationRequest, stage: &Stage, sampler: &SamplerOptions, cond: &Tensor, scale: f32) -> Result<Option<LayoutJob>> {
         let Some(layout) = prompt_layout::read(&request.prompt) else { return Ok(None) };
         let prediction = stage.scheduler.config().resolve(sampler.kind)?.prediction_type;
-        let text = cond.to_device(stage.unet.vs.device()).to_kind(stage.unet.kind());
+        let text = cond.to_device(stage.device()).to_kind(stage.weight_kind());
         let schedule = std::sync::Arc::clone(stage.scheduler.schedule());
         LayoutJob::new(&request.prompt, &layout, self.encoder.tokenizer(), text, scale, prediction, schedule)
     }
@@ -474,7 +564,9 @@ impl Cascade {
                 .stages
                 .iter()
                 .map(|p| {
-                    let (h, w) = self.stages[p.index].size;
+                    let stage = &self.stages[p.index];
+                    let (h, w) = stage.size;
+                    let size = if stage.kind == StageKind::Prior { format!("{w}-d CLIP embedding") } else { format!("{w}x{h}") };
                     StageRecord {
                         name: p.name.clone(),
                         sampler: p.sampler.kind.name().to_owned(),
@@ -482,7 +574,7 @@ impl Cascade {
                         guidance_scale: p.guidance_scale,
                         eta: p.sampler.eta,
                         noise_level: p.noise_level,
-                        size: format!("{w}x{h}"),
+                        size,
                         clip_guidance_scale: p.clip_guidance_scale,
                         classifier_guidance_scale: p.classifier_guidance_scale,
                         layout_guidance_scale: p.layout_guidance_scale,
@@ -534,4 +626,22 @@ impl Cascade {
         }
         self.finish(request, &images.expect("a request runs at least one stage"))
     }
+}
+
+/// Checks an unCLIP cascade's stages against each other and its CLIP: a
+/// prior, then a decoder, both in the CLIP's embedding space.
+fn check_unclip(dir: &Path, stages: &[Stage], clip: Option<&ClipGuide>) -> Result<()> {
+    let manifest = dir.join(super::manifest::MANIFEST_FILE);
+    let Some(clip) = clip else {
+        return Err(PipelineError::model(&manifest, "an unCLIP cascade (a `prior` stage) reads its captions through a noised CLIP: name one as `clip`"));
+    };
+    let Some(decoder) = stages.get(1).filter(|s| s.kind == StageKind::Decoder) else {
+        return Err(PipelineError::model(&manifest, "the stage after a `prior` must be its `decoder`"));
+    };
+    for stage in [&stages[0], decoder] {
+        if stage.text_width() != clip.width() {
+            return Err(PipelineError::model(&stage.dir, format!("stage `{}` reads {}-wide CLIP embeddings; the cascade's CLIP embeds in {}", stage.name, stage.text_width(), clip.width())));
+        }
+    }
+    Ok(())
 }

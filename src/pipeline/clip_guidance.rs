@@ -139,6 +139,24 @@ impl ClipGuide {
         Ok(tch::no_grad(|| self.clip.model.text_embeds(&pooled))?)
     }
 
+    /// What unCLIP's prior and decoder read of `prompts`: their CLIP
+    /// embeddings `[B, D]` (unit norm) and the text tower applied to each of
+    /// their token states `[B, L, D]` (padding included, as the decoder was
+    /// trained), from one pass of `encoder`.
+    pub fn text_conditioning(&self, encoder: &TextEncoder, prompts: &[&str]) -> Result<(Tensor, Tensor)> {
+        let out = tch::no_grad(|| encoder.encode(prompts))?;
+        let device = self.device();
+        let pooled = mean_pool(&out.hidden, &out.mask)?.to_device(device);
+        let hidden = out.hidden.to_device(device).to_kind(Kind::Float);
+        let model = &self.clip.model;
+        Ok(tch::no_grad(|| -> Result<(Tensor, Tensor)> { Ok((model.text_embeds(&pooled)?, model.text_token_states(&hidden)?)) })?)
+    }
+
+    /// The width of the CLIP's embeddings.
+    pub fn width(&self) -> i64 {
+        self.clip.model.config().embed_dim
+    }
+
     /// ∇_{x_t} (f(x_t, t)·g) for each row of `x_t` (`[n, 3, S, S]`) against
     /// its row of `text` (`[n, D]`), one image at a time: `[n, 3, S, S]` f32.
     pub fn gradient(&self, x_t: &Tensor, t: i64, text: &Tensor) -> Result<Tensor> {

@@ -29,6 +29,13 @@
 //! gradient of the stage's own attention on the prompt's layout. Classifier
 //! guidance (`pipeline::classifier_guidance`, ADM) shifts it along the
 //! gradient of the noised CLIP's log-probability of the prompt's class.
+//!
+//! unCLIP's stages (DALL-E 2) are the same machine. A prior's job samples one
+//! CLIP image embedding `[n, D]` per image instead of an image, its rows the
+//! captions' CLIP text embeddings (`[uncond; cond]` when guided), so prior
+//! steps batch across requests as UNet steps do. A decoder's job is a base
+//! job whose text rows and class embeddings were projected once, at its
+//! start, from the prior's embeddings by the stage's `text_proj`.
 
 use tch::{Kind, Tensor};
 
@@ -88,6 +95,10 @@ pub struct JobInputs<'a> {
     pub classifier: Option<ClassifierJob>,
     /// Layout guidance of this job (base stage only).
     pub layout: Option<LayoutJob>,
+    /// An unCLIP decoder's class embeddings, `[rows, E]` (`[uncond; cond]`
+    /// when guided): the projected CLIP embeddings its UNet adds to the time
+    /// embedding at every step.
+    pub class_rows: Option<&'a Tensor>,
 }
 
 /// The UNet rows of one job for one step.
@@ -124,6 +135,10 @@ pub struct StageJob {
     classifier: Option<ClassifierJob>,
     /// Layout guidance, applied after that at the noisy steps.
     layout: Option<LayoutJob>,
+    /// The channels classifier-free guidance mixes (the rest, learned variance, come from the conditional rows).
+    channels: i64,
+    /// A decoder's class embeddings, the same at every step.
+    class_rows: Option<Tensor>,
 }
 
 impl StageJob {
@@ -134,8 +149,8 @@ impl StageJob {
         if inputs.uncond.size() != inputs.cond.size() || noise.len() as i64 != n {
             return Err(PipelineError::invalid("prompt", "prompt, negative prompt and seeds disagree on the batch size"));
         }
-        let device = stage.unet.vs.device();
-        let kind = stage.unet.kind();
+        let device = stage.device();
+        let kind = stage.weight_kind();
         // After an inversion, sampling must retrace it: no clipping of x̂_0.
         let mut sampler = match inputs.invert {
             Some(_) => stage.scheduler.exact_sampler(inputs.sampler)?,
@@ -182,7 +197,7 @@ impl StageJob {
             }
         };
         let low_res = match (stage.kind, inputs.low_res) {
-            (StageKind::Base, _) => None,
+            (StageKind::Base | StageKind::Decoder | StageKind::Prior, _) => None,
             (StageKind::SuperResolution, None) => {
                 return Err(PipelineError::invalid("stages", format!("stage `{}` needs the previous stage's images", stage.name)))
             }
@@ -213,6 +228,41 @@ impl StageJob {
             clip: inputs.clip,
             classifier: inputs.classifier,
             layout: inputs.layout,
+            channels: IMAGE_CHANNELS,
+            class_rows: inputs.class_rows.map(|c| c.to_device(device).to_kind(kind)),
+        })
+    }
+
+    /// A prior stage's job: CLIP image embeddings `[n, D]` sampled from the
+    /// captions' CLIP text embeddings `cond` (`[n, D]`) and, guided above 1,
+    /// `uncond`'s. The result ([`StageJob::sample`] once done) is the prior's
+    /// latents; its `post_process_latents` makes them embeddings.
+    pub fn prior(stage: &Stage, cond: &Tensor, uncond: &Tensor, guidance_scale: f32, sampler: &SamplerOptions, mut noise: BatchNoise) -> Result<Self> {
+        let (n, width) = (cond.size()[0], stage.text_width());
+        if uncond.size() != cond.size() || noise.len() as i64 != n || cond.size() != [n, width] {
+            return Err(PipelineError::invalid("prompt", "prompt, negative prompt and seeds disagree on the batch size"));
+        }
+        let (device, kind) = (stage.device(), stage.weight_kind());
+        let guided = guidance_scale > 1.0;
+        let text = if guided { Tensor::cat(&[uncond, cond], 0) } else { cond.shallow_clone() };
+        Ok(Self {
+            sampler: stage.scheduler.sampler(sampler)?,
+            sample: noise.draw(&[n, width], Kind::Float, device)?,
+            noise,
+            text: text.to_device(device).to_kind(kind),
+            scales: vec![guidance_scale; n as usize],
+            guided,
+            low_res: None,
+            noise_level: None,
+            mask: None,
+            begin: 0,
+            inversion: None,
+            preview: None,
+            clip: None,
+            classifier: None,
+            layout: None,
+            channels: width,
+            class_rows: None,
         })
     }
 
@@ -277,7 +327,10 @@ impl StageJob {
         };
         let sample = if rows > self.images() { Tensor::cat(&[&x, &x], 0) } else { x };
         let timesteps = Tensor::full([rows], t, (Kind::Int64, device));
-        let class_labels = self.noise_level.map(|l| Tensor::full([rows], l, (Kind::Int64, device)));
+        let class_labels = match &self.class_rows {
+            Some(rows) => Some(rows.shallow_clone()),
+            None => self.noise_level.map(|l| Tensor::full([rows], l, (Kind::Int64, device))),
+        };
         Ok(ModelRows { sample, timesteps, text: text.shallow_clone(), class_labels })
     }
 
@@ -289,7 +342,7 @@ impl StageJob {
             self.sample = inv.step(output, &self.sample)?;
             return Ok(());
         }
-        let output = if self.guided { classifier_free(output, &self.scales, IMAGE_CHANNELS)? } else { output.shallow_clone() };
+        let output = if self.guided { classifier_free(output, &self.scales, self.channels)? } else { output.shallow_clone() };
         // The guides below shift the output at the step's timestep.
         let t = || self.sampler.current_timestep().ok_or_else(|| PipelineError::invalid("steps", "the job is already finished"));
         let output = match &self.clip {
@@ -316,7 +369,8 @@ impl StageJob {
             Some(m) => &self.sample * (m.neg() + 1.0) + step.prev_sample * m,
             None => step.prev_sample,
         };
-        self.preview = Some(step.pred_original);
+        // A prior's x̂_0 is an embedding: nothing to preview.
+        self.preview = (self.sample.dim() == 4).then_some(step.pred_original);
         Ok(())
     }
 }

@@ -144,7 +144,7 @@ impl LayoutJob {
         if self.text.size()[0] != n {
             return Err(PipelineError::invalid(FIELD, format!("prompt tokens for {} images, {n} images", self.text.size()[0])));
         }
-        let kind = stage.unet.kind();
+        let kind = stage.weight_kind();
         let device = self.text.device();
         let timestep = Tensor::from_slice(&[t]).to_device(device);
         let mut losses = Vec::with_capacity(n as usize);
@@ -157,7 +157,7 @@ impl LayoutJob {
                 let input = UNetInput { sample: &sample, timesteps: &timestep, encoder_hidden_states: &text, class_labels: None, text_mask: None };
                 let maps = AttentionMaps::default();
                 // Only the attention maps matter; the prediction itself is unused.
-                let _prediction = stage.unet.model.forward_probed(&input, false, Some(&maps))?;
+                let _prediction = stage.unet()?.model.forward_probed(&input, false, Some(&maps))?;
                 let maps = maps.take();
                 // A UNet without text attention has no layout to move.
                 if maps.is_empty() {

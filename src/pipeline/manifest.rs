@@ -21,6 +21,12 @@
 //! }
 //! ```
 //!
+//! A cascade may be DALL-E 2's unCLIP instead: its first stage has
+//! `"kind": "prior"` (a folder with `prior/` and `prior_scheduler/`), its
+//! second `"kind": "decoder"` (`decoder/`, `text_proj/`, `decoder_scheduler/`),
+//! and super-resolution stages may follow. Both read the caption through the
+//! manifest's `clip`, which an unCLIP cascade therefore needs.
+//!
 //! `clip` (optional) names a noised CLIP folder (`diffusiond train-clip`'s
 //! export) that lets requests add GLIDE's CLIP guidance to the base stage; it
 //! must read the same text encoder as the stages.
@@ -75,6 +81,11 @@ pub struct TextEncoderEntry {
 pub struct StageEntry {
     pub name: String,
     pub path: PathBuf,
+    /// `prior` or `decoder` for unCLIP's first two stages (their folders are
+    /// `UnCLIPPipeline`'s); absent for a base or super-resolution stage,
+    /// which its UNet's input channels tell apart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<StageEntryKind>,
     /// `ddpm`, `ddim` or `dpmsolver++`.
     pub sampler: String,
     pub steps: usize,
@@ -103,6 +114,14 @@ pub struct StageEntry {
     /// with that upsampled image as `original_image`); absent: 1, pure noise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strength: Option<f64>,
+}
+
+/// The stage kinds a manifest names explicitly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageEntryKind {
+    Prior,
+    Decoder,
 }
 
 fn is_zero(v: &f32) -> bool {

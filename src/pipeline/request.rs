@@ -14,7 +14,7 @@ use super::layout_guidance::{self, MAX_LAYOUT_GUIDANCE};
 use super::error::{PipelineError, Result};
 use super::format::Output;
 use super::source::{check_aspect, first_step, NoiseMix, Source, SourceSpec};
-use super::stage::StageLimits;
+use super::stage::{StageKind, StageLimits};
 use crate::diffusion::{SamplerKind, SamplerOptions};
 
 /// The most images one request may ask for.
@@ -269,6 +269,35 @@ fn check_layout_guidance(spec: &RequestSpec, stages: &[StageLimits], first: usiz
     Ok(if guided { scale } else { 0.0 })
 }
 
+/// What an unCLIP cascade (a prior, then its decoder) does not take: it
+/// draws every image from its prior's embedding, so there is no source image
+/// or noise mix to start from, and the guides of a base stage have none to
+/// guide. It runs at least the prior and the decoder.
+fn check_unclip(spec: &RequestSpec, count: usize) -> Result<()> {
+    const WHY: &str = "is not available on an unCLIP cascade (a prior, then a decoder)";
+    if count < 2 {
+        return Err(PipelineError::invalid("stages", "an unCLIP cascade runs at least its prior and its decoder (2 stages)"));
+    }
+    if spec.source.is_some() {
+        return Err(PipelineError::invalid("source", "an unCLIP cascade draws from its prior's embedding: it takes no source image"));
+    }
+    match spec.noise {
+        NoiseMix::Seeds => {}
+        NoiseMix::Variation { .. } => return Err(PipelineError::invalid("variation", WHY)),
+        NoiseMix::Interpolation { .. } => return Err(PipelineError::invalid("interpolate", WHY)),
+    }
+    for (field, scale) in [
+        (clip_guidance::FIELD, spec.clip_guidance_scale),
+        (classifier_guidance::FIELD, spec.classifier_guidance_scale),
+        (layout_guidance::FIELD, spec.layout_guidance_scale),
+    ] {
+        if scale.is_some_and(|s| s != 0.0) {
+            return Err(PipelineError::invalid(field, WHY));
+        }
+    }
+    Ok(())
+}
+
 /// The stage whose output a picture of `(w, h)` already is, if any.
 fn stage_of_size(stages: &[StageLimits], (w, h): (u32, u32)) -> Option<usize> {
     stages.iter().position(|s| s.size == (i64::from(h), i64::from(w)))
@@ -302,6 +331,14 @@ pub fn plan(spec: &RequestSpec, stages: &[StageLimits]) -> Result<GenerationRequ
     if let Some((i, _)) = spec.stage_overrides.iter().find(|(i, _)| *i >= stages.len()) {
         return Err(PipelineError::invalid("stage_overrides", format!("stage {i} does not exist (the cascade has {})", stages.len())));
     }
+    // unCLIP: the prior is stage 0 and the decoder, which draws the image
+    // from noise, plays the base stage (the request's top-level `steps`,
+    // `guidance_scale`, `sampler` and `eta` are its).
+    let unclip = stages.first().is_some_and(|s| s.kind == StageKind::Prior);
+    if unclip {
+        check_unclip(spec, count)?;
+    }
+    let image_base = usize::from(unclip);
     let output = stages[count - 1].size;
     // Upscaling starts after the stage whose output the picture is (else after the base stage).
     let first = match &spec.source {
@@ -359,7 +396,10 @@ pub fn plan(spec: &RequestSpec, stages: &[StageLimits]) -> Result<GenerationRequ
     let mut plans = Vec::with_capacity(count);
     for (index, stage) in stages.iter().enumerate().take(count).skip(first) {
         let over = spec.stage_overrides.iter().rev().find(|(i, _)| *i == index).map(|(_, o)| o.clone()).unwrap_or_default();
-        let is_base = index == 0;
+        let is_base = index == image_base;
+        let prior = stage.kind == StageKind::Prior;
+        // The request-wide sampler settings are the image stages'.
+        let (spec_sampler, spec_eta) = if prior { (None, None) } else { (spec.sampler, spec.eta) };
         let d = &stage.defaults;
         let field = |name: &str| if is_base { name.to_owned() } else { format!("stages[{index}].{name}") };
         let train_steps = stage.train_steps;
@@ -371,12 +411,12 @@ pub fn plan(spec: &RequestSpec, stages: &[StageLimits]) -> Result<GenerationRequ
         let guidance_scale = check_range(&field("guidance_scale"), guidance, 0.0, MAX_GUIDANCE)?;
         // Inversion is exact only for deterministic DDIM: it is the default there.
         let invert_here = inverting && is_base;
-        let eta = over.eta.or(spec.eta).unwrap_or(if invert_here { 0.0 } else { d.eta });
+        let eta = over.eta.or(spec_eta).unwrap_or(if invert_here { 0.0 } else { d.eta });
         if !eta.is_finite() {
             return Err(PipelineError::invalid(&field("eta"), "must be a finite number"));
         }
         let eta = check_range(&field("eta"), eta, 0.0, 1.0)?;
-        let kind = over.sampler.or(spec.sampler).unwrap_or(if invert_here { SamplerKind::Ddim } else { d.sampler });
+        let kind = over.sampler.or(spec_sampler).unwrap_or(if invert_here { SamplerKind::Ddim } else { d.sampler });
         if invert_here && (kind != SamplerKind::Ddim || eta != 0.0) {
             return Err(PipelineError::invalid(&field("sampler"), "inverting an image needs deterministic DDIM (sampler ddim, eta 0)"));
         }
@@ -390,10 +430,11 @@ pub fn plan(spec: &RequestSpec, stages: &[StageLimits]) -> Result<GenerationRequ
         let sampler = SamplerOptions { kind, steps, timesteps: None, eta, clipped_model_output: d.clipped_model_output };
         // Some spacings cannot produce every step count; find out now, not mid-run.
         let timesteps = stage.scheduler.timesteps(&sampler).map_err(|e| PipelineError::invalid(&field("steps"), e.to_string()))?;
-        let sr_strength = match (is_base, over.strength) {
+        let sr_strength = match (is_base || prior, over.strength) {
             (true, None) => 1.0,
+            (true, Some(_)) if prior => return Err(PipelineError::invalid(&format!("stages[{index}].strength"), "a prior samples its embedding from noise")),
             (true, Some(_)) => {
-                return Err(PipelineError::invalid("stages[0].strength", "the base stage starts from noise or from `source` (its strength is `source.strength`)"))
+                return Err(PipelineError::invalid(&format!("stages[{index}].strength"), "the base stage starts from noise or from `source` (its strength is `source.strength`)"))
             }
             (false, s) => {
                 let s = check_strength(&field("strength"), s.unwrap_or(d.strength))?;

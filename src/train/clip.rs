@@ -191,6 +191,17 @@ impl FrozenClip {
         let pooled = pooled_text(&self.encoder, prompts)?;
         Ok(tch::no_grad(|| self.clip.model.text_embeds(&pooled))?)
     }
+
+    /// What unCLIP's decoder reads of `prompts`: their unit-norm CLIP text
+    /// embeddings `[B, D]` and the text tower applied to each of their token
+    /// states `[B, L, D]` (padding included, as the cascade's UNets see it),
+    /// from one pass of the encoder.
+    pub fn text_conditioning(&self, prompts: &[&str]) -> anyhow::Result<(Tensor, Tensor)> {
+        let out = tch::no_grad(|| self.encoder.encode(prompts))?;
+        let pooled = mean_pool(&out.hidden, &out.mask)?;
+        let model = &self.clip.model;
+        Ok(tch::no_grad(|| -> anyhow::Result<(Tensor, Tensor)> { Ok((model.text_embeds(&pooled)?, model.text_token_states(&out.hidden.to_kind(Kind::Float))?)) })?)
+    }
 }
 
 /// One step's numbers, for the log.

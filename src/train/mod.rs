@@ -20,6 +20,7 @@
 //! | [`run`] | a stage's training run: config, init weights, loop, time limit, checkpoints, resume, export |
 //! | [`contrastive`] | CLIP's symmetric InfoNCE with equal descriptions as each other's positives |
 //! | [`clip`] | the noised CLIP's training run (GLIDE): noised batches, steps, checkpoints, resume, export |
+//! | [`decoder`] | DALL-E 2's decoder: the base stage reading a CLIP image embedding through `text_proj`, fine-tuned |
 //! | [`prior`] | DALL-E 2's diffusion prior in the noised CLIP's embedding space: batches, steps, checkpoints, resume, export |
 
 pub mod caption;
@@ -28,6 +29,7 @@ pub mod claims;
 pub mod clip;
 pub mod contrastive;
 pub mod dataset;
+pub mod decoder;
 pub mod grounding;
 pub mod layout;
 pub mod loss;

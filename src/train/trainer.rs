@@ -154,14 +154,14 @@ impl std::ops::AddAssign for X0Error {
 pub struct HostBatch {
     pub step: u64,
     /// Targets, already cropped.
-    images: Tensor,
+    pub(super) images: Tensor,
     /// SR: the conditioning image upsampled to the output size, cropped alike.
     upsampled: Option<Tensor>,
     pub(super) prompts: Vec<String>,
     /// The samples the images show (their scenes and captions' mentions).
     samples: Vec<Sample>,
-    timesteps: Vec<i64>,
-    noise: Tensor,
+    pub(super) timesteps: Vec<i64>,
+    pub(super) noise: Tensor,
     levels: Vec<i64>,
     aug: Option<Tensor>,
 }

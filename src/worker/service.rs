@@ -13,6 +13,7 @@ use super::engine::{Engine, EngineConfig, EngineStats};
 use super::queue::{LocalQueue, QueueLimits};
 use super::readiness::{Readiness, ReadinessSender};
 use crate::jobs::{EventSender, JobStore};
+use crate::pipeline::stage::StageKind;
 use crate::pipeline::{Cascade, LoadOptions, RequestSpec, StageOverride};
 
 #[derive(Debug, Clone)]
@@ -36,13 +37,18 @@ pub struct WorkerHandle {
 /// Super-resolution stages run from noise (strength 1): a stage's default
 /// strength below 1 would leave its single step nothing to run.
 fn warm_up(cascade: &Cascade) -> Result<(), crate::pipeline::PipelineError> {
-    let one = StageOverride { steps: Some(1), strength: Some(1.0), ..Default::default() };
+    // One step at every stage; super-resolution stages from noise, so that
+    // their one step runs whatever their default strength.
+    let one = |stage: &crate::pipeline::stage::Stage| StageOverride {
+        steps: Some(1),
+        strength: (stage.kind == StageKind::SuperResolution).then_some(1.0),
+        ..Default::default()
+    };
     let spec = RequestSpec {
         prompt: "warm-up".into(),
         n: 1,
         seed: Some(0),
-        steps: Some(1),
-        stage_overrides: (1..cascade.stages.len()).map(|i| (i, one.clone())).collect(),
+        stage_overrides: cascade.stages.iter().enumerate().map(|(i, s)| (i, one(s))).collect(),
         ..Default::default()
     };
     cascade.generate(&cascade.plan(&spec)?, &mut |_| ControlFlow::Continue(())).map(|_| ())

@@ -6,6 +6,7 @@ pub mod cascade;
 pub mod clip;
 pub mod server;
 pub mod text;
+pub mod unclip;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -12,6 +12,7 @@ use utoipa::ToSchema;
 use super::source::{noise_mix, InterpolateBody, SourceBody, VariationBody};
 use crate::api::errors::ApiError;
 use crate::diffusion::SamplerKind;
+use crate::pipeline::stage::{StageKind, StageLimits};
 use crate::pipeline::{CascadeInfo, ImageFormat, Output, PictureLimits, RequestSpec, StageOverride};
 
 /// A sampler, by its API name.
@@ -39,7 +40,8 @@ impl From<Sampler> for SamplerKind {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StageOverrideBody {
-    /// Index of the stage in the cascade (0 = base; see `GET /info`).
+    /// Index of the stage in the cascade (0 = base, or an unCLIP cascade's
+    /// prior; see `GET /info`).
     pub stage: usize,
     pub sampler: Option<Sampler>,
     #[schema(minimum = 1)]
@@ -83,10 +85,12 @@ pub struct GenerateBody {
     /// DDIM's η for every stage unless overridden.
     #[schema(minimum = 0.0, maximum = 1.0)]
     pub eta: Option<f64>,
-    /// The base stage's steps.
+    /// The base stage's steps (an unCLIP cascade's decoder's: its prior is
+    /// set through `stage_overrides` of stage 0).
     #[schema(minimum = 1)]
     pub steps: Option<usize>,
-    /// The base stage's classifier-free guidance scale.
+    /// The base stage's classifier-free guidance scale (an unCLIP cascade's
+    /// decoder's).
     #[schema(minimum = 0.0, maximum = 50.0)]
     pub guidance_scale: Option<f32>,
     /// GLIDE's CLIP guidance of the base stage: each step moves along the
@@ -224,10 +228,12 @@ impl GenerateBody {
 /// How many stages run to produce `size`; a 422 listing the sizes otherwise.
 fn stages_for_size(size: &str, info: &CascadeInfo) -> Result<usize, ApiError> {
     let wanted = parse_size(size);
-    match info.stages.iter().position(|(limits, _)| Some(limits.size) == wanted) {
+    // A prior's output is an embedding, not an image: no size stops there.
+    let images = |l: &StageLimits| l.kind != StageKind::Prior;
+    match info.stages.iter().position(|(limits, _)| images(limits) && Some(limits.size) == wanted) {
         Some(i) => Ok(i + 1),
         None => {
-            let allowed: Vec<String> = info.stages.iter().map(|(l, _)| format_size(l.size)).collect();
+            let allowed: Vec<String> = info.stages.iter().filter(|(l, _)| images(l)).map(|(l, _)| format_size(l.size)).collect();
             Err(ApiError::invalid("size", format!("`{size}` is not one of {} (WxH)", allowed.join(", "))))
         }
     }

@@ -6,10 +6,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::generate::format_size;
+use crate::pipeline::stage::StageKind;
 use crate::api::state::ApiConfig;
 use crate::diffusion::SamplerKind;
 use crate::pipeline::request::{MAX_GUIDANCE, MAX_PROMPT_CHARS};
-use crate::pipeline::stage::StageKind;
 use crate::pipeline::{CascadeInfo, MAX_CLASSIFIER_GUIDANCE, MAX_CLIP_GUIDANCE, MAX_LAYOUT_GUIDANCE};
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -51,7 +51,9 @@ pub struct StageDoc {
     pub name: String,
     /// `base` or `super_resolution`.
     pub kind: String,
-    /// Output size, `WxH`: a request with this `size` stops after this stage.
+    /// Output size, `WxH`: a request with this `size` stops after this
+    /// stage. An unCLIP prior's is its embedding's width (`256-d CLIP
+    /// embedding`); no request stops there.
     pub size: String,
     pub parameters: i64,
     /// The most steps a request may ask of this stage.
@@ -112,11 +114,11 @@ impl InfoDocument {
             .map(|(index, (l, parameters))| StageDoc {
                 index,
                 name: l.name.clone(),
-                kind: match l.kind {
-                    StageKind::Base => "base".into(),
-                    StageKind::SuperResolution => "super_resolution".into(),
+                kind: l.kind.name().into(),
+                size: match l.kind {
+                    StageKind::Prior => format!("{}-d CLIP embedding", l.size.1),
+                    _ => format_size(l.size),
                 },
-                size: format_size(l.size),
                 parameters: *parameters,
                 max_steps: l.train_steps,
                 max_noise_level: l.max_noise_level,
@@ -146,7 +148,7 @@ impl InfoDocument {
                 max_layout_guidance_scale: MAX_LAYOUT_GUIDANCE,
                 max_prompt_chars: MAX_PROMPT_CHARS,
                 max_body_bytes: config.max_body_bytes,
-                sizes: stages.iter().map(|s| s.size.clone()).collect(),
+                sizes: stages.iter().filter(|s| s.kind != StageKind::Prior.name()).map(|s| s.size.clone()).collect(),
                 samplers: SamplerKind::ALL.iter().map(|k| k.name().to_owned()).collect(),
             },
             clip_guidance: clip_guidance(info),

@@ -177,6 +177,18 @@ impl NoisedClip {
         Ok(l2_normalise(&pooled.apply_linear(&self.text_proj)))
     }
 
+    /// The text tower's projection applied to each token state `[B, L, H]`,
+    /// unnormalised: `[B, L, D]`. The projection is affine, so the tokens'
+    /// masked mean is the unnormalised text embedding; unCLIP's decoder reads
+    /// them as its text tokens, as Karlo's reads CLIP's token states.
+    pub fn text_token_states(&self, hidden: &Tensor) -> Result<Tensor> {
+        let h = self.config.text_hidden_size;
+        if hidden.dim() != 3 || hidden.size()[2] != h {
+            return Err(NnError::input("hidden", format!("shape {:?}; expected [B, L, {h}]", hidden.size())));
+        }
+        Ok(hidden.apply_linear(&self.text_proj))
+    }
+
     /// exp of the learned log-scale, clipped at [`LOGIT_SCALE_MAX`].
     pub fn logit_scale(&self) -> Tensor {
         self.logit_scale.exp().clamp_max(LOGIT_SCALE_MAX)

@@ -89,12 +89,7 @@ impl PriorConfig {
 
     /// `config.json` as diffusers writes it (with its class name).
     pub fn to_json(&self) -> String {
-        let mut value = serde_json::to_value(self).expect("config serialises");
-        if let serde_json::Value::Object(map) = &mut value {
-            map.insert("_class_name".into(), Self::CLASS_NAME.into());
-            map.insert("_diffusers_version".into(), crate::nn::unet::config::DIFFUSERS_VERSION.into());
-        }
-        serde_json::to_string_pretty(&value).expect("config serialises") + "\n"
+        diffusers_json(self, Self::CLASS_NAME)
     }
 
     pub fn spec(&self) -> Result<PriorSpec> {
@@ -186,9 +181,24 @@ impl TextProjConfig {
         let text = std::fs::read_to_string(&file).map_err(|e| NnError::io(&file, e))?;
         Self::from_json(&text).map_err(|e| in_file(e, &file))
     }
+
+    /// `config.json` as diffusers writes it (with its class name).
+    pub fn to_json(&self) -> String {
+        diffusers_json(self, Self::CLASS_NAME)
+    }
 }
 
 
+
+/// A config as diffusers writes its `config.json`: with its class name and version.
+fn diffusers_json(config: &impl Serialize, class: &str) -> String {
+    let mut value = serde_json::to_value(config).expect("config serialises");
+    if let serde_json::Value::Object(map) = &mut value {
+        map.insert("_class_name".into(), class.into());
+        map.insert("_diffusers_version".into(), crate::nn::unet::config::DIFFUSERS_VERSION.into());
+    }
+    serde_json::to_string_pretty(&value).expect("config serialises") + "\n"
+}
 
 #[cfg(test)]
 mod tests {

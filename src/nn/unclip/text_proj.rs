@@ -60,6 +60,15 @@ impl UnCLIPTextProjModel {
         &self.config
     }
 
+    /// `image_embeddings` `[B, D]` with the rows where `dropped` (`[B]`,
+    /// bool) is true replaced by the learned unconditional embedding: the
+    /// decoder's training drops the CLIP embedding so that it learns the row
+    /// classifier-free guidance compares against.
+    pub fn drop_image_embeddings(&self, image_embeddings: &Tensor, dropped: &Tensor) -> Tensor {
+        let null = self.learned_classifier_free_guidance_embeddings.to_kind(image_embeddings.kind()).unsqueeze(0).expand_as(image_embeddings);
+        null.where_self(&dropped.to_kind(Kind::Bool).to_device(image_embeddings.device()).view([-1, 1]), image_embeddings)
+    }
+
     /// `image_embeddings` `[B, D]`; `prompt_embeds` `[B', D]` and
     /// `text_encoder_hidden_states` `[B', L, D]`, where B' = 2B when `guided`
     /// (unconditional rows first, as diffusers orders them) and B' = B otherwise.

@@ -157,6 +157,14 @@ impl UNet2DConditionModel {
         Ok(b)
     }
 
+    /// What the pooled-text embedding (`addition_embed_type: "text"`) adds to
+    /// the time embedding for these encoder states, if the model has one:
+    /// what a derived model that pools its text otherwise (unCLIP's decoder)
+    /// is fitted to reproduce.
+    pub fn text_time_embedding(&self, encoder_hidden_states: &Tensor) -> Option<Tensor> {
+        self.add_embedding.as_ref().map(|add| add.forward(encoder_hidden_states))
+    }
+
     /// Inference forward pass (no dropout).
     pub fn forward(&self, input: &UNetInput<'_>) -> Result<Tensor> {
         self.forward_t(input, false)

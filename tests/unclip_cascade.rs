@@ -1,0 +1,264 @@
+//! A cascade that is DALL-E 2's unCLIP (a `prior` stage, then a `decoder`,
+//! then super-resolution) on tiny random weights: the prior stage's batched
+//! step machine samples what the reference prior loop (`sample_prior`, whose
+//! parity with diffusers `tests/unclip_parity.rs` checks) samples; the
+//! decoder reads the prior's embedding; unCLIP jobs batch with each other in
+//! the worker and keep the bits they have alone; requests an unCLIP cascade
+//! cannot run are refused naming the field; the server serves it end to end.
+
+mod common;
+
+use std::ops::ControlFlow;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::cascade::{assert_guided_batch_invariant, ddim_spec, generate, pixels};
+use common::server::start;
+use common::unclip::unclip_cascade;
+use diffusiond::api::ApiConfig;
+use diffusiond::diffusion::{BatchNoise, SamplerKind};
+use diffusiond::jobs::embedded::EmbeddedStore;
+use diffusiond::jobs::{event_channel, now_ms, JobId, JobQueue, JobRecord, JobStatus, JobStore};
+use diffusiond::nn::device::{DeviceSetting, Precision};
+use diffusiond::pipeline::stage::Network;
+use diffusiond::pipeline::unclip::{sample_prior, PriorCondition};
+use diffusiond::pipeline::{Cascade, LoadOptions, Manifest, NoiseMix, RequestSpec, SourceSpec, StageOverride};
+use diffusiond::server::ServerConfig;
+use diffusiond::worker::{readiness_channel, spawn, EngineConfig, QueueLimits, WorkerSettings};
+use serde_json::{json, Value};
+use tch::Tensor;
+
+const CPU: LoadOptions = LoadOptions { device: DeviceSetting::Cpu, precision: Precision::F32 };
+
+fn spec(prompt: &str, n: usize, seed: u64) -> RequestSpec {
+    RequestSpec { prompt: prompt.into(), n, seed: Some(seed), ..Default::default() }
+}
+
+#[test]
+fn the_prior_stage_samples_what_the_reference_prior_loop_samples() {
+    let dir = unclip_cascade("prior", 1);
+    let cascade = Cascade::load(&dir, &CPU).unwrap();
+    let plan = cascade.plan(&RequestSpec { negative_prompt: Some("a green star".into()), ..spec("a red circle", 2, 5) }).unwrap();
+    assert_eq!(plan.stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["prior", "decoder", "sr"]);
+    let text = cascade.request_text(&plan).unwrap();
+    let mut job = cascade.start_stage(&plan, 0, &text, None).unwrap();
+    assert_eq!(job.rows(), 4, "guided: [uncond; cond] rows");
+    let prior_stage = &cascade.stages[0];
+    cascade.run_job(prior_stage, &mut job, &mut |_, _| ControlFlow::Continue(())).unwrap();
+    assert!(job.preview().is_none(), "an embedding has no preview");
+    let Network::Prior(prior) = &prior_stage.network else { panic!("stage 0 is a prior") };
+    let ours = prior.model.post_process_latents(job.sample());
+
+    // The reference: the same captions' CLIP embeddings, the same noise streams.
+    let clip = cascade.clip().unwrap();
+    let (embeds, _) = clip.text_conditioning(&cascade.encoder, &["a red circle", "a green star"]).unwrap();
+    let rows = Tensor::cat(&[embeds.narrow(0, 1, 1).repeat([2, 1]), embeds.narrow(0, 0, 1).repeat([2, 1])], 0);
+    let mut noise = BatchNoise::seeded(&[plan.stream_seed(0, 0), plan.stream_seed(1, 0)]);
+    let condition = PriorCondition { proj_embedding: &rows, hidden: None, mask: None, guided: true };
+    let reference = sample_prior(&prior.model, &prior_stage.scheduler, &condition, 5, 4.0, &mut noise).unwrap();
+    let diff = (&ours - &reference).abs().max().double_value(&[]);
+    assert!(diff < 1e-5, "prior stage vs sample_prior: max |Δ| {diff}");
+    assert!(ours.std(true).double_value(&[]) > 0.01, "a sampled embedding, not a constant");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_decoder_draws_from_the_prior_embedding_and_the_cascade_makes_images() {
+    let dir = unclip_cascade("decoder", 2);
+    let cascade = Cascade::load(&dir, &CPU).unwrap();
+    let plan = cascade.plan(&spec("two blue squares", 1, 9)).unwrap();
+    let text = cascade.request_text(&plan).unwrap();
+    let decode = |latents: &Tensor| {
+        let mut job = cascade.start_stage(&plan, 1, &text, Some(latents)).unwrap();
+        cascade.run_job(&cascade.stages[1], &mut job, &mut |_, _| ControlFlow::Continue(())).unwrap();
+        job.sample().shallow_clone()
+    };
+    let a = Tensor::randn([1, common::unclip::WIDTH], (tch::Kind::Float, tch::Device::Cpu));
+    let b = Tensor::randn([1, common::unclip::WIDTH], (tch::Kind::Float, tch::Device::Cpu));
+    let (from_a, again, from_b) = (decode(&a), decode(&a), decode(&b));
+    assert_eq!(from_a.size(), [1, 3, 16, 16]);
+    assert!(from_a.equal(&again), "the same embedding and noise give the same image");
+    assert!((&from_a - &from_b).abs().max().double_value(&[]) > 1e-3, "the decoder reads the embedding");
+
+    // The whole cascade: prior, decoder, super-resolution; the record names every stage.
+    let images = generate(&cascade, &spec("two blue squares", 2, 9));
+    assert_eq!(images.len(), 2);
+    assert_eq!(images[0].image.dimensions(), (32, 32));
+    let stages: Vec<&str> = images[0].record.stages.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(stages, ["prior", "decoder", "sr"]);
+    assert_eq!(images[0].record.stages[0].size, format!("{}-d CLIP embedding", common::unclip::WIDTH));
+    assert_ne!(pixels(&images)[0], pixels(&images)[1], "two seeds, two images");
+    // Seeded: the same request gives the same bits.
+    assert_eq!(pixels(&images), pixels(&generate(&cascade, &spec("two blue squares", 2, 9))));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn unclip_jobs_batch_and_keep_the_bits_they_have_alone() {
+    let dir = unclip_cascade("batch", 3);
+    let cascade = Cascade::load(&dir, &CPU).unwrap();
+    // Prior steps, decoder steps and SR steps each in one call with an unguided neighbour.
+    assert_guided_batch_invariant(&cascade, |n, seed| RequestSpec { guidance_scale: Some(4.0), ..ddim_spec("a red circle", n, seed) });
+
+    // The worker: requests of several settings at once, each equal to itself alone.
+    let unguided = StageOverride { guidance_scale: Some(1.0), steps: Some(3), ..Default::default() };
+    let specs = [
+        spec("a red circle", 2, 1),
+        RequestSpec { stage_overrides: vec![(0, unguided.clone())], ..spec("two yellow stars", 1, 2) },
+        RequestSpec { negative_prompt: Some("blue".into()), guidance_scale: Some(1.0), ..spec("a green square", 1, 3) },
+        RequestSpec { stages: Some(2), sampler: Some(SamplerKind::Ddim), ..spec("a purple triangle", 3, 4) },
+    ];
+    let requests: Vec<_> = specs.iter().map(|s| cascade.plan(s).unwrap()).collect();
+    let alone: Vec<_> = requests.iter().map(|r| cascade.generate(r, &mut |_| ControlFlow::Continue(())).unwrap()).collect();
+    let sequential: usize = requests.iter().map(|r| cascade.total_steps(r)).sum();
+    let data = std::env::temp_dir().join(format!("diffusiond-unclip-worker-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let store: Arc<dyn JobStore> = Arc::new(EmbeddedStore::open(&data).unwrap());
+    let (tx, mut rx) = readiness_channel();
+    let settings = WorkerSettings { model_dir: dir.clone(), load: CPU, engine: EngineConfig::default(), limits: QueueLimits { max_waiting_jobs: 16, retry_after_secs: 1 }, warmup: true };
+    let worker = spawn(settings, store.clone(), event_channel(), Arc::new(tx)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !rx.borrow_and_update().is_ready() {
+        assert!(std::time::Instant::now() < deadline, "worker not ready: {:?}", *rx.borrow());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let warm_up = worker.stats.unet_calls.load(Ordering::Relaxed);
+    let ids: Vec<JobId> = requests
+        .iter()
+        .map(|r| {
+            let job = JobRecord::new(JobId::new_v4(), None, r.clone(), now_ms());
+            store.create(&job).unwrap();
+            worker.queue.submit(job.id).unwrap();
+            job.id
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let records = loop {
+        let records: Vec<JobRecord> = ids.iter().map(|id| store.get(*id).unwrap().unwrap()).collect();
+        if records.iter().all(|r| r.status.is_terminal()) {
+            break records;
+        }
+        assert!(std::time::Instant::now() < deadline, "jobs did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for (record, want) in records.iter().zip(&alone) {
+        assert_eq!(record.status, JobStatus::Succeeded, "{:?}", record.error);
+        for (i, image) in want.iter().enumerate() {
+            assert_eq!(store.image(record.id, i).unwrap().unwrap(), image.png().unwrap(), "job {} image {i}", record.id);
+        }
+    }
+    let calls = worker.stats.unet_calls.load(Ordering::Relaxed) - warm_up;
+    println!("{} unCLIP requests: {calls} batched calls vs {sequential} one at a time", requests.len());
+    // Perfect packing would take 19 (the longest prior, decoder and SR runs);
+    // jobs arriving one by one join running batches at the next step.
+    assert!(calls * 3 < sequential as u64 * 2, "{calls} calls is not far fewer than {sequential}");
+    worker.queue.close();
+    worker.thread.join().unwrap();
+    std::fs::remove_dir_all(&data).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn what_an_unclip_cascade_cannot_run_is_refused_naming_the_field() {
+    let dir = unclip_cascade("refusals", 4);
+    let cascade = Cascade::load(&dir, &CPU).unwrap();
+    let refused = |spec: RequestSpec| cascade.plan(&spec).unwrap_err().to_string();
+    let base = spec("a red circle", 1, 1);
+    let picture = diffusiond::pipeline::Picture::from_image(&image::DynamicImage::new_rgb8(16, 16));
+    for (spec, field) in [
+        (RequestSpec { stages: Some(1), ..base.clone() }, "stages"),
+        (RequestSpec { source: Some(SourceSpec::Image { image: picture, strength: None }), ..base.clone() }, "source"),
+        (RequestSpec { noise: NoiseMix::Variation { seed: 2, strength: 0.5 }, ..base.clone() }, "variation"),
+        (RequestSpec { n: 2, noise: NoiseMix::Interpolation { seed: 2, prompt: None }, ..base.clone() }, "interpolate"),
+        (RequestSpec { clip_guidance_scale: Some(10.0), ..base.clone() }, "clip_guidance_scale"),
+        (RequestSpec { classifier_guidance_scale: Some(3.0), ..base.clone() }, "classifier_guidance_scale"),
+        (RequestSpec { layout_guidance_scale: Some(100.0), ..base.clone() }, "layout_guidance_scale"),
+        (RequestSpec { stage_overrides: vec![(0, StageOverride { strength: Some(0.5), ..Default::default() })], ..base.clone() }, "stages[0].strength"),
+        (RequestSpec { stage_overrides: vec![(1, StageOverride { strength: Some(0.5), ..Default::default() })], ..base.clone() }, "stages[1].strength"),
+        (RequestSpec { stage_overrides: vec![(0, StageOverride { noise_level: Some(3), ..Default::default() })], ..base.clone() }, "stages[0].noise_level"),
+        (RequestSpec { stage_overrides: vec![(0, StageOverride { steps: Some(0), ..Default::default() })], ..base.clone() }, "stages[0].steps"),
+    ] {
+        let err = refused(spec);
+        assert!(err.contains(field), "{field}: {err}");
+    }
+    // The request-wide settings are the decoder's (it draws the image); the prior keeps its own.
+    let plan = cascade.plan(&RequestSpec { steps: Some(3), guidance_scale: Some(2.0), sampler: Some(SamplerKind::Ddim), eta: Some(0.5), ..base.clone() }).unwrap();
+    assert_eq!((plan.stages[0].sampler.kind, plan.stages[0].sampler.steps, plan.stages[0].guidance_scale), (SamplerKind::Ddpm, 5, 4.0));
+    assert_eq!((plan.stages[1].sampler.kind, plan.stages[1].sampler.steps, plan.stages[1].guidance_scale, plan.stages[1].sampler.eta), (SamplerKind::Ddim, 3, 2.0, 0.5));
+    let prior = StageOverride { steps: Some(2), guidance_scale: Some(1.0), ..Default::default() };
+    let plan = cascade.plan(&RequestSpec { stage_overrides: vec![(0, prior)], ..base }).unwrap();
+    assert_eq!((plan.stages[0].sampler.steps, plan.stages[0].guidance_scale), (2, 1.0));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn manifests_that_misplace_or_misread_unclip_stages_are_refused() {
+    let dir = unclip_cascade("manifests", 5);
+    let good = Manifest::from_dir(&dir).unwrap();
+    let load_err = |m: &Manifest| {
+        m.write(&dir).unwrap();
+        Cascade::load(&dir, &CPU).unwrap_err().to_string()
+    };
+    let mut m = good.clone();
+    m.clip = None;
+    assert!(load_err(&m).contains("noised CLIP"), "{}", load_err(&m));
+    let mut m = good.clone();
+    m.stages.swap(0, 1);
+    assert!(load_err(&m).contains("first stage"), "{}", load_err(&m));
+    let mut m = good.clone();
+    m.stages.remove(1);
+    assert!(load_err(&m).contains("decoder"), "{}", load_err(&m));
+    let mut m = good.clone();
+    m.stages[1].kind = None;
+    let err = load_err(&m);
+    assert!(err.contains("unet") || err.contains("decoder"), "{err}");
+    good.write(&dir).unwrap();
+    assert!(Cascade::load(&dir, &CPU).is_ok());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_server_serves_an_unclip_cascade() {
+    let dir = unclip_cascade("server", 6);
+    let data_dir = std::env::temp_dir().join(format!("diffusiond-unclip-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let config = ServerConfig {
+        bind: "127.0.0.1:0".parse().unwrap(),
+        model_dir: dir.clone(),
+        data_dir: data_dir.clone(),
+        store: None,
+        shared_queue: Default::default(),
+        load: CPU,
+        engine: EngineConfig::default(),
+        limits: QueueLimits { max_waiting_jobs: 16, retry_after_secs: 2 },
+        api: ApiConfig::default(),
+        warmup: true,
+        drain_timeout: Duration::from_secs(30),
+        retention: Duration::from_secs(3600),
+    };
+    let (server, base) = start(config).await;
+    let client = reqwest::Client::new();
+    let info: Value = client.get(format!("{base}/info")).send().await.unwrap().json().await.unwrap();
+    let kinds: Vec<&str> = info["stages"].as_array().unwrap().iter().map(|s| s["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["prior", "decoder", "super_resolution"]);
+    assert_eq!(info["limits"]["sizes"], json!(["16x16", "32x32"]), "no request stops at the prior");
+    let body = json!({"prompt": "a red circle", "seed": 3, "size": "16x16", "stage_overrides": [{"stage": 0, "steps": 3}]});
+    let png = client.post(format!("{base}/generate")).header("Accept", "image/png").json(&body).send().await.unwrap();
+    assert_eq!(png.status(), 200);
+    let bytes = png.bytes().await.unwrap();
+    assert_eq!(image::load_from_memory(&bytes).unwrap().to_rgb8().dimensions(), (16, 16));
+    for (body, field) in [
+        (json!({"prompt": "a red circle", "size": format!("{}-d CLIP embedding", common::unclip::WIDTH)}), "size"),
+        (json!({"prompt": "a red circle", "clip_guidance_scale": 5}), "clip_guidance_scale"),
+        (json!({"prompt": "a red circle", "stages": 1}), "stages"),
+    ] {
+        let r = client.post(format!("{base}/generate")).json(&body).send().await.unwrap();
+        assert!(r.status().is_client_error(), "{body}: {}", r.status());
+        let err: Value = r.json().await.unwrap();
+        assert!(err.to_string().contains(field), "{field}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
