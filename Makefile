@@ -147,6 +147,13 @@ train-prior: build encoder
 	target/release/diffusiond train-prior --config models/default/train/prior.json --out runs/prior \
 		--device $(DEVICE) --export runs/prior/model
 
+# DALL-E 2's decoder, fine-tuned from the shipped base stage on the CLIP's
+# image embeddings (unCLIP's second stage); models/unclip ships both.
+.PHONY: train-decoder
+train-decoder: build encoder
+	target/release/diffusiond train-decoder --config models/default/train/decoder.json --out runs/decoder \
+		--device $(DEVICE) --export runs/decoder/model
+
 # The figures in the README: the detector on ground truth, the base stage's
 # sweeps at 32 px, the whole cascade at 128 px. EVAL_N prompts per category.
 EVAL_N ?= 4

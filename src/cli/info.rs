@@ -27,7 +27,7 @@ pub fn describe(cascade: &Cascade) -> Value {
             json!({
                 "name": s.name,
                 "kind": s.kind.name(),
-                "size": format!("{}x{}", s.size.1, s.size.0),
+                "size": s.size_label(),
                 "parameters": s.parameter_count(),
                 "scheduler": {
                     "class": sched.class_name,

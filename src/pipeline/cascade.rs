@@ -564,9 +564,6 @@ impl Cascade {
                 .stages
                 .iter()
                 .map(|p| {
-                    let stage = &self.stages[p.index];
-                    let (h, w) = stage.size;
-                    let size = if stage.kind == StageKind::Prior { format!("{w}-d CLIP embedding") } else { format!("{w}x{h}") };
                     StageRecord {
                         name: p.name.clone(),
                         sampler: p.sampler.kind.name().to_owned(),
@@ -574,7 +571,7 @@ impl Cascade {
                         guidance_scale: p.guidance_scale,
                         eta: p.sampler.eta,
                         noise_level: p.noise_level,
-                        size,
+                        size: self.stages[p.index].size_label(),
                         clip_guidance_scale: p.clip_guidance_scale,
                         classifier_guidance_scale: p.classifier_guidance_scale,
                         layout_guidance_scale: p.layout_guidance_scale,

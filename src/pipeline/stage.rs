@@ -57,6 +57,14 @@ impl StageKind {
     }
 }
 
+/// How a stage's output size reads: `WxH`, or a prior's `D-d CLIP embedding`.
+pub fn size_label(kind: StageKind, (h, w): (i64, i64)) -> String {
+    match kind {
+        StageKind::Prior => format!("{w}-d CLIP embedding"),
+        _ => format!("{w}x{h}"),
+    }
+}
+
 /// The network a stage runs at each step.
 #[derive(Debug)]
 pub enum Network {
@@ -269,6 +277,11 @@ impl Stage {
             Network::Prior(prior) => prior.parameter_count(),
         };
         own + self.text_proj.as_ref().map_or(0, |p| p.vs.variables().values().map(tch::Tensor::numel).sum::<usize>() as i64)
+    }
+
+    /// The output size as [`size_label`] writes it.
+    pub fn size_label(&self) -> String {
+        size_label(self.kind, self.size)
     }
 
     pub fn limits(&self) -> StageLimits {

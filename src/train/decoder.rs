@@ -192,12 +192,13 @@ impl DecoderModel {
 
     /// Writes `decoder/` (a diffusers `UNet2DConditionModel` folder) and
     /// `text_proj/` (an `UnCLIPTextProjModel` folder) under `dir`, with the
-    /// weights `values` gives each variable (the model's own, or the EMA's).
-    pub fn export(&self, dir: &Path, values: &std::collections::BTreeMap<String, Tensor>) -> anyhow::Result<()> {
+    /// weights `values` gives each variable (the model's own, or the EMA's),
+    /// stored in `kind`.
+    pub fn export(&self, dir: &Path, values: &std::collections::BTreeMap<String, Tensor>, kind: Kind) -> anyhow::Result<()> {
         let mut unet = std::collections::BTreeMap::new();
         let mut proj = std::collections::BTreeMap::new();
         for name in self.vs.variables().keys() {
-            let value = values.get(name).with_context(|| format!("no value for {name}"))?.to_device(Device::Cpu).to_kind(Kind::Float);
+            let value = values.get(name).with_context(|| format!("no value for {name}"))?.to_device(Device::Cpu).to_kind(kind);
             match name.strip_prefix("text_proj.") {
                 Some(rest) => proj.insert(rest.to_string(), value),
                 None => unet.insert(name.clone(), value),
@@ -217,7 +218,7 @@ impl DecoderModel {
 /// Copies the base stage's weights into every decoder variable of the same
 /// name and shape, then fits the new text path to the base stage's by least
 /// squares over `FIT_CAPTIONS` captions; the image paths stay at zero.
-fn init_from_base(model: &DecoderModel, base_dir: &Path, teacher: &FrozenClip, dataset: &Dataset) -> anyhow::Result<()> {
+pub fn init_from_base(model: &DecoderModel, base_dir: &Path, teacher: &FrozenClip, dataset: &Dataset) -> anyhow::Result<()> {
     let files = weights::checkpoint_files(base_dir, crate::nn::unet::model::WEIGHTS_STEM)?;
     let mut base = std::collections::BTreeMap::new();
     for file in &files {
@@ -453,7 +454,9 @@ impl DecoderRun {
     }
 
     /// Writes the EMA weights of the last checkpoint as `dir/decoder/` and
-    /// `dir/text_proj/`, and the init stage's scheduler as `dir/decoder_scheduler/`.
+    /// `dir/text_proj/` (in half precision, as the cascade's stages ship: the
+    /// server computes in its own precision), and the init stage's scheduler
+    /// as `dir/decoder_scheduler/`.
     pub fn export(&self, dir: &Path) -> anyhow::Result<()> {
         let ckpt = self.checkpoint_dir();
         let teacher = FrozenClip::load(&self.config.clip, Device::Cpu)?;
@@ -462,7 +465,7 @@ impl DecoderRun {
         weights::load_into(&model.vs, &[ckpt.join(CHECKPOINT_WEIGHTS)], &|_| false).context("the run has no checkpoint to export")?;
         let mut opt = Optimizer::new(&model.vs, self.optim_config());
         opt.load(&ckpt.join("optimizer.safetensors"))?;
-        model.export(dir, &opt.ema())?;
+        model.export(dir, &opt.ema(), Kind::Half)?;
         let (scheduler, _, _) = base_schedule(&self.config.init)?;
         let out = dir.join("decoder_scheduler");
         std::fs::create_dir_all(&out)?;

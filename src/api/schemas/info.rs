@@ -5,8 +5,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::generate::format_size;
-use crate::pipeline::stage::StageKind;
+use crate::pipeline::stage::{size_label, StageKind};
 use crate::api::state::ApiConfig;
 use crate::diffusion::SamplerKind;
 use crate::pipeline::request::{MAX_GUIDANCE, MAX_PROMPT_CHARS};
@@ -115,10 +114,7 @@ impl InfoDocument {
                 index,
                 name: l.name.clone(),
                 kind: l.kind.name().into(),
-                size: match l.kind {
-                    StageKind::Prior => format!("{}-d CLIP embedding", l.size.1),
-                    _ => format_size(l.size),
-                },
+                size: size_label(l.kind, l.size),
                 parameters: *parameters,
                 max_steps: l.train_steps,
                 max_noise_level: l.max_noise_level,
