@@ -262,3 +262,26 @@ async fn the_server_serves_an_unclip_cascade() {
     drop(server);
     let _ = std::fs::remove_dir_all(&data_dir);
 }
+
+#[test]
+fn eval_decoder_scores_the_four_conditionings_reproducibly() {
+    use diffusiond::eval::decoder::{evaluate, DecoderEvalConfig};
+    let dir = unclip_cascade("eval", 7);
+    let cascade = Cascade::load(&dir, &CPU).unwrap();
+    let teacher = diffusiond::train::clip::FrozenClip::load(&dir.join("clip"), tch::Device::Cpu).unwrap();
+    let config = DecoderEvalConfig { samples: 6, candidates: 3, seed: 12, steps: Some(2), guidance_scale: None, batch: 4 };
+    let report = evaluate(&cascade, &teacher, &config).unwrap();
+    let labels: Vec<&str> = report.rows.iter().map(|r| r.label.as_str()).collect();
+    assert_eq!(labels, ["its CLIP image embedding (empty caption)", "its caption (null embedding)", "both", "neither (unconditional)"]);
+    for r in &report.rows {
+        assert!((0.0..=1.0).contains(&r.top1) && (-1.0..=1.0).contains(&r.cosine), "{r:?}");
+    }
+    // The conditionings draw different images.
+    assert!(report.rows.windows(2).any(|w| w[0].cosine != w[1].cosine), "{report:?}");
+    assert_eq!(evaluate(&cascade, &teacher, &config).unwrap(), report, "seeded: the same numbers again");
+    assert!(report.markdown().contains("| both |"));
+    // The default cascade is not unCLIP.
+    let plain = Cascade::load(&common::fixture_dir().join("cascade"), &CPU).unwrap();
+    assert!(evaluate(&plain, &teacher, &config).unwrap_err().to_string().contains("not an unCLIP cascade"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

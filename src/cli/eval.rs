@@ -11,7 +11,8 @@ use diffusiond::eval::batch::generate_many;
 use diffusiond::eval::score::{describe, judge_image, markdown, Rules, Tally, Verdict};
 use diffusiond::eval::suite::{suite, Case, Category};
 use diffusiond::pipeline::request::MAX_IMAGES;
-use diffusiond::pipeline::{Cascade, GenerationRequest, RequestSpec, StageOverride};
+use diffusiond::pipeline::stage::StageKind;
+use diffusiond::pipeline::{Cascade, GenerationRequest, RequestSpec, StageOverride, StagePlan};
 use diffusiond::train::render::render;
 use diffusiond::train::scene::Scene;
 use image::RgbImage;
@@ -216,6 +217,7 @@ fn model(args: &EvalArgs, cases: &[Case], rules: Rules) -> anyhow::Result<Vec<(S
         cascade.device(),
         settings.len()
     );
+    let base_index = cascade.stages.iter().position(|s| s.kind.draws_from_noise()).unwrap_or(0);
     let mut rows = Vec::with_capacity(settings.len());
     for (r, setting) in settings.iter().enumerate() {
         let requests = cases
@@ -229,7 +231,8 @@ fn model(args: &EvalArgs, cases: &[Case], rules: Rules) -> anyhow::Result<Vec<(S
                     prompt: case.prompt.clone(),
                     n: images,
                     seed: Some(args.seed.wrapping_add((p * MAX_IMAGES) as u64)),
-                    stage_overrides: vec![(0, setting.base.clone())],
+                    // The rows set the stage that draws the image (an unCLIP cascade's decoder).
+                    stage_overrides: vec![(base_index, setting.base.clone())],
                     clip_guidance_scale: setting.clip,
                     classifier_guidance_scale: setting.classifier,
                     layout_guidance_scale: args.layout_guidance,
@@ -239,7 +242,7 @@ fn model(args: &EvalArgs, cases: &[Case], rules: Rules) -> anyhow::Result<Vec<(S
                 cascade.plan(&spec).with_context(|| format!("planning \"{}\"", case.prompt))
             })
             .collect::<anyhow::Result<Vec<GenerationRequest>>>()?;
-        let mut label = setting_label(&requests[0]);
+        let mut label = setting_label(&cascade, &requests[0]);
         if size != sampled {
             label.push_str(&format!(", {sampled} px bicubic to {size}"));
         }
@@ -300,10 +303,16 @@ fn stages_for(cascade: &Cascade, size: Option<u32>) -> anyhow::Result<usize> {
     }
 }
 
-/// "ddim 50 steps, guidance 4" for the base stage.
-fn setting_label(request: &GenerationRequest) -> String {
-    let base = &request.stages[0];
-    let mut label = format!("{} {} steps, guidance {}", base.sampler.kind.name(), base.sampler.steps, base.guidance_scale);
+/// "ddim 50 steps, guidance 4" for the base stage; an unCLIP cascade's
+/// names its prior's setting, then its decoder's.
+fn setting_label(cascade: &Cascade, request: &GenerationRequest) -> String {
+    let kind = |p: &&StagePlan| cascade.stages[p.index].kind;
+    let base = request.stages.iter().find(|p| kind(p).draws_from_noise()).unwrap_or(&request.stages[0]);
+    let mut label = match request.stages.iter().find(|p| kind(p) == StageKind::Prior) {
+        Some(prior) => format!("prior {} {} steps, guidance {}; decoder ", prior.sampler.kind.name(), prior.sampler.steps, prior.guidance_scale),
+        None => String::new(),
+    };
+    label += &format!("{} {} steps, guidance {}", base.sampler.kind.name(), base.sampler.steps, base.guidance_scale);
     if base.clip_guidance_scale > 0.0 {
         label.push_str(&format!(", CLIP guidance {}", base.clip_guidance_scale));
     }

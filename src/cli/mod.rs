@@ -4,6 +4,7 @@ mod dataset;
 mod env;
 mod eval;
 mod eval_clip;
+mod eval_decoder;
 mod eval_prior;
 mod generate;
 mod info;
@@ -51,6 +52,8 @@ pub enum Command {
     EvalClip(eval_clip::EvalClipArgs),
     /// Train DALL-E 2's diffusion prior in a noised CLIP's embedding space; resumes from the run folder.
     TrainPrior(train_prior::TrainPriorArgs),
+    /// Score an unCLIP cascade's decoder on held-out renders: retrieval and cosine of what it draws from their CLIP embeddings, vs caption only and unconditional.
+    EvalDecoder(eval_decoder::EvalDecoderArgs),
     /// Train DALL-E 2's decoder from the base stage, conditioned on a noised CLIP's image embeddings; resumes from the run folder.
     TrainDecoder(train_decoder::TrainDecoderArgs),
     /// Score a trained prior on held-out renders: image retrieval and cosine of its samples vs the text embedding alone.
@@ -74,6 +77,7 @@ impl Cli {
             Command::TrainPrior(args) => train_prior::run(args),
             Command::EvalPrior(args) => eval_prior::run(args),
             Command::TrainDecoder(args) => train_decoder::run(args),
+            Command::EvalDecoder(args) => eval_decoder::run(args),
         }
     }
 }

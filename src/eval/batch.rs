@@ -84,7 +84,7 @@ fn pack(requests: &[GenerationRequest], running: &[usize], k: usize, max_rows: u
 }
 
 /// One UNet call over every unfinished job's rows, then one sampler step each.
-fn step(cascade: &Cascade, stage: &Stage, jobs: &mut [StageJob]) -> Result<()> {
+pub(crate) fn step(cascade: &Cascade, stage: &Stage, jobs: &mut [StageJob]) -> Result<()> {
     let live: Vec<usize> = (0..jobs.len()).filter(|&j| !jobs[j].is_done()).collect();
     let rows = live.iter().map(|&j| jobs[j].model_input()).collect::<Result<Vec<ModelRows>>>()?;
     let cat = |f: &dyn Fn(&ModelRows) -> &Tensor| Tensor::cat(&rows.iter().map(f).collect::<Vec<_>>(), 0);

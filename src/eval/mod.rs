@@ -19,9 +19,11 @@
 //! | [`score`] | judging a detected scene against a case; tallies and tables |
 //! | [`batch`] | running many prompts through a cascade in shared UNet calls |
 //! | [`retrieval`] | a noised CLIP's zero-shot image↔caption retrieval on held-out renders, per noise level |
+//! | [`decoder`] | an unCLIP decoder's image-embedding → image fidelity: retrieval and cosine of its drawings against caption-only and unconditional ones |
 //! | [`prior`] | a diffusion prior's caption → image-embedding quality: retrieval and cosine against the text embedding alone |
 
 pub mod batch;
+pub mod decoder;
 pub mod detect;
 pub mod prior;
 pub mod retrieval;

@@ -83,7 +83,7 @@ pub fn unclip_cascade(name: &str, seed: i64) -> PathBuf {
     // The null embedding is learned; make it differ from zero as a trained one does.
     let mut values: std::collections::BTreeMap<String, Tensor> = decoder.vs.variables().into_iter().collect();
     values.insert("text_proj.learned_classifier_free_guidance_embeddings".into(), Tensor::randn([WIDTH], (Kind::Float, tch::Device::Cpu)));
-    decoder.export(&unclip, &values).unwrap();
+    decoder.export(&unclip, &values, Kind::Float).unwrap();
     write_json(unclip.join("decoder_scheduler/scheduler_config.json"), &base_scheduler());
     let mut manifest = Manifest::from_dir(&src).unwrap();
     manifest.name = "tiny-unclip".into();

@@ -60,6 +60,12 @@ impl UnCLIPTextProjModel {
         &self.config
     }
 
+    /// The learned embedding that stands for "no image" (`[D]`): what the
+    /// unconditional rows of classifier-free guidance read.
+    pub fn null_image_embedding(&self) -> &Tensor {
+        &self.learned_classifier_free_guidance_embeddings
+    }
+
     /// `image_embeddings` `[B, D]` with the rows where `dropped` (`[B]`,
     /// bool) is true replaced by the learned unconditional embedding: the
     /// decoder's training drops the CLIP embedding so that it learns the row
