@@ -8,18 +8,18 @@ mod common;
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::cascade::{assert_guided_batch_invariant, ddim_spec, generate, pixels};
 use common::clip::{cascade_with_clip, cli_generate, cli_refused_without_clip, clip_config};
 use common::fixture_dir;
+use common::worker::{assert_same_as_alone, run_jobs, start_worker};
 use diffusiond::diffusion::forward::{to_x0_and_eps, NoiseLevel};
 use diffusiond::diffusion::PredictionType;
 use diffusiond::jobs::embedded::EmbeddedStore;
-use diffusiond::jobs::{event_channel, now_ms, JobId, JobQueue, JobRecord, JobStatus, JobStore};
+use diffusiond::jobs::JobStore;
 use diffusiond::nn::device::{DeviceSetting, Precision};
 use diffusiond::pipeline::{Cascade, ClipGuide, ClipJob, GeneratedImage, GenerationRequest, LoadOptions, PipelineError, RequestSpec};
-use diffusiond::worker::{readiness_channel, spawn, EngineConfig, QueueLimits, Readiness, WorkerSettings};
 use tch::{Device, Kind, Tensor};
 
 const CPU: LoadOptions = LoadOptions { device: DeviceSetting::Cpu, precision: Precision::F32 };
@@ -180,47 +180,9 @@ fn the_worker_batches_a_guided_job_with_unguided_ones_without_changing_a_bit() {
 
     let store_dir = dir.join("store");
     let store: Arc<dyn JobStore> = Arc::new(EmbeddedStore::open(&store_dir).unwrap());
-    let (tx, mut rx) = readiness_channel();
-    let settings = WorkerSettings {
-        model_dir: dir.clone(),
-        load: CPU,
-        engine: EngineConfig::default(),
-        limits: QueueLimits { max_waiting_jobs: 8, retry_after_secs: 1 },
-        warmup: false,
-    };
-    let worker = spawn(settings, store.clone(), event_channel(), Arc::new(tx)).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !rx.borrow_and_update().is_ready() {
-        if let Readiness::Failed(e) = &*rx.borrow() {
-            panic!("worker failed: {e}");
-        }
-        assert!(Instant::now() < deadline, "worker not ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let ids: Vec<JobId> = requests
-        .iter()
-        .map(|r| {
-            let job = JobRecord::new(JobId::new_v4(), None, r.clone(), now_ms());
-            store.create(&job).unwrap();
-            worker.queue.submit(job.id).unwrap();
-            job.id
-        })
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let records = loop {
-        let records: Vec<JobRecord> = ids.iter().map(|id| store.get(*id).unwrap().unwrap()).collect();
-        if records.iter().all(|r| r.status.is_terminal()) {
-            break records;
-        }
-        assert!(Instant::now() < deadline, "jobs did not finish");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    for (record, want) in records.iter().zip(&alone) {
-        assert_eq!(record.status, JobStatus::Succeeded, "{:?}", record.error);
-        for (i, image) in want.iter().enumerate() {
-            assert_eq!(store.image(record.id, i).unwrap().unwrap(), image.png().unwrap(), "job {} image {i}", record.id);
-        }
-    }
+    let worker = start_worker(&dir, store.clone(), false);
+    let records = run_jobs(&worker, store.as_ref(), &requests, Duration::from_secs(60));
+    assert_same_as_alone(store.as_ref(), &records, &alone);
     let sequential: usize = requests.iter().map(|r| c.total_steps(r)).sum();
     let calls = worker.stats.unet_calls.load(std::sync::atomic::Ordering::Relaxed);
     assert!(calls < sequential as u64, "the jobs shared UNet calls ({calls} calls vs {sequential} one at a time)");

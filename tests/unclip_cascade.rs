@@ -16,16 +16,17 @@ use std::time::Duration;
 use common::cascade::{assert_guided_batch_invariant, ddim_spec, generate, pixels};
 use common::server::start;
 use common::unclip::unclip_cascade;
+use common::worker::{assert_same_as_alone, run_jobs, start_worker};
 use diffusiond::api::ApiConfig;
 use diffusiond::diffusion::{BatchNoise, SamplerKind};
 use diffusiond::jobs::embedded::EmbeddedStore;
-use diffusiond::jobs::{event_channel, now_ms, JobId, JobQueue, JobRecord, JobStatus, JobStore};
+use diffusiond::jobs::JobStore;
 use diffusiond::nn::device::{DeviceSetting, Precision};
 use diffusiond::pipeline::stage::Network;
 use diffusiond::pipeline::unclip::{sample_prior, PriorCondition};
 use diffusiond::pipeline::{Cascade, LoadOptions, Manifest, NoiseMix, RequestSpec, SourceSpec, StageOverride};
 use diffusiond::server::ServerConfig;
-use diffusiond::worker::{readiness_channel, spawn, EngineConfig, QueueLimits, WorkerSettings};
+use diffusiond::worker::{EngineConfig, QueueLimits};
 use serde_json::{json, Value};
 use tch::Tensor;
 
@@ -115,39 +116,10 @@ fn unclip_jobs_batch_and_keep_the_bits_they_have_alone() {
     let data = std::env::temp_dir().join(format!("diffusiond-unclip-worker-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
     let store: Arc<dyn JobStore> = Arc::new(EmbeddedStore::open(&data).unwrap());
-    let (tx, mut rx) = readiness_channel();
-    let settings = WorkerSettings { model_dir: dir.clone(), load: CPU, engine: EngineConfig::default(), limits: QueueLimits { max_waiting_jobs: 16, retry_after_secs: 1 }, warmup: true };
-    let worker = spawn(settings, store.clone(), event_channel(), Arc::new(tx)).unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !rx.borrow_and_update().is_ready() {
-        assert!(std::time::Instant::now() < deadline, "worker not ready: {:?}", *rx.borrow());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let worker = start_worker(&dir, store.clone(), true);
     let warm_up = worker.stats.unet_calls.load(Ordering::Relaxed);
-    let ids: Vec<JobId> = requests
-        .iter()
-        .map(|r| {
-            let job = JobRecord::new(JobId::new_v4(), None, r.clone(), now_ms());
-            store.create(&job).unwrap();
-            worker.queue.submit(job.id).unwrap();
-            job.id
-        })
-        .collect();
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    let records = loop {
-        let records: Vec<JobRecord> = ids.iter().map(|id| store.get(*id).unwrap().unwrap()).collect();
-        if records.iter().all(|r| r.status.is_terminal()) {
-            break records;
-        }
-        assert!(std::time::Instant::now() < deadline, "jobs did not finish");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    for (record, want) in records.iter().zip(&alone) {
-        assert_eq!(record.status, JobStatus::Succeeded, "{:?}", record.error);
-        for (i, image) in want.iter().enumerate() {
-            assert_eq!(store.image(record.id, i).unwrap().unwrap(), image.png().unwrap(), "job {} image {i}", record.id);
-        }
-    }
+    let records = run_jobs(&worker, store.as_ref(), &requests, Duration::from_secs(120));
+    assert_same_as_alone(store.as_ref(), &records, &alone);
     let calls = worker.stats.unet_calls.load(Ordering::Relaxed) - warm_up;
     println!("{} unCLIP requests: {calls} batched calls vs {sequential} one at a time", requests.len());
     // Perfect packing would take 19 (the longest prior, decoder and SR runs);

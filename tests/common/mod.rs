@@ -7,6 +7,7 @@ pub mod clip;
 pub mod server;
 pub mod text;
 pub mod unclip;
+pub mod worker;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
