@@ -322,9 +322,24 @@ fn the_shipped_stages_match_their_committed_training_configs() {
             assert_eq!(shipped.model.config(), &config.model, "models/default/clip is the model of {}", path.display());
             continue;
         }
+        // unCLIP's prior and decoder ship in models/unclip.
+        let unclip = root.join("../unclip");
         if path.file_stem().is_some_and(|n| n == "prior") {
             let config = diffusiond::train::prior::PriorTrainConfig::from_file(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
             assert!(config.clip.join("config.json").is_file(), "{}: the CLIP it learns from is shipped", path.display());
+            let shipped = diffusiond::nn::unclip::PriorConfig::from_dir(&unclip.join("prior")).unwrap();
+            assert_eq!(shipped, config.model, "models/unclip/prior is the model of {}", path.display());
+            continue;
+        }
+        if path.file_stem().is_some_and(|n| n == "decoder") {
+            use diffusiond::train::decoder::{decoder_unet_config, DecoderTrainConfig};
+            let config = DecoderTrainConfig::from_file(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            let base = diffusiond::nn::unet::UNetConfig::from_dir(&config.init.join("unet")).unwrap();
+            let shipped = diffusiond::nn::unet::UNetConfig::from_dir(&unclip.join("decoder")).unwrap();
+            assert_eq!(shipped, decoder_unet_config(&base).unwrap(), "models/unclip/decoder is the shipped base stage turned decoder");
+            let proj = diffusiond::nn::unclip::TextProjConfig::from_dir(&unclip.join("text_proj")).unwrap();
+            assert_eq!(proj.clip_extra_context_tokens, config.clip_extra_context_tokens);
+            assert!(config.clip.join("config.json").is_file(), "{}: the CLIP it reads is shipped", path.display());
             continue;
         }
         let config = TrainConfig::from_file(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));

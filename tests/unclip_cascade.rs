@@ -257,3 +257,14 @@ fn eval_decoder_scores_the_four_conditionings_reproducibly() {
     assert!(evaluate(&plain, &teacher, &config).unwrap_err().to_string().contains("not an unCLIP cascade"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_shipped_unclip_cascade_loads_and_draws() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/unclip");
+    let cascade = Cascade::load(&dir, &CPU).unwrap();
+    let kinds: Vec<_> = cascade.stages.iter().map(|s| s.kind.name()).collect();
+    assert_eq!(kinds, ["prior", "decoder", "super_resolution", "super_resolution"]);
+    let two = StageOverride { steps: Some(2), ..Default::default() };
+    let images = generate(&cascade, &RequestSpec { stages: Some(2), steps: Some(2), stage_overrides: vec![(0, two)], ..spec("a red circle", 1, 1) });
+    assert_eq!(images[0].image.dimensions(), (32, 32));
+}
