@@ -72,6 +72,7 @@ fn random_cascade(dir: &Path, encoder: &Path, text_width: i64) -> PathBuf {
     let stage = |name: &str, steps, noise_level| StageEntry {
         name: name.into(),
         path: name.into(),
+        kind: None,
         sampler: "ddim".into(),
         steps,
         guidance_scale: 4.0,

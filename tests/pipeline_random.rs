@@ -47,6 +47,7 @@ fn random_cascade() -> PathBuf {
     let stage = |name: &str, steps, noise_level| StageEntry {
         name: name.into(),
         path: name.into(),
+        kind: None,
         sampler: "ddpm".into(),
         steps,
         guidance_scale: 3.0,
