@@ -105,16 +105,7 @@ fn concurrent_requests_share_unet_calls_and_match_running_alone() {
     let dir = temp_dir("batch");
     let store: Arc<dyn JobStore> = Arc::new(EmbeddedStore::open(&dir).unwrap());
     let worker = start(store.clone(), EngineConfig::default());
-    let ids: Vec<JobId> = requests
-        .iter()
-        .map(|r| {
-            let job = JobRecord::new(JobId::new_v4(), None, r.clone(), now_ms());
-            store.create(&job).unwrap();
-            worker.queue.submit(job.id).unwrap();
-            job.id
-        })
-        .collect();
-    let records = wait_for(store.as_ref(), &ids);
+    let records = common::worker::run_jobs(&worker, store.as_ref(), &requests, Duration::from_secs(120));
     for ((record, want), request) in records.iter().zip(&alone).zip(&requests) {
         assert_eq!(record.status, JobStatus::Succeeded, "{:?}", record.error);
         assert_eq!(record.images.len(), request.n);
