@@ -110,16 +110,39 @@ impl CascadeInfo {
 /// A job's text conditioning, `[1 or n, L, D]` each: the prompt's tokens (one
 /// row per frame when interpolating between two prompts), the negative (or
 /// empty) prompt's, and the tokens of the prompt an image is inverted under.
+/// On an unCLIP cascade, `clip` holds what its prior and decoder read.
 #[derive(Debug)]
 pub struct JobText {
     pub cond: Tensor,
     pub uncond: Tensor,
     pub source: Option<Tensor>,
+    pub clip: Option<ClipText>,
+}
+
+/// The captions of an unCLIP job through the cascade's CLIP: the prompt's
+/// and the negative (or empty) prompt's CLIP embeddings `[1, D]` and token
+/// states `[1, L, D]`, as (embeddings, tokens).
+#[derive(Debug)]
+pub struct ClipText {
+    pub cond: (Tensor, Tensor),
+    pub uncond: (Tensor, Tensor),
+}
+
+impl ClipText {
+    fn shallow_clone(&self) -> Self {
+        let pair = |(a, b): &(Tensor, Tensor)| (a.shallow_clone(), b.shallow_clone());
+        Self { cond: pair(&self.cond), uncond: pair(&self.uncond) }
+    }
 }
 
 impl JobText {
     pub fn shallow_clone(&self) -> Self {
-        Self { cond: self.cond.shallow_clone(), uncond: self.uncond.shallow_clone(), source: self.source.as_ref().map(Tensor::shallow_clone) }
+        Self {
+            cond: self.cond.shallow_clone(),
+            uncond: self.uncond.shallow_clone(),
+            source: self.source.as_ref().map(Tensor::shallow_clone),
+            clip: self.clip.as_ref().map(ClipText::shallow_clone),
+        }
     }
 }
 
@@ -329,7 +352,16 @@ impl Cascade {
             Some(Source::Invert { prompt, .. }) => Some(tokens(prompt)?),
             _ => None,
         };
-        Ok(JobText { cond, uncond, source })
+        let clip = match (&self.clip, self.stages[0].kind) {
+            (Some(clip), StageKind::Prior) => {
+                let negative = request.negative_prompt.as_deref().unwrap_or("");
+                let (embeds, tokens) = clip.text_conditioning(&self.encoder, &[&request.prompt, negative])?;
+                let row = |i: i64| (embeds.narrow(0, i, 1), tokens.narrow(0, i, 1));
+                Some(ClipText { cond: row(0), uncond: row(1) })
+            }
+            _ => None,
+        };
+        Ok(JobText { cond, uncond, source, clip })
     }
 
     /// Starts stage `k` of `request` (an index into `request.stages`) for its n
@@ -346,8 +378,8 @@ impl Cascade {
         let plan = &request.stages[k];
         let stage = &self.stages[plan.index];
         match stage.kind {
-            StageKind::Prior => return self.start_prior(request, k, noise),
-            StageKind::Decoder => return self.start_decoder(request, k, low_res, noise),
+            StageKind::Prior => return self.start_prior(request, k, text, noise),
+            StageKind::Decoder => return self.start_decoder(request, k, text, low_res, noise),
             StageKind::Base | StageKind::SuperResolution => {}
         }
         let n = request.n as i64;
@@ -429,27 +461,23 @@ impl Cascade {
         StageJob::new(stage, inputs, noise)
     }
 
-    /// unCLIP's conditioning of `request`: the prompt's and the negative (or
-    /// empty) prompt's CLIP embeddings `[n, D]` and token states `[n, L, D]`,
-    /// as (cond, uncond) pairs of (embeddings, tokens).
-    fn unclip_text(&self, request: &GenerationRequest) -> Result<((Tensor, Tensor), (Tensor, Tensor))> {
-        let clip = self.clip.as_ref().ok_or_else(|| PipelineError::invalid("stages", "an unCLIP cascade needs its CLIP"))?;
-        let negative = request.negative_prompt.as_deref().unwrap_or("");
-        let (embeds, tokens) = clip.text_conditioning(&self.encoder, &[&request.prompt, negative])?;
-        let n = request.n as i64;
-        let row = |t: &Tensor, i: i64| {
-            let one = t.narrow(0, i, 1);
-            let mut shape = one.size();
-            shape[0] = n;
-            one.expand(shape.as_slice(), false).contiguous()
+    /// `text`'s unCLIP conditioning for `n` images, as (cond, uncond) pairs
+    /// of (embeddings `[n, D]`, tokens `[n, L, D]`).
+    fn unclip_text(text: &JobText, n: usize) -> Result<((Tensor, Tensor), (Tensor, Tensor))> {
+        let clip = text.clip.as_ref().ok_or_else(|| PipelineError::invalid("stages", "an unCLIP cascade needs its CLIP"))?;
+        let rows = |t: &Tensor| {
+            let mut shape = t.size();
+            shape[0] = n as i64;
+            t.expand(shape.as_slice(), false).contiguous()
         };
-        Ok(((row(&embeds, 0), row(&tokens, 0)), (row(&embeds, 1), row(&tokens, 1))))
+        let pair = |(e, t): &(Tensor, Tensor)| (rows(e), rows(t));
+        Ok((pair(&clip.cond), pair(&clip.uncond)))
     }
 
     /// Starts `request`'s prior stage (its stage `k`).
-    fn start_prior(&self, request: &GenerationRequest, k: usize, noise: BatchNoise) -> Result<StageJob> {
+    fn start_prior(&self, request: &GenerationRequest, k: usize, text: &JobText, noise: BatchNoise) -> Result<StageJob> {
         let plan = &request.stages[k];
-        let ((cond, _), (uncond, _)) = self.unclip_text(request)?;
+        let ((cond, _), (uncond, _)) = Self::unclip_text(text, request.n)?;
         StageJob::prior(&self.stages[plan.index], &cond, &uncond, plan.guidance_scale, &plan.sampler, noise)
     }
 
@@ -457,13 +485,13 @@ impl Cascade {
     /// latents `latents`: their embeddings and the captions are projected
     /// by the stage's `text_proj` once, for every step (the unconditional
     /// rows get its learned null embedding, as diffusers' `UnCLIPPipeline`).
-    fn start_decoder(&self, request: &GenerationRequest, k: usize, latents: Option<&Tensor>, noise: BatchNoise) -> Result<StageJob> {
+    fn start_decoder(&self, request: &GenerationRequest, k: usize, text: &JobText, latents: Option<&Tensor>, noise: BatchNoise) -> Result<StageJob> {
         let plan = &request.stages[k];
         let stage = &self.stages[plan.index];
         let (Some(latents), Some(Network::Prior(prior)), Some(proj)) = (latents, self.stages.first().map(|s| &s.network), stage.text_proj.as_ref()) else {
             return Err(PipelineError::invalid("stages", format!("stage `{}` needs the prior's embeddings", stage.name)));
         };
-        let ((cond, cond_tokens), (uncond, uncond_tokens)) = self.unclip_text(request)?;
+        let ((cond, cond_tokens), (uncond, uncond_tokens)) = Self::unclip_text(text, request.n)?;
         let device = stage.device();
         let kind = stage.weight_kind();
         let on = |t: &Tensor| t.to_device(device).to_kind(kind);

@@ -38,7 +38,7 @@ pub mod stage;
 pub mod unclip;
 pub mod writer;
 
-pub use cascade::{Cascade, CascadeInfo, GeneratedImage, JobText, LoadOptions, Progress};
+pub use cascade::{Cascade, CascadeInfo, ClipText, GeneratedImage, JobText, LoadOptions, Progress};
 pub use classifier_guidance::{ClassifierJob, MAX_CLASSIFIER_GUIDANCE};
 pub use clip_guidance::{ClipGuide, ClipJob, MAX_CLIP_GUIDANCE};
 pub use error::{PipelineError, Result};

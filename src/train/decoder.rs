@@ -219,12 +219,9 @@ impl DecoderModel {
 /// name and shape, then fits the new text path to the base stage's by least
 /// squares over `FIT_CAPTIONS` captions; the image paths stay at zero.
 pub fn init_from_base(model: &DecoderModel, base_dir: &Path, teacher: &FrozenClip, dataset: &Dataset) -> anyhow::Result<()> {
-    let files = weights::checkpoint_files(base_dir, crate::nn::unet::model::WEIGHTS_STEM)?;
-    let mut base = std::collections::BTreeMap::new();
-    for file in &files {
-        // Shipped weights may be half precision; the fit and training are in f32.
-        base.extend(weights::read_all(file)?.into_iter().map(|(name, t)| (name, t.to_kind(Kind::Float))));
-    }
+    // In f32 whatever the shipped precision: the fit and training are in f32.
+    let base_unet = crate::nn::unet::LoadedUNet::load(base_dir, Device::Cpu, Kind::Float)?;
+    let base = base_unet.vs.variables();
     let variables = model.vs.variables();
     tch::no_grad(|| -> anyhow::Result<()> {
         for (name, var) in &variables {
@@ -241,7 +238,6 @@ pub fn init_from_base(model: &DecoderModel, base_dir: &Path, teacher: &FrozenCli
         Ok(())
     })?;
     // What the base stage computed from the fit captions.
-    let base_unet = crate::nn::unet::LoadedUNet::load(base_dir, Device::Cpu, Kind::Float)?;
     let samples: Vec<Sample> = (0..FIT_CAPTIONS).map(|i| dataset.sample(i)).collect();
     let prompts: Vec<&str> = samples.iter().map(|s| s.caption.as_str()).chain(std::iter::once("")).collect();
     let hidden = tch::no_grad(|| teacher.encoder.encode(&prompts))?.hidden.to_kind(Kind::Float).to_device(Device::Cpu);
