@@ -3,8 +3,10 @@
 //! step machine samples what the reference prior loop (`sample_prior`, whose
 //! parity with diffusers `tests/unclip_parity.rs` checks) samples; the
 //! decoder reads the prior's embedding; unCLIP jobs batch with each other in
-//! the worker and keep the bits they have alone; requests an unCLIP cascade
-//! cannot run are refused naming the field; the server serves it end to end.
+//! the worker and keep the bits they have alone; image variations draw from
+//! a source image's CLIP embedding in place of the prior's; requests an
+//! unCLIP cascade cannot run are refused naming the field; the server serves
+//! it end to end, the OpenAI variations route included.
 
 mod common;
 
@@ -24,7 +26,7 @@ use diffusiond::jobs::JobStore;
 use diffusiond::nn::device::{DeviceSetting, Precision};
 use diffusiond::pipeline::stage::Network;
 use diffusiond::pipeline::unclip::{sample_prior, PriorCondition};
-use diffusiond::pipeline::{Cascade, LoadOptions, Manifest, NoiseMix, RequestSpec, SourceSpec, StageOverride};
+use diffusiond::pipeline::{Cascade, LoadOptions, Manifest, NoiseMix, Picture, RequestSpec, Source, SourceSpec, StageOverride};
 use diffusiond::server::ServerConfig;
 use diffusiond::worker::{EngineConfig, QueueLimits};
 use serde_json::{json, Value};
@@ -34,6 +36,17 @@ const CPU: LoadOptions = LoadOptions { device: DeviceSetting::Cpu, precision: Pr
 
 fn spec(prompt: &str, n: usize, seed: u64) -> RequestSpec {
     RequestSpec { prompt: prompt.into(), n, seed: Some(seed), ..Default::default() }
+}
+
+/// A `w`x`h` picture of smooth colour ramps that `seed` shifts.
+fn picture(w: u32, h: u32, seed: u32) -> Picture {
+    let image = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, ((x + y) * 40 + seed * 97) as u8]));
+    Picture::from_image(&image::DynamicImage::ImageRgb8(image))
+}
+
+/// An image variation of `image`: the decoder and what follows, from its CLIP embedding.
+fn variation(prompt: &str, image: Picture, n: usize, seed: u64) -> RequestSpec {
+    RequestSpec { source: Some(SourceSpec::ImageEmbedding { image }), ..spec(prompt, n, seed) }
 }
 
 #[test]
@@ -109,6 +122,7 @@ fn unclip_jobs_batch_and_keep_the_bits_they_have_alone() {
         RequestSpec { stage_overrides: vec![(0, unguided.clone())], ..spec("two yellow stars", 1, 2) },
         RequestSpec { negative_prompt: Some("blue".into()), guidance_scale: Some(1.0), ..spec("a green square", 1, 3) },
         RequestSpec { stages: Some(2), sampler: Some(SamplerKind::Ddim), ..spec("a purple triangle", 3, 4) },
+        variation("", picture(32, 32, 1), 2, 5),
     ];
     let requests: Vec<_> = specs.iter().map(|s| cascade.plan(s).unwrap()).collect();
     let alone: Vec<_> = requests.iter().map(|r| cascade.generate(r, &mut |_| ControlFlow::Continue(())).unwrap()).collect();
@@ -137,10 +151,9 @@ fn what_an_unclip_cascade_cannot_run_is_refused_naming_the_field() {
     let cascade = Cascade::load(&dir, &CPU).unwrap();
     let refused = |spec: RequestSpec| cascade.plan(&spec).unwrap_err().to_string();
     let base = spec("a red circle", 1, 1);
-    let picture = diffusiond::pipeline::Picture::from_image(&image::DynamicImage::new_rgb8(16, 16));
     for (spec, field) in [
         (RequestSpec { stages: Some(1), ..base.clone() }, "stages"),
-        (RequestSpec { source: Some(SourceSpec::Image { image: picture, strength: None }), ..base.clone() }, "source"),
+        (RequestSpec { source: Some(SourceSpec::Image { image: picture(16, 16, 0), strength: None }), ..base.clone() }, "source"),
         (RequestSpec { noise: NoiseMix::Variation { seed: 2, strength: 0.5 }, ..base.clone() }, "variation"),
         (RequestSpec { n: 2, noise: NoiseMix::Interpolation { seed: 2, prompt: None }, ..base.clone() }, "interpolate"),
         (RequestSpec { clip_guidance_scale: Some(10.0), ..base.clone() }, "clip_guidance_scale"),
@@ -150,6 +163,8 @@ fn what_an_unclip_cascade_cannot_run_is_refused_naming_the_field() {
         (RequestSpec { stage_overrides: vec![(1, StageOverride { strength: Some(0.5), ..Default::default() })], ..base.clone() }, "stages[1].strength"),
         (RequestSpec { stage_overrides: vec![(0, StageOverride { noise_level: Some(3), ..Default::default() })], ..base.clone() }, "stages[0].noise_level"),
         (RequestSpec { stage_overrides: vec![(0, StageOverride { steps: Some(0), ..Default::default() })], ..base.clone() }, "stages[0].steps"),
+        (RequestSpec { stages: Some(1), ..variation("", picture(32, 32, 0), 1, 1) }, "stages"),
+        (variation("", picture(32, 16, 0), 1, 1), "source.image"),
     ] {
         let err = refused(spec);
         assert!(err.contains(field), "{field}: {err}");
@@ -161,6 +176,54 @@ fn what_an_unclip_cascade_cannot_run_is_refused_naming_the_field() {
     let prior = StageOverride { steps: Some(2), guidance_scale: Some(1.0), ..Default::default() };
     let plan = cascade.plan(&RequestSpec { stage_overrides: vec![(0, prior)], ..base }).unwrap();
     assert_eq!((plan.stages[0].sampler.steps, plan.stages[0].guidance_scale), (2, 1.0));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn image_variations_decode_the_source_image_clip_embedding_in_place_of_the_prior() {
+    let dir = unclip_cascade("variations", 8);
+    let cascade = Cascade::load(&dir, &CPU).unwrap();
+    // Two decoder steps: the embedding's round trip through the prior's
+    // standardisation rounds, and random weights amplify that with every step.
+    let two = || vec![(1, StageOverride { steps: Some(2), ..Default::default() })];
+    let request = cascade.plan(&RequestSpec { stage_overrides: two(), ..variation("a red circle", picture(32, 32, 0), 2, 6) }).unwrap();
+    assert_eq!(request.stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["decoder", "sr"], "the prior does not run");
+    let text = cascade.request_text(&request).unwrap();
+    let mut job = cascade.start_stage(&request, 0, &text, None).unwrap();
+    cascade.run_job(&cascade.stages[1], &mut job, &mut |_, _| ControlFlow::Continue(())).unwrap();
+
+    // The same as decoding that embedding as if the prior had sampled it,
+    // with the same caption and noise (the route `eval-decoder` takes).
+    let Some(Source::ImageEmbedding { image }) = &request.source else { panic!("planned as an image embedding") };
+    assert_eq!(image.dimensions(), (16, 16), "kept at the decoder's size");
+    let clip = cascade.clip().unwrap();
+    let side = clip.image_size();
+    let embedding = clip.image_embeds(&image.tensor((side, side), tch::Device::Cpu).unwrap()).unwrap();
+    let Network::Prior(prior) = &cascade.stages[0].network else { panic!("stage 0 is a prior") };
+    let plain = cascade.plan(&RequestSpec { stage_overrides: two(), ..spec("a red circle", 2, 6) }).unwrap();
+    let plain_text = cascade.request_text(&plain).unwrap();
+    let sample = job.sample();
+    let decode = |embedding: &Tensor| {
+        let mut job = cascade.start_stage(&plain, 1, &plain_text, Some(&prior.to_latents(&embedding.repeat([2, 1])))).unwrap();
+        cascade.run_job(&cascade.stages[1], &mut job, &mut |_, _| ControlFlow::Continue(())).unwrap();
+        (job.sample() - sample).abs().max().double_value(&[])
+    };
+    let diff = decode(&embedding);
+    assert!(diff < 1e-5, "variation vs decoding the embedding: max |Δ| {diff}");
+    let other = picture(16, 16, 5).tensor((side, side), tch::Device::Cpu).unwrap();
+    let diff = decode(&clip.image_embeds(&other).unwrap());
+    assert!(diff > 1e-3, "another picture's embedding draws other images: max |Δ| {diff}");
+
+    // Whole requests: seeded, the picture read, the empty prompt allowed.
+    let images = generate(&cascade, &variation("", picture(32, 32, 0), 2, 6));
+    assert_eq!(images[0].image.dimensions(), (32, 32));
+    assert_eq!(images[0].record.stages.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["decoder", "sr"]);
+    assert_eq!(pixels(&images), pixels(&generate(&cascade, &variation("", picture(32, 32, 0), 2, 6))));
+    assert_ne!(pixels(&images), pixels(&generate(&cascade, &variation("", picture(32, 32, 3), 2, 6))), "another picture, other images");
+    // Only an unCLIP cascade has an embedding to draw from.
+    let plain = Cascade::load(&common::fixture_dir().join("cascade"), &CPU).unwrap();
+    let err = plain.plan(&variation("a red circle", picture(32, 32, 0), 1, 1)).unwrap_err().to_string();
+    assert!(err.contains("source") && err.contains("unCLIP"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -230,6 +293,37 @@ async fn the_server_serves_an_unclip_cascade() {
         let err: Value = r.json().await.unwrap();
         assert!(err.to_string().contains(field), "{field}: {err}");
     }
+    // Image variations, natively and on OpenAI's route (DALL-E 2's own).
+    let mut png = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(32, 32, |x, y| image::Rgb([(x * 8) as u8, (y * 8) as u8, 90])))
+        .write_to(&mut png, image::ImageFormat::Png)
+        .unwrap();
+    let png = png.into_inner();
+    let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &png);
+    let body = json!({"prompt": "", "seed": 4, "source": {"kind": "image_embedding", "image": b64}});
+    let r = client.post(format!("{base}/generate")).header("Accept", "image/png").json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(image::load_from_memory(&r.bytes().await.unwrap()).unwrap().to_rgb8().dimensions(), (32, 32));
+    let body = json!({"prompt": "a red circle", "source": {"kind": "image", "image": b64}});
+    let err: Value = client.post(format!("{base}/generate")).json(&body).send().await.unwrap().json().await.unwrap();
+    assert!(err.to_string().contains("image_embedding"), "{err}");
+    let form = |extra: &[(&str, &str)]| {
+        let mut body = b"--X\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n".to_vec();
+        body.extend_from_slice(&png);
+        for (name, value) in [("n", "2"), ("size", "32x32")].iter().chain(extra) {
+            body.extend_from_slice(format!("\r\n--X\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}").as_bytes());
+        }
+        body.extend_from_slice(b"\r\n--X--\r\n");
+        client.post(format!("{base}/v1/images/variations")).header("content-type", "multipart/form-data; boundary=X").body(body)
+    };
+    let r = form(&[]).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let reply: Value = r.json().await.unwrap();
+    assert_eq!(reply["data"].as_array().unwrap().len(), 2);
+    let r = form(&[("strength", "0.5")]).send().await.unwrap();
+    assert_eq!(r.status(), 422);
+    let err: Value = r.json().await.unwrap();
+    assert_eq!(err["error"]["param"], "strength", "{err}");
     let _ = std::fs::remove_dir_all(&dir);
     drop(server);
     let _ = std::fs::remove_dir_all(&data_dir);

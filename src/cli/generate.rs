@@ -91,7 +91,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub stages: Option<usize>,
     /// Image-to-image: start from this picture (PNG, JPEG or WebP), noised to `--strength`.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["upscale", "invert"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["upscale", "invert", "image_embedding"])]
     pub init_image: Option<PathBuf>,
     /// Inpainting, with `--init-image`: white = repaint.
     #[arg(long, value_name = "FILE", requires = "init_image")]
@@ -100,11 +100,15 @@ pub struct GenerateArgs {
     #[arg(long, requires = "init_image")]
     pub strength: Option<f64>,
     /// Run only the super-resolution stages on this picture (the prompt may be empty).
-    #[arg(long, value_name = "FILE", conflicts_with = "invert")]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["invert", "image_embedding"])]
     pub upscale: Option<PathBuf>,
     /// DDIM-invert this picture under `--source-prompt`, then sample it under the prompt.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "image_embedding")]
     pub invert: Option<PathBuf>,
+    /// unCLIP image variations: draw new images from this picture's CLIP
+    /// embedding instead of the prior's (the prompt may be empty).
+    #[arg(long, value_name = "FILE")]
+    pub image_embedding: Option<PathBuf>,
     /// What the inverted picture shows (default: the empty prompt).
     #[arg(long, requires = "invert")]
     pub source_prompt: Option<String>,
@@ -138,6 +142,9 @@ fn read_image(flag: &str, path: &Path) -> anyhow::Result<image::DynamicImage> {
 
 impl GenerateArgs {
     fn source(&self) -> anyhow::Result<Option<SourceSpec>> {
+        if let Some(image) = &self.image_embedding {
+            return Ok(Some(SourceSpec::ImageEmbedding { image: Picture::from_image(&read_image("--image-embedding", image)?) }));
+        }
         Ok(match (&self.init_image, &self.mask, &self.upscale, &self.invert) {
             (Some(image), None, _, _) => {
                 Some(SourceSpec::Image { image: Picture::from_image(&read_image("--init-image", image)?), strength: self.strength })

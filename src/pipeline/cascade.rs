@@ -121,17 +121,19 @@ pub struct JobText {
 
 /// The captions of an unCLIP job through the cascade's CLIP: the prompt's
 /// and the negative (or empty) prompt's CLIP embeddings `[1, D]` and token
-/// states `[1, L, D]`, as (embeddings, tokens).
+/// states `[1, L, D]`, as (embeddings, tokens); and, for image variations,
+/// the source image's CLIP image embedding `[1, D]`.
 #[derive(Debug)]
 pub struct ClipText {
     pub cond: (Tensor, Tensor),
     pub uncond: (Tensor, Tensor),
+    pub image: Option<Tensor>,
 }
 
 impl ClipText {
     fn shallow_clone(&self) -> Self {
         let pair = |(a, b): &(Tensor, Tensor)| (a.shallow_clone(), b.shallow_clone());
-        Self { cond: pair(&self.cond), uncond: pair(&self.uncond) }
+        Self { cond: pair(&self.cond), uncond: pair(&self.uncond), image: self.image.as_ref().map(Tensor::shallow_clone) }
     }
 }
 
@@ -357,7 +359,14 @@ impl Cascade {
                 let negative = request.negative_prompt.as_deref().unwrap_or("");
                 let (embeds, tokens) = clip.text_conditioning(&self.encoder, &[&request.prompt, negative])?;
                 let row = |i: i64| (embeds.narrow(0, i, 1), tokens.narrow(0, i, 1));
-                Some(ClipText { cond: row(0), uncond: row(1) })
+                let image = match &request.source {
+                    Some(Source::ImageEmbedding { image }) => {
+                        let s = clip.image_size();
+                        Some(clip.image_embeds(&image.tensor((s, s), clip.device())?)?)
+                    }
+                    _ => None,
+                };
+                Some(ClipText { cond: row(0), uncond: row(1), image })
             }
             _ => None,
         };
@@ -482,20 +491,24 @@ impl Cascade {
     }
 
     /// Starts `request`'s decoder stage (its stage `k`) from the prior's
-    /// latents `latents`: their embeddings and the captions are projected
-    /// by the stage's `text_proj` once, for every step (the unconditional
-    /// rows get its learned null embedding, as diffusers' `UnCLIPPipeline`).
+    /// latents `latents`, or else from the source image's CLIP embedding
+    /// (image variations): the embeddings and the captions are projected by
+    /// the stage's `text_proj` once, for every step (the unconditional rows
+    /// get its learned null embedding, as diffusers' `UnCLIPPipeline`).
     fn start_decoder(&self, request: &GenerationRequest, k: usize, text: &JobText, latents: Option<&Tensor>, noise: BatchNoise) -> Result<StageJob> {
         let plan = &request.stages[k];
         let stage = &self.stages[plan.index];
-        let (Some(latents), Some(Network::Prior(prior)), Some(proj)) = (latents, self.stages.first().map(|s| &s.network), stage.text_proj.as_ref()) else {
-            return Err(PipelineError::invalid("stages", format!("stage `{}` needs the prior's embeddings", stage.name)));
+        let missing = || PipelineError::invalid("stages", format!("stage `{}` needs the prior's embeddings", stage.name));
+        let proj = stage.text_proj.as_ref().ok_or_else(missing)?;
+        let image = match (latents, self.stages.first().map(|s| &s.network), text.clip.as_ref().and_then(|c| c.image.as_ref())) {
+            (Some(latents), Some(Network::Prior(prior)), _) => tch::no_grad(|| prior.model.post_process_latents(&latents.to_device(prior.vs.device()))),
+            (None, _, Some(image)) => image.expand([request.n as i64, -1], false),
+            _ => return Err(missing()),
         };
         let ((cond, cond_tokens), (uncond, uncond_tokens)) = Self::unclip_text(text, request.n)?;
         let device = stage.device();
         let kind = stage.weight_kind();
         let on = |t: &Tensor| t.to_device(device).to_kind(kind);
-        let image = tch::no_grad(|| prior.model.post_process_latents(&latents.to_device(prior.vs.device())));
         let projected = tch::no_grad(|| {
             proj.model.forward(&on(&image), &on(&Tensor::cat(&[&uncond, &cond], 0)), &on(&Tensor::cat(&[&uncond_tokens, &cond_tokens], 0)), true)
         })?;

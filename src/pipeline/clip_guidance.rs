@@ -152,6 +152,14 @@ impl ClipGuide {
         Ok(tch::no_grad(|| -> Result<(Tensor, Tensor)> { Ok((model.text_embeds(&pooled)?, model.text_token_states(&hidden)?)) })?)
     }
 
+    /// The CLIP's embeddings `[B, D]` (unit norm) of clean images
+    /// `[B, 3, S, S]` in [-1, 1] (at t = 0, as unCLIP's decoder was trained).
+    pub fn image_embeds(&self, images: &Tensor) -> Result<Tensor> {
+        let images = images.to_device(self.device()).to_kind(Kind::Float);
+        let t = Tensor::zeros([images.size()[0]], (Kind::Int64, self.device()));
+        Ok(tch::no_grad(|| self.clip.model.image_embeds(&images, &t))?)
+    }
+
     /// The width of the CLIP's embeddings.
     pub fn width(&self) -> i64 {
         self.clip.model.config().embed_dim

@@ -270,16 +270,23 @@ fn check_layout_guidance(spec: &RequestSpec, stages: &[StageLimits], first: usiz
 }
 
 /// What an unCLIP cascade (a prior, then its decoder) does not take: it
-/// draws every image from its prior's embedding, so there is no source image
-/// or noise mix to start from, and the guides of a base stage have none to
-/// guide. It runs at least the prior and the decoder.
+/// draws every image from a CLIP image embedding (the prior's, or a source
+/// image's), so no other source image or noise mix has a stage to start
+/// from, and the guides of a base stage have none to guide. It runs at least
+/// the prior and the decoder.
 fn check_unclip(spec: &RequestSpec, count: usize) -> Result<()> {
     const WHY: &str = "is not available on an unCLIP cascade (a prior, then a decoder)";
     if count < 2 {
         return Err(PipelineError::invalid("stages", "an unCLIP cascade runs at least its prior and its decoder (2 stages)"));
     }
-    if spec.source.is_some() {
-        return Err(PipelineError::invalid("source", "an unCLIP cascade draws from its prior's embedding: it takes no source image"));
+    match spec.source {
+        None | Some(SourceSpec::ImageEmbedding { .. }) => {}
+        Some(_) => {
+            return Err(PipelineError::invalid(
+                "source",
+                "an unCLIP cascade draws from a CLIP image embedding: its only source kind is `image_embedding`",
+            ))
+        }
     }
     match spec.noise {
         NoiseMix::Seeds => {}
@@ -337,6 +344,8 @@ pub fn plan(spec: &RequestSpec, stages: &[StageLimits]) -> Result<GenerationRequ
     let unclip = stages.first().is_some_and(|s| s.kind == StageKind::Prior);
     if unclip {
         check_unclip(spec, count)?;
+    } else if matches!(spec.source, Some(SourceSpec::ImageEmbedding { .. })) {
+        return Err(PipelineError::invalid("source", "`image_embedding` needs an unCLIP cascade (a prior, then a decoder)"));
     }
     let image_base = usize::from(unclip);
     let output = stages[count - 1].size;
@@ -354,6 +363,8 @@ pub fn plan(spec: &RequestSpec, stages: &[StageLimits]) -> Result<GenerationRequ
             }
             after
         }
+        // The image's embedding takes the place of the prior's sample.
+        Some(SourceSpec::ImageEmbedding { .. }) => 1,
         _ => 0,
     };
     let inverting = matches!(spec.source, Some(SourceSpec::Invert { .. }));
@@ -487,6 +498,10 @@ pub fn plan(spec: &RequestSpec, stages: &[StageLimits]) -> Result<GenerationRequ
         Some(SourceSpec::Invert { image, prompt }) => {
             check_aspect("source.image", image.dimensions(), output)?;
             Some(Source::Invert { image: image.resized(base_size), prompt: prompt.clone().unwrap_or_default() })
+        }
+        Some(SourceSpec::ImageEmbedding { image }) => {
+            check_aspect("source.image", image.dimensions(), output)?;
+            Some(Source::ImageEmbedding { image: image.resized(stages[image_base].size) })
         }
     };
     Ok(GenerationRequest {

@@ -230,6 +230,7 @@ pub enum SourceSpec {
     Inpaint { image: Picture, mask: Mask, strength: Option<f64> },
     Upscale { image: Picture },
     Invert { image: Picture, prompt: Option<String> },
+    ImageEmbedding { image: Picture },
 }
 
 /// A validated image input, its pictures at the sizes the pipeline uses.
@@ -250,6 +251,12 @@ pub enum Source {
     /// DDIM inversion of `image` (at the base size) under `prompt` to its x_T,
     /// then deterministic sampling from there with the request's prompt.
     Invert { image: Picture, prompt: String },
+    /// unCLIP image variations (DALL-E 2 §2, diffusers'
+    /// `UnCLIPImageVariationPipeline`): the CLIP image embedding of `image`
+    /// (at the decoder's size) takes the place of the prior's sample, so the
+    /// prior does not run and the decoder draws new images of what the CLIP
+    /// sees in it, under the request's prompt (which may be empty).
+    ImageEmbedding { image: Picture },
 }
 
 /// How a request's initial noise is made.

@@ -20,6 +20,7 @@ use crate::api::schemas::generate::format_size;
 use crate::api::multipart::Form;
 use crate::pipeline::source::decode;
 use crate::pipeline::{GenerationRequest, Mask, Picture, PictureLimits, SourceSpec};
+use crate::pipeline::stage::StageKind;
 use crate::api::auth::Caller;
 use crate::api::errors::{ApiError, OpenAiError, OpenAiErrorBody};
 use crate::api::extract::ApiJson;
@@ -202,7 +203,16 @@ pub async fn images_variations(
 async fn vary(state: &AppState, caller: Caller, headers: &HeaderMap, form: Result<Form, ApiError>) -> Result<ImagesResponse, ApiError> {
     let form = VariationsForm::from_form(&form?)?;
     let image = Picture::from_image(&decode("image", &form.image, &PictureLimits::default())?);
-    let source = SourceSpec::Image { image, strength: form.strength };
+    // On an unCLIP cascade a variation is DALL-E 2's own: new images drawn
+    // from the image's CLIP embedding; elsewhere it is an SDEdit of the image.
+    let unclip = state.cascade()?.stages.first().is_some_and(|(s, _)| s.kind == StageKind::Prior);
+    let source = match (unclip, form.strength) {
+        (false, strength) => SourceSpec::Image { image, strength },
+        (true, None) => SourceSpec::ImageEmbedding { image },
+        (true, Some(_)) => {
+            return Err(ApiError::invalid("strength", "an unCLIP cascade draws variations from the image's CLIP embedding: it takes no strength"))
+        }
+    };
     let request = validate_with_source(state, &form.to_generate(), source).map_err(openai_fields)?;
     respond(state, caller, headers, request, form.response_format.unwrap_or_default()).await
 }

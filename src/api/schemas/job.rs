@@ -143,7 +143,7 @@ pub struct RequestSettings {
 /// A job's image input as it runs: what is done with it, at which size.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct SourceSettings {
-    /// `image`, `inpaint`, `upscale` or `invert`.
+    /// `image`, `inpaint`, `upscale`, `invert` or `image_embedding`.
     pub kind: String,
     /// The size the image was resized to (`WxH`).
     pub size: String,
@@ -163,6 +163,7 @@ impl SourceSettings {
             Source::Inpaint { image, strength, .. } => Self { kind: "inpaint".into(), size: size(image), strength: Some(*strength), prompt: None },
             Source::Upscale { image } => Self { kind: "upscale".into(), size: size(image), strength: None, prompt: None },
             Source::Invert { image, prompt } => Self { kind: "invert".into(), size: size(image), strength: None, prompt: Some(prompt.clone()) },
+            Source::ImageEmbedding { image } => Self { kind: "image_embedding".into(), size: size(image), strength: None, prompt: None },
         }
     }
 }

@@ -161,6 +161,8 @@ pub struct VariationsForm {
     #[schema(max_length = 4000)]
     pub prompt: Option<String>,
     /// Extension: how far a variation strays from the image, in (0, 1] (0.7 when unset).
+    /// An unCLIP cascade draws its variations from the image's CLIP embedding
+    /// (DALL-E 2) and refuses it.
     #[schema(minimum = 0.0, exclusive_minimum = 0.0, maximum = 1.0)]
     pub strength: Option<f64>,
     /// Accepted and ignored.

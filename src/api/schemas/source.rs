@@ -1,5 +1,6 @@
 //! The parts of a generate body that start from something other than fresh
-//! noise: a user's image (`source`: edit, inpaint, upscale, invert) and a mix of
+//! noise: a user's image (`source`: edit, inpaint, upscale, invert, or its
+//! CLIP embedding on an unCLIP cascade) and a mix of
 //! seeds (`variation`, `interpolate`), and their conversion to the pipeline's
 //! `SourceSpec` / `NoiseMix`.
 //!
@@ -58,6 +59,15 @@ pub enum SourceBody {
         #[schema(max_length = 4000)]
         prompt: Option<String>,
     },
+    /// unCLIP image variations (DALL-E 2): the image's CLIP image embedding
+    /// takes the place of the prior's, and the decoder draws new images of
+    /// what it shows, under the request's prompt (which may be empty). Only on
+    /// an unCLIP cascade (`/info` stage kinds `prior`, `decoder`, …), where it
+    /// is the only source kind; `stages` must then be at least 2.
+    ImageEmbedding {
+        /// Base64 or a `data:` URL; PNG, JPEG or WebP, with the output's aspect ratio.
+        image: String,
+    },
 }
 
 /// Variations of a seed: each image's noise is moved toward the noise of
@@ -115,6 +125,7 @@ impl SourceBody {
             },
             Self::Upscale { image } => SourceSpec::Upscale { image: picture("source.image", image, limits)? },
             Self::Invert { image, prompt } => SourceSpec::Invert { image: picture("source.image", image, limits)?, prompt: prompt.clone() },
+            Self::ImageEmbedding { image } => SourceSpec::ImageEmbedding { image: picture("source.image", image, limits)? },
         })
     }
 }
