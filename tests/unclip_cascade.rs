@@ -123,6 +123,7 @@ fn unclip_jobs_batch_and_keep_the_bits_they_have_alone() {
         RequestSpec { negative_prompt: Some("blue".into()), guidance_scale: Some(1.0), ..spec("a green square", 1, 3) },
         RequestSpec { stages: Some(2), sampler: Some(SamplerKind::Ddim), ..spec("a purple triangle", 3, 4) },
         variation("", picture(32, 32, 1), 2, 5),
+        RequestSpec { layout_guidance_scale: Some(300.0), ..spec("a red circle above a blue square", 1, 6) },
     ];
     let requests: Vec<_> = specs.iter().map(|s| cascade.plan(s).unwrap()).collect();
     let alone: Vec<_> = requests.iter().map(|r| cascade.generate(r, &mut |_| ControlFlow::Continue(())).unwrap()).collect();
@@ -158,7 +159,6 @@ fn what_an_unclip_cascade_cannot_run_is_refused_naming_the_field() {
         (RequestSpec { n: 2, noise: NoiseMix::Interpolation { seed: 2, prompt: None }, ..base.clone() }, "interpolate"),
         (RequestSpec { clip_guidance_scale: Some(10.0), ..base.clone() }, "clip_guidance_scale"),
         (RequestSpec { classifier_guidance_scale: Some(3.0), ..base.clone() }, "classifier_guidance_scale"),
-        (RequestSpec { layout_guidance_scale: Some(100.0), ..base.clone() }, "layout_guidance_scale"),
         (RequestSpec { stage_overrides: vec![(0, StageOverride { strength: Some(0.5), ..Default::default() })], ..base.clone() }, "stages[0].strength"),
         (RequestSpec { stage_overrides: vec![(1, StageOverride { strength: Some(0.5), ..Default::default() })], ..base.clone() }, "stages[1].strength"),
         (RequestSpec { stage_overrides: vec![(0, StageOverride { noise_level: Some(3), ..Default::default() })], ..base.clone() }, "stages[0].noise_level"),
@@ -209,10 +209,10 @@ fn image_variations_decode_the_source_image_clip_embedding_in_place_of_the_prior
         (job.sample() - sample).abs().max().double_value(&[])
     };
     let diff = decode(&embedding);
-    assert!(diff < 1e-5, "variation vs decoding the embedding: max |Δ| {diff}");
+    assert!(diff < 1e-4, "variation vs decoding the embedding: max |Δ| {diff}");
     let other = picture(16, 16, 5).tensor((side, side), tch::Device::Cpu).unwrap();
     let diff = decode(&clip.image_embeds(&other).unwrap());
-    assert!(diff > 1e-3, "another picture's embedding draws other images: max |Δ| {diff}");
+    assert!(diff > 1e-2, "another picture's embedding draws other images: max |Δ| {diff}");
 
     // Whole requests: seeded, the picture read, the empty prompt allowed.
     let images = generate(&cascade, &variation("", picture(32, 32, 0), 2, 6));
@@ -224,6 +224,37 @@ fn image_variations_decode_the_source_image_clip_embedding_in_place_of_the_prior
     let plain = Cascade::load(&common::fixture_dir().join("cascade"), &CPU).unwrap();
     let err = plain.plan(&variation("a red circle", picture(32, 32, 0), 1, 1)).unwrap_err().to_string();
     assert!(err.contains("source") && err.contains("unCLIP"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn layout_guidance_guides_the_decoder_past_its_image_tokens() {
+    let dir = unclip_cascade("layout", 9);
+    let cascade = Cascade::load(&dir, &CPU).unwrap();
+    let prompt = "a red circle above a blue square";
+    let guided = |scale: f32, spec: RequestSpec| RequestSpec { layout_guidance_scale: Some(scale), ..spec };
+    let plan = cascade.plan(&guided(300.0, spec(prompt, 2, 3))).unwrap();
+    let scales: Vec<f32> = plan.stages.iter().map(|s| s.layout_guidance_scale).collect();
+    assert_eq!(scales, [0.0, 300.0, 0.0], "the decoder draws the image, so it is the stage guided");
+    // The decoder's context is 4 image tokens, then the prompt's: the guide
+    // reads the prompt's words there (a misplaced mark would name an image token).
+    let text = cascade.request_text(&plan).unwrap();
+    let Some(Network::Prior(prior)) = cascade.stages.first().map(|s| &s.network) else { panic!("stage 0 is a prior") };
+    let latents = prior.to_latents(&Tensor::randn([2, common::unclip::WIDTH], (tch::Kind::Float, tch::Device::Cpu)));
+    let decode = |plan: &diffusiond::pipeline::GenerationRequest| {
+        let mut job = cascade.start_stage(plan, 1, &text, Some(&latents)).unwrap();
+        cascade.run_job(&cascade.stages[1], &mut job, &mut |_, _| ControlFlow::Continue(())).unwrap();
+        job.sample().shallow_clone()
+    };
+    let unguided = cascade.plan(&guided(0.0, spec(prompt, 2, 3))).unwrap();
+    let moved = (decode(&plan) - decode(&unguided)).abs().max().double_value(&[]);
+    assert!(moved > 1e-3, "layout guidance moves the decoder's sample: max |Δ| {moved}");
+    // Whole requests, variations included, and a prompt without a layout is planned unguided.
+    let images = generate(&cascade, &guided(300.0, spec(prompt, 1, 3)));
+    assert_eq!(images[0].image.dimensions(), (32, 32));
+    let variation_plan = cascade.plan(&guided(300.0, variation(prompt, picture(32, 32, 0), 1, 3))).unwrap();
+    assert_eq!(variation_plan.stages[0].layout_guidance_scale, 300.0);
+    assert_eq!(cascade.plan(&guided(300.0, spec("red circles", 1, 3))).unwrap().stages[1].layout_guidance_scale, 0.0);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

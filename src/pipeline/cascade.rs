@@ -516,8 +516,15 @@ impl Cascade {
         let (hidden, time) = (&projected.hidden_states, &projected.time_embeddings);
         let guided = plan.guidance_scale > 1.0;
         let class_rows = if guided { time.shallow_clone() } else { time.narrow(0, n, n) };
+        let cond = hidden.narrow(0, n, n);
+        // The prompt's tokens follow the embedding's in the decoder's context.
+        let image_tokens = hidden.size()[1] - cond_tokens.size()[1];
+        let layout = match plan.layout_guidance_scale {
+            s if s > 0.0 => self.layout_job(request, stage, &plan.sampler, &cond, s)?.map(|job| job.after_image_tokens(image_tokens, time.narrow(0, n, n))),
+            _ => None,
+        };
         let inputs = JobInputs {
-            cond: &hidden.narrow(0, n, n),
+            cond: &cond,
             uncond: &hidden.narrow(0, 0, n),
             guidance_scale: plan.guidance_scale,
             sampler: &plan.sampler,
@@ -528,7 +535,7 @@ impl Cascade {
             invert: None,
             clip: None,
             classifier: None,
-            layout: None,
+            layout,
             class_rows: Some(&class_rows),
         };
         StageJob::new(stage, inputs, noise)

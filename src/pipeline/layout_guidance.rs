@@ -83,7 +83,7 @@ const LLOYD_ITERATIONS: usize = 3;
 /// The share of the schedule, from its noisy end, whose steps are guided.
 pub const GUIDED_SHARE: f64 = 0.5;
 
-/// One job's layout guidance at the base stage.
+/// One job's layout guidance at the base stage (or unCLIP's decoder).
 pub struct LayoutJob {
     /// `[K, L]`: 1 on the tokens of the words naming thing k.
     named: Tensor,
@@ -95,6 +95,9 @@ pub struct LayoutJob {
     scale: f32,
     /// `[n, L, D]`: each image's prompt tokens, in the UNet's kind and device.
     text: Tensor,
+    /// `[n, time_embed_dim]`: each image's class-embedding rows, for a UNet
+    /// that takes them (unCLIP's decoder: its image embedding's projection).
+    class_labels: Option<Tensor>,
     /// Steps with t at or above this are guided.
     from_t: i64,
     prediction: PredictionType,
@@ -129,7 +132,19 @@ impl LayoutJob {
         let named = Tensor::from_slice(&rows.concat()).view([k, l]).to_device(device);
         let steps = schedule.len() as i64;
         let from_t = ((1.0 - GUIDED_SHARE) * steps as f64).round() as i64;
-        Ok(Some(Self { named, counts, relation: layout.relation, scale, text, from_t, prediction, schedule }))
+        Ok(Some(Self { named, counts, relation: layout.relation, scale, text, class_labels: None, from_t, prediction, schedule }))
+    }
+
+    /// For unCLIP's decoder: its context is `extra` tokens of the image
+    /// embedding's ahead of the prompt's (`text` was built with them), which
+    /// name no thing, and its time embedding takes `class_labels`
+    /// (`[n, time_embed_dim]`, the image embedding's projection) per image.
+    pub fn after_image_tokens(mut self, extra: i64, class_labels: Tensor) -> Self {
+        let k = self.named.size()[0];
+        let lead = Tensor::zeros([k, extra], (self.named.kind(), self.named.device()));
+        self.named = Tensor::cat(&[&lead, &self.named], 1);
+        self.class_labels = Some(class_labels);
+        self
     }
 
     /// Whether the step at timestep `t` is guided.
@@ -154,7 +169,8 @@ impl LayoutJob {
                 let x = x_t.narrow(0, i, 1).to_device(device).to_kind(Kind::Float).detach().set_requires_grad(true);
                 let sample = x.to_kind(kind);
                 let text = self.text.narrow(0, i, 1);
-                let input = UNetInput { sample: &sample, timesteps: &timestep, encoder_hidden_states: &text, class_labels: None, text_mask: None };
+                let class = self.class_labels.as_ref().map(|c| c.narrow(0, i, 1));
+                let input = UNetInput { sample: &sample, timesteps: &timestep, encoder_hidden_states: &text, class_labels: class.as_ref(), text_mask: None };
                 let maps = AttentionMaps::default();
                 // Only the attention maps matter; the prediction itself is unused.
                 let _prediction = stage.unet()?.model.forward_probed(&input, false, Some(&maps))?;

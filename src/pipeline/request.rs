@@ -249,21 +249,21 @@ fn check_clip_guidance(field: &str, scale: Option<f32>, max: f32, spec: &Request
     Ok(scale)
 }
 
-/// The request's layout guidance scale (the base stage's default when
-/// unset), 0 when the base stage does not run or the prompt has no layout
-/// to guide.
-fn check_layout_guidance(spec: &RequestSpec, stages: &[StageLimits], first: usize) -> Result<f32> {
+/// The request's layout guidance scale (the default of the stage that draws
+/// the image, `stages[image_base]`, when unset), 0 when that stage does not
+/// run or the prompt has no layout to guide.
+fn check_layout_guidance(spec: &RequestSpec, stages: &[StageLimits], first: usize, image_base: usize) -> Result<f32> {
     let field = layout_guidance::FIELD;
     // A prompt without a readable layout is not guided, and its plan says so.
-    let guided = first == 0 && super::prompt_layout::read(&spec.prompt).is_some_and(|l| l.guided());
+    let guided = first <= image_base && super::prompt_layout::read(&spec.prompt).is_some_and(|l| l.guided());
     let Some(scale) = spec.layout_guidance_scale else {
-        return Ok(if guided { stages[0].defaults.layout_guidance_scale } else { 0.0 });
+        return Ok(if guided { stages[image_base].defaults.layout_guidance_scale } else { 0.0 });
     };
     if !scale.is_finite() {
         return Err(PipelineError::invalid(field, "must be a finite number"));
     }
     let scale = check_range(field, scale, 0.0, MAX_LAYOUT_GUIDANCE)?;
-    if scale > 0.0 && first > 0 {
+    if scale > 0.0 && first > image_base {
         return Err(PipelineError::invalid(field, "guides the base stage, which an upscale does not run"));
     }
     Ok(if guided { scale } else { 0.0 })
@@ -272,8 +272,9 @@ fn check_layout_guidance(spec: &RequestSpec, stages: &[StageLimits], first: usiz
 /// What an unCLIP cascade (a prior, then its decoder) does not take: it
 /// draws every image from a CLIP image embedding (the prior's, or a source
 /// image's), so no other source image or noise mix has a stage to start
-/// from, and the guides of a base stage have none to guide. It runs at least
-/// the prior and the decoder.
+/// from, and the CLIP and classifier guides, which read the base stage's
+/// samples through the CLIP's text, have none to guide (layout guidance
+/// guides the decoder). It runs at least the prior and the decoder.
 fn check_unclip(spec: &RequestSpec, count: usize) -> Result<()> {
     const WHY: &str = "is not available on an unCLIP cascade (a prior, then a decoder)";
     if count < 2 {
@@ -293,11 +294,7 @@ fn check_unclip(spec: &RequestSpec, count: usize) -> Result<()> {
         NoiseMix::Variation { .. } => return Err(PipelineError::invalid("variation", WHY)),
         NoiseMix::Interpolation { .. } => return Err(PipelineError::invalid("interpolate", WHY)),
     }
-    for (field, scale) in [
-        (clip_guidance::FIELD, spec.clip_guidance_scale),
-        (classifier_guidance::FIELD, spec.classifier_guidance_scale),
-        (layout_guidance::FIELD, spec.layout_guidance_scale),
-    ] {
+    for (field, scale) in [(clip_guidance::FIELD, spec.clip_guidance_scale), (classifier_guidance::FIELD, spec.classifier_guidance_scale)] {
         if scale.is_some_and(|s| s != 0.0) {
             return Err(PipelineError::invalid(field, WHY));
         }
@@ -402,7 +399,7 @@ pub fn plan(spec: &RequestSpec, stages: &[StageLimits]) -> Result<GenerationRequ
     let clip_guidance_scale = check_clip_guidance(clip_guidance::FIELD, spec.clip_guidance_scale, MAX_CLIP_GUIDANCE, spec, stages, first)?;
     let classifier_guidance_scale =
         check_clip_guidance(classifier_guidance::FIELD, spec.classifier_guidance_scale, MAX_CLASSIFIER_GUIDANCE, spec, stages, first)?;
-    let layout_guidance_scale = check_layout_guidance(spec, stages, first)?;
+    let layout_guidance_scale = check_layout_guidance(spec, stages, first, image_base)?;
     let seed = spec.seed.unwrap_or_else(rand::random);
     let mut plans = Vec::with_capacity(count);
     for (index, stage) in stages.iter().enumerate().take(count).skip(first) {
