@@ -124,6 +124,7 @@ fn unclip_jobs_batch_and_keep_the_bits_they_have_alone() {
         RequestSpec { stages: Some(2), sampler: Some(SamplerKind::Ddim), ..spec("a purple triangle", 3, 4) },
         variation("", picture(32, 32, 1), 2, 5),
         RequestSpec { layout_guidance_scale: Some(300.0), ..spec("a red circle above a blue square", 1, 6) },
+        RequestSpec { noise: NoiseMix::Interpolation { seed: 9, prompt: Some("a blue square".into()) }, ..spec("a red circle", 3, 7) },
     ];
     let requests: Vec<_> = specs.iter().map(|s| cascade.plan(s).unwrap()).collect();
     let alone: Vec<_> = requests.iter().map(|r| cascade.generate(r, &mut |_| ControlFlow::Continue(())).unwrap()).collect();
@@ -137,8 +138,9 @@ fn unclip_jobs_batch_and_keep_the_bits_they_have_alone() {
     assert_same_as_alone(store.as_ref(), &records, &alone);
     let calls = worker.stats.unet_calls.load(Ordering::Relaxed) - warm_up;
     println!("{} unCLIP requests: {calls} batched calls vs {sequential} one at a time", requests.len());
-    // Perfect packing would take 19 (the longest prior, decoder and SR runs);
-    // jobs arriving one by one join running batches at the next step.
+    // Perfect packing would take as many calls as the longest prior, decoder
+    // and SR runs (19); a variation skips its prior, and jobs arriving one by
+    // one join running batches at the next step.
     assert!(calls * 3 < sequential as u64 * 2, "{calls} calls is not far fewer than {sequential}");
     worker.queue.close();
     worker.thread.join().unwrap();
@@ -155,8 +157,8 @@ fn what_an_unclip_cascade_cannot_run_is_refused_naming_the_field() {
     for (spec, field) in [
         (RequestSpec { stages: Some(1), ..base.clone() }, "stages"),
         (RequestSpec { source: Some(SourceSpec::Image { image: picture(16, 16, 0), strength: None }), ..base.clone() }, "source"),
-        (RequestSpec { noise: NoiseMix::Variation { seed: 2, strength: 0.5 }, ..base.clone() }, "variation"),
-        (RequestSpec { n: 2, noise: NoiseMix::Interpolation { seed: 2, prompt: None }, ..base.clone() }, "interpolate"),
+        (RequestSpec { noise: NoiseMix::Variation { seed: 2, strength: 1.5 }, ..base.clone() }, "variation.strength"),
+        (RequestSpec { n: 1, noise: NoiseMix::Interpolation { seed: 2, prompt: None }, ..base.clone() }, "n"),
         (RequestSpec { clip_guidance_scale: Some(10.0), ..base.clone() }, "clip_guidance_scale"),
         (RequestSpec { classifier_guidance_scale: Some(3.0), ..base.clone() }, "classifier_guidance_scale"),
         (RequestSpec { stage_overrides: vec![(0, StageOverride { strength: Some(0.5), ..Default::default() })], ..base.clone() }, "stages[0].strength"),
@@ -255,6 +257,28 @@ fn layout_guidance_guides_the_decoder_past_its_image_tokens() {
     let variation_plan = cascade.plan(&guided(300.0, variation(prompt, picture(32, 32, 0), 1, 3))).unwrap();
     assert_eq!(variation_plan.stages[0].layout_guidance_scale, 300.0);
     assert_eq!(cascade.plan(&guided(300.0, spec("red circles", 1, 3))).unwrap().stages[1].layout_guidance_scale, 0.0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn unclip_variations_and_interpolations_end_on_the_seeds_they_name() {
+    let dir = unclip_cascade("mix", 10);
+    let cascade = Cascade::load(&dir, &CPU).unwrap();
+    // Deterministic prior and decoder: the image is a function of both noises and the prompt.
+    let ddim = StageOverride { sampler: Some(SamplerKind::Ddim), eta: Some(0.0), ..Default::default() };
+    let base = RequestSpec { stages: Some(2), stage_overrides: vec![(0, ddim.clone()), (1, ddim)], ..spec("a red circle", 1, 3) };
+    let image = |spec: RequestSpec| generate(&cascade, &spec).into_iter().map(|g| g.image).collect::<Vec<_>>();
+    let plain = |seed: u64, prompt: &str| image(RequestSpec { seed: Some(seed), prompt: prompt.into(), ..base.clone() }).remove(0);
+    let vary = |strength: f64| image(RequestSpec { noise: NoiseMix::Variation { seed: 50, strength }, ..base.clone() }).remove(0);
+    assert_eq!(vary(0.0), plain(3, "a red circle"));
+    assert_eq!(vary(1.0), plain(50, "a red circle"), "the prior's and the decoder's noise both move to the seed's");
+    let halfway = vary(0.5);
+    assert!(halfway != plain(3, "a red circle") && halfway != plain(50, "a red circle"));
+
+    let frames = image(RequestSpec { n: 4, noise: NoiseMix::Interpolation { seed: 60, prompt: Some("two green stars".into()) }, ..base.clone() });
+    assert_eq!(frames[0], plain(3, "a red circle"));
+    assert_eq!(frames[3], plain(60, "two green stars"), "the caption's CLIP embedding and tokens end on the other prompt's");
+    assert!(frames[1] != frames[0] && frames[2] != frames[3]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

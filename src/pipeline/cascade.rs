@@ -36,8 +36,8 @@ use super::error::{PipelineError, Result};
 use super::format::{self, Output};
 use super::manifest::Manifest;
 use super::png::{self, ImageRecord, StageRecord};
-use super::request::{plan, GenerationRequest, RequestSpec};
-use super::source::{NoiseMix, Source};
+use super::request::{plan, stage_stream, GenerationRequest, RequestSpec};
+use super::source::{slerp_rows, NoiseMix, Source};
 use super::stage::{Network, Stage, StageKind, StageLimits};
 use crate::diffusion::{BatchNoise, SamplerOptions};
 use crate::nn::device::{DeviceSetting, Precision};
@@ -357,8 +357,24 @@ impl Cascade {
         let clip = match (&self.clip, self.stages[0].kind) {
             (Some(clip), StageKind::Prior) => {
                 let negative = request.negative_prompt.as_deref().unwrap_or("");
-                let (embeds, tokens) = clip.text_conditioning(&self.encoder, &[&request.prompt, negative])?;
+                let mut prompts = vec![request.prompt.as_str(), negative];
+                if let NoiseMix::Interpolation { prompt: Some(to), .. } = &request.noise {
+                    prompts.push(to);
+                }
+                let (embeds, tokens) = clip.text_conditioning(&self.encoder, &prompts)?;
                 let row = |i: i64| (embeds.narrow(0, i, 1), tokens.narrow(0, i, 1));
+                let mut cond = row(0);
+                if prompts.len() == 3 {
+                    // Frame i's caption between the two: the embeddings on
+                    // their sphere (DALL-E 2 §3 interpolates CLIP embeddings
+                    // by slerp), the token states linearly as the UNet's.
+                    let weights: Vec<f64> = (0..request.n).map(|i| request.noise.weight(i, request.n).unwrap_or(0.0)).collect();
+                    let n = request.n as i64;
+                    let ((from_e, from_t), (to_e, to_t)) = (row(0), row(2));
+                    let embeds = slerp_rows(&from_e.expand([n, -1], false), &to_e.expand([n, -1], false), &weights)?;
+                    let frames: Vec<Tensor> = weights.iter().map(|&w| &from_t * (1.0 - w) + &to_t * w).collect();
+                    cond = (embeds, Tensor::cat(&frames, 0));
+                }
                 let image = match &request.source {
                     Some(Source::ImageEmbedding { image }) => {
                         let s = clip.image_size();
@@ -366,7 +382,7 @@ impl Cascade {
                     }
                     _ => None,
                 };
-                Some(ClipText { cond: row(0), uncond: row(1), image })
+                Some(ClipText { cond, uncond: row(1), image })
             }
             _ => None,
         };
@@ -483,11 +499,21 @@ impl Cascade {
         Ok((pair(&clip.cond), pair(&clip.uncond)))
     }
 
+    /// The second latent of `request`'s images at its unCLIP stage `index`
+    /// (the prior or the decoder), when their noise is mixed: what the target
+    /// seed draws at that stage, so that a weight of 1 is that seed's image.
+    fn unclip_noise_target(request: &GenerationRequest, index: usize) -> Option<NoiseTarget> {
+        let seeds = (0..request.n).map(|i| request.target_seed(i).map(|s| stage_stream(s, index))).collect::<Option<Vec<u64>>>()?;
+        let weights = (0..request.n).map(|i| request.noise.weight(i, request.n).unwrap_or(0.0)).collect();
+        Some(NoiseTarget { noise: BatchNoise::seeded(&seeds), weights })
+    }
+
     /// Starts `request`'s prior stage (its stage `k`).
     fn start_prior(&self, request: &GenerationRequest, k: usize, text: &JobText, noise: BatchNoise) -> Result<StageJob> {
         let plan = &request.stages[k];
         let ((cond, _), (uncond, _)) = Self::unclip_text(text, request.n)?;
-        StageJob::prior(&self.stages[plan.index], &cond, &uncond, plan.guidance_scale, &plan.sampler, noise)
+        let mix = Self::unclip_noise_target(request, plan.index);
+        StageJob::prior(&self.stages[plan.index], &cond, &uncond, plan.guidance_scale, &plan.sampler, noise, mix)
     }
 
     /// Starts `request`'s decoder stage (its stage `k`) from the prior's
@@ -531,7 +557,7 @@ impl Cascade {
             low_res: None,
             noise_level: None,
             init: None,
-            mix: None,
+            mix: Self::unclip_noise_target(request, plan.index),
             invert: None,
             clip: None,
             classifier: None,

@@ -236,8 +236,17 @@ impl StageJob {
     /// A prior stage's job: CLIP image embeddings `[n, D]` sampled from the
     /// captions' CLIP text embeddings `cond` (`[n, D]`) and, guided above 1,
     /// `uncond`'s. The result ([`StageJob::sample`] once done) is the prior's
-    /// latents; its `post_process_latents` makes them embeddings.
-    pub fn prior(stage: &Stage, cond: &Tensor, uncond: &Tensor, guidance_scale: f32, sampler: &SamplerOptions, mut noise: BatchNoise) -> Result<Self> {
+    /// latents; its `post_process_latents` makes them embeddings. `mix`
+    /// mixes the initial noise as a UNet stage's.
+    pub fn prior(
+        stage: &Stage,
+        cond: &Tensor,
+        uncond: &Tensor,
+        guidance_scale: f32,
+        sampler: &SamplerOptions,
+        mut noise: BatchNoise,
+        mix: Option<NoiseTarget>,
+    ) -> Result<Self> {
         let (n, width) = (cond.size()[0], stage.text_width());
         if uncond.size() != cond.size() || noise.len() as i64 != n || cond.size() != [n, width] {
             return Err(PipelineError::invalid("prompt", "prompt, negative prompt and seeds disagree on the batch size"));
@@ -247,7 +256,13 @@ impl StageJob {
         let text = if guided { Tensor::cat(&[uncond, cond], 0) } else { cond.shallow_clone() };
         Ok(Self {
             sampler: stage.scheduler.sampler(sampler)?,
-            sample: noise.draw(&[n, width], Kind::Float, device)?,
+            sample: match mix {
+                None => noise.draw(&[n, width], Kind::Float, device)?,
+                Some(mut target) => {
+                    let x = noise.draw(&[n, width], Kind::Float, device)?;
+                    slerp_rows(&x, &target.noise.draw(&[n, width], Kind::Float, device)?, &target.weights)?
+                }
+            },
             noise,
             text: text.to_device(device).to_kind(kind),
             scales: vec![guidance_scale; n as usize],

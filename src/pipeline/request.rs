@@ -184,15 +184,19 @@ impl GenerationRequest {
     /// base stage, and a SplitMix64-mixed derivative at later stages so that no
     /// two stages replay the same stream.
     pub fn stream_seed(&self, i: usize, stage: usize) -> u64 {
-        let seed = self.image_seed(i);
-        if stage == 0 {
-            return seed;
-        }
-        let mut z = seed ^ (stage as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        stage_stream(self.image_seed(i), stage)
     }
+}
+
+/// The noise stream an image seeded `seed` draws from at stage `stage`.
+pub fn stage_stream(seed: u64, stage: usize) -> u64 {
+    if stage == 0 {
+        return seed;
+    }
+    let mut z = seed ^ (stage as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 fn check_range<T: PartialOrd + std::fmt::Display + Copy>(field: &str, v: T, lo: T, hi: T) -> Result<T> {
@@ -271,10 +275,11 @@ fn check_layout_guidance(spec: &RequestSpec, stages: &[StageLimits], first: usiz
 
 /// What an unCLIP cascade (a prior, then its decoder) does not take: it
 /// draws every image from a CLIP image embedding (the prior's, or a source
-/// image's), so no other source image or noise mix has a stage to start
-/// from, and the CLIP and classifier guides, which read the base stage's
-/// samples through the CLIP's text, have none to guide (layout guidance
-/// guides the decoder). It runs at least the prior and the decoder.
+/// image's), so no other source image has a stage to start from, and the
+/// CLIP and classifier guides, which read the base stage's samples through
+/// the CLIP's text, have none to guide (layout guidance guides the decoder;
+/// a noise mix mixes the prior's and the decoder's noise). It runs at least
+/// the prior and the decoder.
 fn check_unclip(spec: &RequestSpec, count: usize) -> Result<()> {
     const WHY: &str = "is not available on an unCLIP cascade (a prior, then a decoder)";
     if count < 2 {
@@ -288,11 +293,6 @@ fn check_unclip(spec: &RequestSpec, count: usize) -> Result<()> {
                 "an unCLIP cascade draws from a CLIP image embedding: its only source kind is `image_embedding`",
             ))
         }
-    }
-    match spec.noise {
-        NoiseMix::Seeds => {}
-        NoiseMix::Variation { .. } => return Err(PipelineError::invalid("variation", WHY)),
-        NoiseMix::Interpolation { .. } => return Err(PipelineError::invalid("interpolate", WHY)),
     }
     for (field, scale) in [(clip_guidance::FIELD, spec.clip_guidance_scale), (classifier_guidance::FIELD, spec.classifier_guidance_scale)] {
         if scale.is_some_and(|s| s != 0.0) {
