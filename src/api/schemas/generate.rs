@@ -96,7 +96,7 @@ pub struct GenerateBody {
     /// GLIDE's CLIP guidance of the base stage: each step moves along the
     /// gradient of a noised CLIP's image-text similarity, at this scale (0 or
     /// unset: none). Needs a cascade with a CLIP whose image size is the base
-    /// stage's (`clip_guidance` in `GET /info`).
+    /// stage's (`clip_guidance` in `GET /info`); an unCLIP cascade refuses it.
     #[schema(minimum = 0.0, maximum = 100.0)]
     pub clip_guidance_scale: Option<f32>,
     /// ADM's classifier guidance of the base stage: each step moves along
@@ -104,16 +104,18 @@ pub struct GenerateBody {
     /// classifying the noisy image among the prompt and its contrasts (the
     /// prompt with a colour, shape, count or relation changed, its
     /// attributes swapped, and single shapes), at this scale (0 or unset:
-    /// none). Needs the same CLIP as `clip_guidance_scale`; the two may be
-    /// combined, with each other and with classifier-free guidance.
+    /// none). Needs the same CLIP as `clip_guidance_scale` (an unCLIP cascade
+    /// refuses it); the two may be combined, with each other and with
+    /// classifier-free guidance.
     #[schema(minimum = 0.0, maximum = 100.0)]
     pub classifier_guidance_scale: Option<f32>,
-    /// Layout guidance of the base stage: the early steps move along the
-    /// gradient of the UNet's own cross-attention so that each single thing
+    /// Layout guidance of the base stage (an unCLIP cascade's decoder): the
+    /// early steps move along the gradient of the UNet's own cross-attention
+    /// so that each single thing
     /// the prompt names is drawn in one place, a counted group ("three
     /// stars") in as many places as it counts, things are kept apart, and a
     /// stated relation ("a red circle above a blue square") holds, at this
-    /// scale (0: none; unset: the cascade's default, the base stage's
+    /// scale (0: none; unset: the cascade's default, that stage's
     /// `layout_guidance_scale` in `GET /info`). Prompts with nothing to lay
     /// out (one group of no stated size, say "stars") are not guided.
     #[schema(minimum = 0.0, maximum = 1000.0)]
@@ -125,11 +127,14 @@ pub struct GenerateBody {
     /// Per-stage settings, by stage index; a later entry for the same stage wins.
     #[serde(default)]
     pub stage_overrides: Vec<StageOverrideBody>,
-    /// Start from an image: edit it, inpaint it, upscale it or invert it.
+    /// Start from an image: edit it, inpaint it, upscale it or invert it; on an
+    /// unCLIP cascade, draw variations of it from its CLIP embedding (the only kind there).
     pub source: Option<SourceBody>,
     /// Variations of `seed` (not with `interpolate`, nor with an `invert` source).
+    /// On an unCLIP cascade the prior's and the decoder's noise are both mixed.
     pub variation: Option<VariationBody>,
     /// Frames between two seeds and prompts (not with `variation`, nor with an `invert` source).
+    /// On an unCLIP cascade the caption's CLIP embedding is slerped between the prompts.
     pub interpolate: Option<InterpolateBody>,
     /// Send x̂₀ as a preview every k steps of each stage (SSE `preview` events,
     /// the job's `preview`).
