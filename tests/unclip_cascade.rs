@@ -417,3 +417,36 @@ fn the_shipped_unclip_cascade_loads_and_draws() {
     let images = generate(&cascade, &RequestSpec { stages: Some(2), steps: Some(2), stage_overrides: vec![(0, two)], ..spec("a red circle", 1, 1) });
     assert_eq!(images[0].image.dimensions(), (32, 32));
 }
+
+/// On the shipped weights: a variation of a held-out render looks like that
+/// render to the CLIP, more than like the other renders.
+#[test]
+fn the_shipped_unclip_cascade_draws_variations_that_resemble_their_source() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/unclip");
+    let cascade = Cascade::load(&dir, &CPU).unwrap();
+    let dataset = diffusiond::train::dataset::Dataset::new(77);
+    let renders: Vec<Picture> = (0..6).map(|i| Picture(diffusiond::train::render::render(&dataset.sample(i).scene, 32))).collect();
+    let steps = StageOverride { steps: Some(10), ..Default::default() };
+    let embed = |pictures: Vec<Picture>| {
+        let clip = cascade.clip().unwrap();
+        let side = clip.image_size();
+        let batch: Vec<Tensor> = pictures.iter().map(|p| p.tensor((side, side), tch::Device::Cpu).unwrap()).collect();
+        clip.image_embeds(&Tensor::cat(&batch, 0)).unwrap()
+    };
+    let drawn: Vec<Picture> = renders
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let spec = RequestSpec { stages: Some(2), stage_overrides: vec![(1, steps.clone())], ..variation("", r.clone(), 1, i as u64) };
+            Picture(generate(&cascade, &spec).remove(0).image)
+        })
+        .collect();
+    let similarity = embed(drawn).matmul(&embed(renders).tr());
+    let n = similarity.size()[0];
+    let own = similarity.diagonal(0, 0, 1).mean(tch::Kind::Float).double_value(&[]);
+    let others = ((similarity.sum(tch::Kind::Float) - similarity.diagonal(0, 0, 1).sum(tch::Kind::Float)) / (n * (n - 1)) as f64).double_value(&[]);
+    let top1 = similarity.argmax(1, false).eq_tensor(&Tensor::arange(n, (tch::Kind::Int64, tch::Device::Cpu))).sum(tch::Kind::Int64).int64_value(&[]);
+    println!("variations vs their renders: cosine {own:.3} to their own, {others:.3} to the others; {top1}/{n} nearest their own");
+    assert!(own > others + 0.3, "own {own:.3}, others {others:.3}");
+    assert!(top1 * 3 >= n * 2, "{top1} of {n} variations are nearest their own render");
+}
