@@ -413,6 +413,9 @@ fn the_shipped_unclip_cascade_loads_and_draws() {
     let cascade = Cascade::load(&dir, &CPU).unwrap();
     let kinds: Vec<_> = cascade.stages.iter().map(|s| s.kind.name()).collect();
     assert_eq!(kinds, ["prior", "decoder", "super_resolution", "super_resolution"]);
+    // Layout guidance is the decoder's by default, as the base stage's in the default cascade.
+    let plan = cascade.plan(&spec("a yellow star above a red circle", 1, 1)).unwrap();
+    assert_eq!(plan.stages.iter().map(|s| s.layout_guidance_scale).collect::<Vec<_>>(), [0.0, 300.0, 0.0, 0.0]);
     let two = StageOverride { steps: Some(2), ..Default::default() };
     let images = generate(&cascade, &RequestSpec { stages: Some(2), steps: Some(2), stage_overrides: vec![(0, two)], ..spec("a red circle", 1, 1) });
     assert_eq!(images[0].image.dimensions(), (32, 32));

@@ -7,7 +7,8 @@
 //! decoder draws one image per render from its embedding with the empty
 //! caption, from its caption with the learned null embedding instead (what a
 //! text-only decoder would get), from both, and from neither (the
-//! unconditional baseline), each with the same noise. Each drawn image is
+//! unconditional baseline), each with the same noise and no layout guidance
+//! (the decoder itself is measured). Each drawn image is
 //! embedded again and scored as in `eval::prior`: retrieval top-1 of its own
 //! render among K candidates, and the mean cosine to its render's embedding.
 //! A decoder that reads its embedding scores far above the unconditional row
@@ -106,7 +107,16 @@ pub fn evaluate(cascade: &Cascade, teacher: &FrozenClip, config: &DecoderEvalCon
             let mut jobs = Vec::new();
             for i in start..end {
                 let over = StageOverride { steps: config.steps, guidance_scale: config.guidance_scale, ..Default::default() };
-                let spec = RequestSpec { prompt: samples[i].caption.clone(), n: 1, seed: Some(config.seed.wrapping_add(i as u64)), stages: Some(2), stage_overrides: vec![(1, over)], ..Default::default() };
+                // The decoder alone: no layout guidance, whatever the cascade's default.
+                let spec = RequestSpec {
+                    prompt: samples[i].caption.clone(),
+                    n: 1,
+                    seed: Some(config.seed.wrapping_add(i as u64)),
+                    stages: Some(2),
+                    stage_overrides: vec![(1, over)],
+                    layout_guidance_scale: Some(0.0),
+                    ..Default::default()
+                };
                 let mut request = cascade.plan(&spec)?;
                 if !caption {
                     request.prompt = String::new();

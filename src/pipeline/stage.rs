@@ -330,8 +330,9 @@ fn entry_defaults(root: &Path, entry: &StageEntry, stage_kind: StageKind, schedu
     if (stage_kind == StageKind::Prior) != (entry.kind == Some(super::manifest::StageEntryKind::Prior)) {
         return Err(manifest_field("kind", "must be `prior` exactly for a prior's folder".into()));
     }
-    if entry.layout_guidance_scale != 0.0 && stage_kind != StageKind::Base {
-        return Err(manifest_field("layout_guidance_scale", "is only for a base stage".into()));
+    // The stage that draws the image from noise is the one guided.
+    if entry.layout_guidance_scale != 0.0 && !stage_kind.draws_from_noise() {
+        return Err(manifest_field("layout_guidance_scale", "is only for a base stage (or an unCLIP decoder)".into()));
     }
     let train_steps = scheduler.schedule().len();
     if entry.steps == 0 || entry.steps > train_steps {
