@@ -69,9 +69,9 @@ pub struct GenerateArgs {
     /// contrasts (needs a cascade whose manifest names one; 0: none).
     #[arg(long, value_name = "S")]
     pub classifier_guidance: Option<f32>,
-    /// Layout guidance of the base stage (an unCLIP decoder) at this scale: each single thing
-    /// the prompt names drawn once, things apart, a stated relation ("…
-    /// above …") kept (0: none; default: the cascade's).
+    /// Layout guidance of the base stage (an unCLIP decoder) at this scale:
+    /// each single thing the prompt names drawn once, things apart, a stated
+    /// relation ("… above …") kept (0: none; default: the cascade's).
     #[arg(long, value_name = "S")]
     pub layout_guidance: Option<f32>,
     /// Steps of every super-resolution stage.

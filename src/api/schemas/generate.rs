@@ -111,13 +111,13 @@ pub struct GenerateBody {
     pub classifier_guidance_scale: Option<f32>,
     /// Layout guidance of the base stage (an unCLIP cascade's decoder): the
     /// early steps move along the gradient of the UNet's own cross-attention
-    /// so that each single thing
-    /// the prompt names is drawn in one place, a counted group ("three
-    /// stars") in as many places as it counts, things are kept apart, and a
-    /// stated relation ("a red circle above a blue square") holds, at this
-    /// scale (0: none; unset: the cascade's default, that stage's
-    /// `layout_guidance_scale` in `GET /info`). Prompts with nothing to lay
-    /// out (one group of no stated size, say "stars") are not guided.
+    /// so that each single thing the prompt names is drawn in one place, a
+    /// counted group ("three stars") in as many places as it counts, things
+    /// are kept apart, and a stated relation ("a red circle above a blue
+    /// square") holds, at this scale (0: none; unset: the cascade's default,
+    /// that stage's `layout_guidance_scale` in `GET /info`). Prompts with
+    /// nothing to lay out (one group of no stated size, say "stars") are not
+    /// guided.
     #[schema(minimum = 0.0, maximum = 1000.0)]
     pub layout_guidance_scale: Option<f32>,
     /// Run only the first k stages (an alternative to `size`; with both, `size`
