@@ -14,7 +14,7 @@ use common::fixture_dir;
 use diffusiond::diffusion::SamplerKind;
 use diffusiond::eval::batch::generate_many;
 use diffusiond::nn::device::{DeviceSetting, Precision};
-use diffusiond::pipeline::{Cascade, GeneratedImage, GenerationRequest, LoadOptions, Mask, NoiseMix, PipelineError, Picture, RequestSpec, SourceSpec};
+use diffusiond::pipeline::{Cascade, GeneratedImage, GenerationRequest, LoadOptions, Mask, NoiseMix, PipelineError, Picture, RequestSpec, SourceSpec, StageOverride};
 
 const CPU: LoadOptions = LoadOptions { device: DeviceSetting::Cpu, precision: Precision::F32 };
 
@@ -138,6 +138,21 @@ fn upscaling_runs_only_the_super_resolution_stage() {
     let mut job = cascade.start_stage(&request, 0, &text, Some(&low)).unwrap();
     cascade.run_job(&cascade.stages[1], &mut job, &mut |_, _| ControlFlow::Continue(())).unwrap();
     assert_eq!(cascade.finish(&request, job.sample()).unwrap()[0].image, up[0].image);
+}
+
+#[test]
+fn an_upscale_varies_toward_what_the_named_seed_draws_at_its_stage() {
+    let cascade = cascade();
+    let small = image32().resized((16, 16));
+    let ddim = StageOverride { sampler: Some(SamplerKind::Ddim), eta: Some(0.0), ..Default::default() };
+    let up = |seed: u64, noise: NoiseMix| {
+        let spec = RequestSpec { prompt: String::new(), seed: Some(seed), noise, stage_overrides: vec![(1, ddim.clone())], ..spec(Some(SourceSpec::Upscale { image: small.clone() })) };
+        generate(&cascade, &cascade.plan(&spec).unwrap()).remove(0).image
+    };
+    // The first stage that runs (here the SR stage) mixes with the stream
+    // the named seed draws there, so weight 1 is that seed's upscale.
+    assert_eq!(up(3, NoiseMix::Variation { seed: 50, strength: 0.0 }), up(3, NoiseMix::Seeds));
+    assert_eq!(up(3, NoiseMix::Variation { seed: 50, strength: 1.0 }), up(50, NoiseMix::Seeds));
 }
 
 #[test]

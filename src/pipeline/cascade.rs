@@ -338,12 +338,7 @@ impl Cascade {
         let mut cond = tokens(&request.prompt)?;
         if let NoiseMix::Interpolation { prompt: Some(to), .. } = &request.noise {
             let to = tokens(to)?;
-            let frames: Vec<Tensor> = (0..request.n)
-                .map(|i| {
-                    let w = request.noise.weight(i, request.n).unwrap_or(0.0);
-                    &cond * (1.0 - w) + &to * w
-                })
-                .collect();
+            let frames: Vec<Tensor> = request.mix_weights().into_iter().map(|w| &cond * (1.0 - w) + &to * w).collect();
             cond = Tensor::cat(&frames, 0);
         }
         let uncond = match &request.negative_prompt {
@@ -368,7 +363,7 @@ impl Cascade {
                     // Frame i's caption between the two: the embeddings on
                     // their sphere (DALL-E 2 §3 interpolates CLIP embeddings
                     // by slerp), the token states linearly as the UNet's.
-                    let weights: Vec<f64> = (0..request.n).map(|i| request.noise.weight(i, request.n).unwrap_or(0.0)).collect();
+                    let weights = request.mix_weights();
                     let n = request.n as i64;
                     let ((from_e, from_t), (to_e, to_t)) = (row(0), row(2));
                     let embeds = slerp_rows(&from_e.expand([n, -1], false), &to_e.expand([n, -1], false), &weights)?;
@@ -452,13 +447,7 @@ impl Cascade {
             (Some(image), Some(text)) if inverting => Some(StageInversion { image, text }),
             _ => None,
         };
-        let mix = match (first, (0..request.n).map(|i| request.target_seed(i)).collect::<Option<Vec<u64>>>()) {
-            (true, Some(seeds)) => Some(NoiseTarget {
-                noise: BatchNoise::seeded(&seeds),
-                weights: (0..request.n).map(|i| request.noise.weight(i, request.n).unwrap_or(0.0)).collect(),
-            }),
-            _ => None,
-        };
+        let mix = if first { Self::noise_target(request, plan.index) } else { None };
         let inputs = JobInputs {
             cond: &cond,
             uncond: &uncond,
@@ -499,20 +488,19 @@ impl Cascade {
         Ok((pair(&clip.cond), pair(&clip.uncond)))
     }
 
-    /// The second latent of `request`'s images at its unCLIP stage `index`
-    /// (the prior or the decoder), when their noise is mixed: what the target
-    /// seed draws at that stage, so that a weight of 1 is that seed's image.
-    fn unclip_noise_target(request: &GenerationRequest, index: usize) -> Option<NoiseTarget> {
+    /// The second latent of `request`'s images at the cascade's stage
+    /// `index`, when their noise is mixed: what the target seed draws at that
+    /// stage, so that a weight of 1 is that seed's image.
+    fn noise_target(request: &GenerationRequest, index: usize) -> Option<NoiseTarget> {
         let seeds = (0..request.n).map(|i| request.target_seed(i).map(|s| stage_stream(s, index))).collect::<Option<Vec<u64>>>()?;
-        let weights = (0..request.n).map(|i| request.noise.weight(i, request.n).unwrap_or(0.0)).collect();
-        Some(NoiseTarget { noise: BatchNoise::seeded(&seeds), weights })
+        Some(NoiseTarget { noise: BatchNoise::seeded(&seeds), weights: request.mix_weights() })
     }
 
     /// Starts `request`'s prior stage (its stage `k`).
     fn start_prior(&self, request: &GenerationRequest, k: usize, text: &JobText, noise: BatchNoise) -> Result<StageJob> {
         let plan = &request.stages[k];
         let ((cond, _), (uncond, _)) = Self::unclip_text(text, request.n)?;
-        let mix = Self::unclip_noise_target(request, plan.index);
+        let mix = Self::noise_target(request, plan.index);
         StageJob::prior(&self.stages[plan.index], &cond, &uncond, plan.guidance_scale, &plan.sampler, noise, mix)
     }
 
@@ -557,7 +545,7 @@ impl Cascade {
             low_res: None,
             noise_level: None,
             init: None,
-            mix: Self::unclip_noise_target(request, plan.index),
+            mix: Self::noise_target(request, plan.index),
             invert: None,
             clip: None,
             classifier: None,
@@ -603,9 +591,10 @@ impl Cascade {
             NoiseMix::Interpolation { prompt: Some(to), .. } => {
                 let both = clip.text_embeds(&self.encoder, &[&request.prompt, to])?;
                 let (a, b) = (both.narrow(0, 0, 1), both.narrow(0, 1, 1));
-                let frames: Vec<Tensor> = (0..request.n)
-                    .map(|i| {
-                        let w = request.noise.weight(i, request.n).unwrap_or(0.0);
+                let frames: Vec<Tensor> = request
+                    .mix_weights()
+                    .into_iter()
+                    .map(|w| {
                         let mixed = &a * (1.0 - w) + &b * w;
                         &mixed / mixed.square().sum(Kind::Float).sqrt().clamp_min(1e-12)
                     })

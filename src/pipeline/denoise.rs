@@ -66,6 +66,16 @@ pub struct NoiseTarget {
     pub weights: Vec<f64>,
 }
 
+/// The next `shape` draw of `noise`, moved toward `target`'s next draw by
+/// its weights (spherically) when there is one.
+fn draw_mixed(noise: &mut BatchNoise, target: Option<&mut NoiseTarget>, shape: &[i64], device: tch::Device) -> Result<Tensor> {
+    let x = noise.draw(shape, Kind::Float, device)?;
+    match target {
+        None => Ok(x),
+        Some(t) => Ok(slerp_rows(&x, &t.noise.draw(shape, Kind::Float, device)?, &t.weights)?),
+    }
+}
+
 /// DDIM inversion of an image before sampling.
 pub struct StageInversion<'a> {
     /// `[n or 1, 3, H, W]` in [-1, 1], at the stage's size.
@@ -162,17 +172,17 @@ impl StageJob {
         let mut begin = 0;
         let mut mask = None;
         let mut inversion = None;
+        // A mixed stage draws every noise of its start from both streams, so
+        // that a weight of 1 starts exactly as the target seed alone would.
+        let mut target = inputs.mix;
+        let mut draw = |noise: &mut BatchNoise| draw_mixed(noise, target.as_mut(), &shape, device);
         let sample = if let Some(inv) = &inputs.invert {
             let inverter = stage.scheduler.inverter(inputs.sampler)?;
             inversion = Some((inverter, inv.text.to_device(device).to_kind(kind)));
             per_image(inv.image)
         } else {
             // Every sampler we run has init_noise_sigma = 1 (variance-preserving).
-            let mut x = noise.draw(&shape, Kind::Float, device)?;
-            if let Some(mut target) = inputs.mix {
-                let y = target.noise.draw(&shape, Kind::Float, device)?;
-                x = slerp_rows(&x, &y, &target.weights)?;
-            }
+            let x = draw(&mut noise)?;
             match &inputs.init {
                 None => x,
                 Some(init) => {
@@ -205,7 +215,7 @@ impl StageJob {
                 let up = image.to_device(device).to_kind(Kind::Float).upsample_bilinear2d([h, w], true, None, None);
                 let level = inputs.noise_level.unwrap_or(0);
                 let schedule = stage.noising.as_ref().expect("SR stages have a noising scheduler").schedule();
-                let aug = noise.draw(&shape, Kind::Float, device)?;
+                let aug = draw(&mut noise)?;
                 Some(q_sample(schedule, &up, &vec![level; n as usize], &aug)?.to_kind(kind))
             }
         };
@@ -245,7 +255,7 @@ impl StageJob {
         guidance_scale: f32,
         sampler: &SamplerOptions,
         mut noise: BatchNoise,
-        mix: Option<NoiseTarget>,
+        mut mix: Option<NoiseTarget>,
     ) -> Result<Self> {
         let (n, width) = (cond.size()[0], stage.text_width());
         if uncond.size() != cond.size() || noise.len() as i64 != n || cond.size() != [n, width] {
@@ -256,13 +266,7 @@ impl StageJob {
         let text = if guided { Tensor::cat(&[uncond, cond], 0) } else { cond.shallow_clone() };
         Ok(Self {
             sampler: stage.scheduler.sampler(sampler)?,
-            sample: match mix {
-                None => noise.draw(&[n, width], Kind::Float, device)?,
-                Some(mut target) => {
-                    let x = noise.draw(&[n, width], Kind::Float, device)?;
-                    slerp_rows(&x, &target.noise.draw(&[n, width], Kind::Float, device)?, &target.weights)?
-                }
-            },
+            sample: draw_mixed(&mut noise, mix.as_mut(), &[n, width], device)?,
             noise,
             text: text.to_device(device).to_kind(kind),
             scales: vec![guidance_scale; n as usize],

@@ -155,6 +155,12 @@ impl GenerationRequest {
         }
     }
 
+    /// Each image's weight toward its second latent (and, interpolating, the
+    /// second prompt): 0 for every image when unmixed.
+    pub fn mix_weights(&self) -> Vec<f64> {
+        (0..self.n).map(|i| self.noise.weight(i, self.n).unwrap_or(0.0)).collect()
+    }
+
     /// Every prompt whose tokens the job needs (the empty prompt's are cached).
     pub fn prompts(&self) -> Vec<&str> {
         let mut out = vec![self.prompt.as_str()];
