@@ -10,12 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::fixture_dir;
+use common::worker::{spawn_ready, wait_for};
 use diffusiond::diffusion::SamplerKind;
 use diffusiond::jobs::embedded::EmbeddedStore;
-use diffusiond::jobs::{event_channel, now_ms, JobId, JobQueue, JobRecord, JobStatus, JobStore};
+use diffusiond::jobs::{now_ms, JobId, JobQueue, JobRecord, JobStatus, JobStore};
 use diffusiond::nn::device::{DeviceSetting, Precision};
 use diffusiond::pipeline::{Cascade, GenerationRequest, LoadOptions, Mask, NoiseMix, Picture, RequestSpec, SourceSpec};
-use diffusiond::worker::{readiness_channel, spawn, EngineConfig, QueueLimits, Readiness, ReadinessReceiver, WorkerHandle, WorkerSettings};
+use diffusiond::worker::{EngineConfig, QueueLimits, WorkerHandle, WorkerSettings};
 
 const CPU: LoadOptions = LoadOptions { device: DeviceSetting::Cpu, precision: Precision::F32 };
 
@@ -26,7 +27,6 @@ fn temp_dir(name: &str) -> std::path::PathBuf {
 }
 
 fn start(store: Arc<dyn JobStore>, engine: EngineConfig) -> WorkerHandle {
-    let (tx, mut rx) = readiness_channel();
     let settings = WorkerSettings {
         model_dir: fixture_dir().join("cascade"),
         load: CPU,
@@ -34,33 +34,7 @@ fn start(store: Arc<dyn JobStore>, engine: EngineConfig) -> WorkerHandle {
         limits: QueueLimits { max_waiting_jobs: 64, retry_after_secs: 1 },
         warmup: false,
     };
-    let handle = spawn(settings, store, event_channel(), Arc::new(tx)).unwrap();
-    wait_ready(&mut rx);
-    handle
-}
-
-/// Waits up to a minute for the worker to be ready; a failure panics with its reason.
-fn wait_ready(rx: &mut ReadinessReceiver) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !rx.borrow_and_update().is_ready() {
-        if let Readiness::Failed(e) = &*rx.borrow() {
-            panic!("worker failed: {e}");
-        }
-        assert!(Instant::now() < deadline, "worker not ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn wait_for(store: &dyn JobStore, ids: &[JobId]) -> Vec<JobRecord> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let records: Vec<JobRecord> = ids.iter().map(|id| store.get(*id).unwrap().unwrap()).collect();
-        if records.iter().all(|r| r.status.is_terminal()) {
-            return records;
-        }
-        assert!(Instant::now() < deadline, "jobs did not finish: {:?}", records.iter().map(|r| r.status).collect::<Vec<_>>());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    spawn_ready(settings, store)
 }
 
 fn picture(name: &str) -> image::DynamicImage {
@@ -148,7 +122,7 @@ fn a_running_job_can_be_canceled_and_others_finish() {
     }
     store.cancel(a.id, now_ms()).unwrap();
     worker.queue.cancel(a.id);
-    let records = wait_for(store.as_ref(), &[a.id, b.id]);
+    let records = wait_for(store.as_ref(), &[a.id, b.id], Duration::from_secs(120));
     assert_eq!(records[0].status, JobStatus::Canceled);
     assert_eq!(records[1].status, JobStatus::Succeeded);
     worker.queue.close();
@@ -174,7 +148,7 @@ fn jobs_left_queued_or_running_by_a_previous_run_resume() {
     };
     let store: Arc<dyn JobStore> = Arc::new(EmbeddedStore::open(&dir).unwrap());
     let worker = start(store.clone(), EngineConfig::default());
-    let records = wait_for(store.as_ref(), &ids);
+    let records = wait_for(store.as_ref(), &ids, Duration::from_secs(120));
     for record in &records {
         assert_eq!(record.status, JobStatus::Succeeded);
         assert_eq!(store.image(record.id, 1).unwrap().unwrap(), want[1].png().unwrap());
@@ -199,10 +173,8 @@ fn the_warm_up_runs_a_cascade_whose_super_resolution_stage_starts_part_way() {
     m["text_encoder"]["path"] = encoder.display().to_string().into();
     std::fs::write(&manifest, m.to_string()).unwrap();
     let store: Arc<dyn JobStore> = Arc::new(EmbeddedStore::open(&dir.join("store")).unwrap());
-    let (tx, mut rx) = readiness_channel();
     let settings = WorkerSettings { model_dir: dir.clone(), load: CPU, engine: EngineConfig::default(), limits: QueueLimits { max_waiting_jobs: 4, retry_after_secs: 1 }, warmup: true };
-    let handle = spawn(settings, store, event_channel(), Arc::new(tx)).unwrap();
-    wait_ready(&mut rx);
+    let handle = spawn_ready(settings, store);
     handle.queue.close();
     handle.thread.join().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();

@@ -13,7 +13,6 @@ use diffusiond::worker::{readiness_channel, spawn, EngineConfig, QueueLimits, Re
 /// A worker on the cascade in `model_dir` over `store`, once ready (a failed
 /// start panics with its reason).
 pub fn start_worker(model_dir: &Path, store: Arc<dyn JobStore>, warmup: bool) -> WorkerHandle {
-    let (tx, mut rx) = readiness_channel();
     let settings = WorkerSettings {
         model_dir: model_dir.to_owned(),
         load: LoadOptions { device: DeviceSetting::Cpu, precision: Precision::F32 },
@@ -21,6 +20,13 @@ pub fn start_worker(model_dir: &Path, store: Arc<dyn JobStore>, warmup: bool) ->
         limits: QueueLimits { max_waiting_jobs: 16, retry_after_secs: 1 },
         warmup,
     };
+    spawn_ready(settings, store)
+}
+
+/// A worker with `settings` over `store`, once ready: it waits up to a
+/// minute, and a failed start panics with its reason.
+pub fn spawn_ready(settings: WorkerSettings, store: Arc<dyn JobStore>) -> WorkerHandle {
+    let (tx, mut rx) = readiness_channel();
     let worker = spawn(settings, store, event_channel(), Arc::new(tx)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !rx.borrow_and_update().is_ready() {
@@ -45,6 +51,11 @@ pub fn run_jobs(worker: &WorkerHandle, store: &dyn JobStore, requests: &[Generat
             job.id
         })
         .collect();
+    wait_for(store, &ids, timeout)
+}
+
+/// Waits up to `timeout` for the jobs `ids` to end; their records, in order.
+pub fn wait_for(store: &dyn JobStore, ids: &[JobId], timeout: Duration) -> Vec<JobRecord> {
     let deadline = Instant::now() + timeout;
     loop {
         let records: Vec<JobRecord> = ids.iter().map(|id| store.get(*id).unwrap().unwrap()).collect();
