@@ -155,9 +155,7 @@ impl ClipGuide {
     /// The CLIP's embeddings `[B, D]` (unit norm) of clean images
     /// `[B, 3, S, S]` in [-1, 1] (at t = 0, as unCLIP's decoder was trained).
     pub fn image_embeds(&self, images: &Tensor) -> Result<Tensor> {
-        let images = images.to_device(self.device()).to_kind(Kind::Float);
-        let t = Tensor::zeros([images.size()[0]], (Kind::Int64, self.device()));
-        Ok(tch::no_grad(|| self.clip.model.image_embeds(&images, &t))?)
+        Ok(self.clip.model.clean_image_embeds(&images.to_device(self.device()))?)
     }
 
     /// The width of the CLIP's embeddings.

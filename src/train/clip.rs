@@ -181,9 +181,7 @@ impl FrozenClip {
 
     /// Unit-norm CLIP image embeddings of clean renders `[B, 3, S, S]`.
     pub fn image_embeds(&self, images: &Tensor) -> anyhow::Result<Tensor> {
-        let device = self.clip.vs.device();
-        let t = Tensor::zeros([images.size()[0]], (Kind::Int64, device));
-        Ok(tch::no_grad(|| self.clip.model.image_embeds(&images.to_device(device), &t))?)
+        Ok(self.clip.model.clean_image_embeds(&images.to_device(self.clip.vs.device()))?)
     }
 
     /// Unit-norm CLIP text embeddings of `prompts`.

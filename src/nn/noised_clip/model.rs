@@ -145,6 +145,14 @@ impl NoisedClip {
         &self.config
     }
 
+    /// The embeddings of clean images `[B, 3, S, S]` in [-1, 1] (t = 0, as
+    /// unCLIP's decoder reads them), without gradients: `[B, embed_dim]`.
+    pub fn clean_image_embeds(&self, images: &Tensor) -> Result<Tensor> {
+        let images = images.to_kind(Kind::Float);
+        let t = Tensor::zeros([images.size()[0]], (Kind::Int64, images.device()));
+        tch::no_grad(|| self.image_embeds(&images, &t))
+    }
+
     /// The embeddings of noised images `x_t` `[B, 3, S, S]` (in [-1, 1] at
     /// t = 0) at timesteps `t` `[B]` (integers or fractions in 0..T):
     /// `[B, embed_dim]`, each row of unit norm.
